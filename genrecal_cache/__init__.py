@@ -1,0 +1,7 @@
+"""Phase 1 of GenRecal: run the teacher once over a dataset and cache what distillation needs.
+
+`cache-teacher` writes a Zarr v3 teacher store; `inspect-cache` looks inside one.
+"""
+
+__version__ = "0.1.0"
+FORMAT_VERSION = 1

@@ -1,0 +1,272 @@
+"""The `cache-teacher` job: read a manifest, render each conversation for the teacher, run it teacher-forced,
+and append features, targets and top-k to this writer's part of the store, committing as it goes.
+
+Re-running the same command resumes after the last commit; every manifest row ends committed or rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import FORMAT_VERSION
+from .chat import Rendered, Renderer
+from .config import flag as _flag
+from .dataset import Sample, parse_row, read_manifest
+from .errors import ConfigError, DatasetError, RejectError
+from .store import FEATURE_DTYPES, PartWriter, SampleRecord, from_storage, open_or_create, remove_store, to_storage
+from .teacher_hf import HFTeacher, check_teacher_path, resolve_dtype
+
+
+@dataclass
+class CacheConfig:
+    """Settings of one `cache-teacher` run; each field is the CLI flag of the same name."""
+
+    teacher: str = _flag("Teacher model: a local directory (or a hub id where the hub is reachable).")
+    manifest: Path = _flag("Dataset manifest: .jsonl or .parquet, messages or LLaVA format.")
+    output: Path = _flag("Teacher store directory (a Zarr v3 group); created, or resumed when it exists.")
+    backend: str = _flag("Teacher backend: 'hf' (transformers, runs anywhere).", "hf")
+    topk: int = _flag("Top-k teacher log-probabilities stored per label token (0: none).", 20)
+    question_features: bool = _flag("Also store features at every non-label position (the trainer's regularizer needs them).", False)
+    shard: str = _flag("This job's share 'i/n' of the manifest rows (row r belongs to shard r % n); each writes its own part.", "0/1")
+    max_samples: int | None = _flag("Use only the first N manifest rows (before sharding).", None)
+    max_length: int | None = _flag("Reject conversations longer than this many teacher tokens.", 4096)
+    batch_tokens: int = _flag("Token budget of one forward batch (padded tokens).", 16384)
+    dtype: str = _flag("Teacher compute and storage dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.", "auto")
+    device: str = _flag("Device for the teacher: auto, cpu, cuda, cuda:1, ...", "auto")
+    device_map: str | None = _flag("transformers device_map, e.g. 'auto' to spread a large teacher over all GPUs.", None)
+    commit_every: int = _flag("Commit after this many manifest rows (a crash loses at most this much work).", 256)
+    strict: bool = _flag("Stop at the first bad row instead of recording it as a reject.", False)
+    image_refs: bool = _flag("Keep image paths + digests in the sample table instead of the image bytes (for very large datasets).", False)
+    trust_remote_code: bool = _flag("Allow the teacher's own modelling code (only for checkpoints you trust).", False)
+    progress: bool = _flag("Show a progress bar.", True)
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+
+    def __post_init__(self) -> None:
+        self.manifest, self.output = Path(self.manifest), Path(self.output)
+        if self.backend != "hf":
+            raise ConfigError(f"--backend {self.backend!r}: only 'hf' is available in this build")
+        if self.topk < 0:
+            raise ConfigError(f"--topk must be >= 0, got {self.topk}")
+        if self.batch_tokens < 1 or self.commit_every < 1:
+            raise ConfigError("--batch-tokens and --commit-every must be >= 1")
+        if self.max_samples is not None and self.max_samples < 0:
+            raise ConfigError(f"--max-samples must be >= 0, got {self.max_samples}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"--max-length must be >= 2, got {self.max_length}")
+        try:
+            i, n = (int(x) for x in self.shard.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard must look like i/n (e.g. 0/4), got {self.shard!r}") from None
+        if not 0 <= i < n:
+            raise ConfigError(f"--shard {self.shard}: need 0 <= i < n")
+        self.shard_index, self.num_shards = i, n
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dtype = resolve_dtype(self.dtype, self.device)
+        if self.dtype not in FEATURE_DTYPES:
+            raise ConfigError(f"--dtype must be one of auto, {', '.join(FEATURE_DTYPES)}; got {self.dtype!r}")
+
+    @property
+    def part_name(self) -> str:
+        return f"shard-{self.shard_index:05d}-of-{self.num_shards:05d}"
+
+
+@dataclass
+class CacheResult:
+    samples: int = 0
+    rejects: int = 0
+    label_tokens: int = 0
+    tokens: int = 0
+    skipped: int = 0  # rows already committed by an earlier run
+    seconds: float = 0.0
+    forward_seconds: float = 0.0
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("genrecal", "torch", "transformers", "zarr", "numcodecs", "pyarrow", "vllm"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _check_output(path: Path) -> None:
+    parent = path if path.exists() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--output {path}: {parent} is not writable; choose a directory you can write to")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output {path} is a file; pass a directory for the store")
+    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists():
+        raise ConfigError(f"--output {path} is a non-empty directory that is not a teacher store; "
+                          "pass a new or empty directory")
+
+
+def count_rows(manifest: Path) -> int:
+    if manifest.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(manifest).metadata.num_rows
+    with manifest.open("rb") as f:
+        return sum(1 for _ in f)
+
+
+class CacheJob:
+    """One writer: `run()` processes this shard's rows from where the last run committed."""
+
+    def __init__(self, cfg: CacheConfig, teacher: HFTeacher | None = None):
+        if not cfg.manifest.is_file():
+            raise DatasetError(f"--manifest {cfg.manifest}: file not found")
+        _check_output(cfg.output)
+        if teacher is None:
+            check_teacher_path(cfg.teacher)
+        self.cfg = cfg
+        self.teacher = teacher or HFTeacher(cfg.teacher, cfg.dtype, cfg.device, cfg.device_map,
+                                            cfg.trust_remote_code)
+        self.renderer = self.teacher.renderer(cfg.max_length)
+        meta = self._meta()
+        self.meta = open_or_create(cfg.output, meta, self.teacher.head_tensors(), self.renderer.tokenizer)
+        prov = {"command": cfg.command, "versions": _versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "host": platform.node(), "config": {k: str(v) for k, v in asdict(cfg).items() if k != "command"}}
+        self.writer = PartWriter(cfg.output, cfg.part_name, self.meta, prov)
+
+    def _meta(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.teacher
+        return {
+            "format_version": FORMAT_VERSION,
+            "teacher": t.identity(),
+            "head": {"dtype": cfg.dtype, "tied": t.tied, "bias": t.head.bias is not None,
+                     "logit_scale": t.head.logit_scale, "softcap": t.head.softcap},
+            "feature_dtype": cfg.dtype,
+            "dtype": cfg.dtype,
+            "topk": cfg.topk,
+            "question_features": cfg.question_features,
+            "layers": [],
+            "max_length": cfg.max_length,
+            "max_samples": cfg.max_samples,
+            "num_shards": cfg.num_shards,
+            "answers": "dataset",
+            "manifest": cfg.manifest.name,
+            "manifest_digest": _file_digest(cfg.manifest),
+            "backend": cfg.backend,
+            "provenance": {"command": cfg.command, "versions": _versions(),
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        }
+
+    def run(self) -> CacheResult:
+        cfg, w = self.cfg, self.writer
+        res, t0 = CacheResult(), time.perf_counter()
+        total = count_rows(cfg.manifest)
+        if cfg.max_samples is not None:
+            total = min(total, cfg.max_samples)
+        mine = len(range(cfg.shard_index, total, cfg.num_shards))
+        done = len(range(cfg.shard_index, min(w.rows_end, total), cfg.num_shards))
+        res.skipped = done
+        bar = tqdm(total=mine, initial=done, unit="sample", disable=not cfg.progress, dynamic_ncols=True,
+                   desc=f"cache-teacher {cfg.part_name}")
+        pending: list[tuple[Sample, Rendered]] = []
+        since_commit = 0
+        for row in read_manifest(cfg.manifest):
+            if cfg.max_samples is not None and row.index >= cfg.max_samples:
+                break
+            if row.index < w.rows_end or row.index % cfg.num_shards != cfg.shard_index:
+                continue
+            sample_id = f"row-{row.index}"
+            try:
+                sample = parse_row(row, cfg.manifest.parent)
+                sample_id = sample.sample_id
+                if sample_id in w.sample_ids or any(s.sample_id == sample_id for s, _ in pending):
+                    raise RejectError(f"duplicate sample id {sample_id!r}")
+                rendered = self.renderer.render(sample)
+                pending.append((sample, rendered))
+            except RejectError as e:
+                if cfg.strict:
+                    raise DatasetError(f"{cfg.manifest}, row {row.index} ({sample_id}): {e.reason} "
+                                       "(drop --strict to record bad rows as rejects and go on)") from None
+                w.reject(row.index, sample_id, e.reason)
+                res.rejects += 1
+            rows_end, since_commit = row.index + 1, since_commit + 1
+            if sum(len(r.input_ids) for _, r in pending) >= cfg.batch_tokens:
+                self._flush(pending, res)
+                pending = []
+            if since_commit >= cfg.commit_every:
+                self._flush(pending, res)
+                pending = []
+                w.commit(rows_end)
+                since_commit = 0
+            bar.update(1)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(tok_s=f"{res.tokens / elapsed:.0f}", rejects=res.rejects, refresh=False)
+        self._flush(pending, res)
+        if w.num_pending or total > w.rows_end:
+            w.commit(total)
+        bar.close()
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def _flush(self, pending: list[tuple[Sample, Rendered]], res: CacheResult) -> None:
+        """Run the teacher over pending samples in token-budget batches and hand the results to the writer."""
+        batch: list[tuple[Sample, Rendered]] = []
+        for item in pending:
+            longest = max([len(r.input_ids) for _, r in batch] + [len(item[1].input_ids)])
+            if batch and ((len(batch) + 1) * longest > self.cfg.batch_tokens
+                          or not Renderer.compatible(batch[0][1], item[1])):
+                self._forward(batch, res)
+                batch = []
+            batch.append(item)
+        if batch:
+            self._forward(batch, res)
+
+    def _forward(self, batch: list[tuple[Sample, Rendered]], res: CacheResult) -> None:
+        t0 = time.perf_counter()
+        outs = self.teacher.forward(self.renderer, [r for _, r in batch], self.cfg.question_features)
+        head = self.teacher.head
+        for (sample, r), out in zip(batch, outs):
+            # Round to the stored dtype first, so the top-k is exactly what head(stored features) gives.
+            feats = from_storage(to_storage(out["features"], self.meta["feature_dtype"]),
+                                 self.meta["feature_dtype"])  # (A, D)
+            rec = SampleRecord(
+                sample_id=sample.sample_id, source_row=sample.source_row, messages=sample.messages,
+                images=sample.images, token_ids=r.input_ids, label_mask=r.label_mask, features=feats,
+                targets=r.targets, segments=[s.to_dict() for s in r.segments],
+                question_features=out.get("question"),
+            )
+            if self.cfg.topk:
+                ids, lps = head.topk(feats.to(head.weight.device), self.cfg.topk)
+                rec.topk_ids, rec.topk_logprobs = ids.cpu(), lps.cpu()
+            self.writer.add(rec, keep_image_bytes=not self.cfg.image_refs)
+            res.samples += 1
+            res.tokens += len(r.input_ids)
+            res.label_tokens += len(r.targets)
+        res.forward_seconds += time.perf_counter() - t0
+
+
+def run_cache(cfg: CacheConfig, teacher: HFTeacher | None = None) -> CacheResult:
+    return CacheJob(cfg, teacher).run()
+
+
+def fresh_output(path: Path) -> None:
+    """Remove an existing store so the run starts over (`--overwrite`)."""
+    remove_store(path)

@@ -1,0 +1,178 @@
+"""Render a conversation exactly as a model sees it: token ids (image placeholders expanded), turn boundaries,
+label positions and targets. The trainer renders the student's side with the same code.
+
+Turn boundaries come from rendering every prefix of the conversation; a template whose prefixes are not
+prefixes of the whole (in tokens) cannot be split into turns, and the sample is rejected with that reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .dataset import Sample
+from .errors import ConfigError, RejectError
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Tokens [start, end) render turn `turn`; for an assistant turn the answer is [answer_start, end)."""
+
+    turn: int
+    role: str
+    start: int
+    end: int
+    answer_start: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"turn": self.turn, "role": self.role, "start": self.start, "end": self.end,
+                "answer_start": self.answer_start}
+
+
+@dataclass
+class Rendered:
+    """One rendered sample. Position p is a label position when token p+1 is an answer token."""
+
+    input_ids: np.ndarray  # (L,) int64
+    segments: list[Segment]
+    inputs: dict[str, torch.Tensor]  # the processor's model inputs, batch dim 1
+    text: str
+
+    @property
+    def answer_spans(self) -> list[tuple[int, int]]:
+        return [(s.answer_start, s.end) for s in self.segments if s.role == "assistant"]
+
+    @property
+    def label_mask(self) -> np.ndarray:  # (L,) bool
+        mask = np.zeros(len(self.input_ids), dtype=bool)
+        for start, end in self.answer_spans:
+            mask[start - 1 : end - 1] = True
+        return mask
+
+    @property
+    def label_positions(self) -> np.ndarray:  # (A,) int64
+        return np.flatnonzero(self.label_mask)
+
+    @property
+    def targets(self) -> np.ndarray:  # (A,) int64, the token each label position predicts
+        return self.input_ids[self.label_positions + 1]
+
+
+def load_processor(path: str | Path, trust_remote_code: bool = False) -> Any:
+    """The model's processor (vision-language) or tokenizer (text-only), as transformers loads it."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        proc = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError):
+        proc = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    tok = getattr(proc, "tokenizer", proc)
+    if getattr(tok, "chat_template", None) is None and getattr(proc, "chat_template", None) is None:
+        raise ConfigError(f"{path} has no chat template; add one to its tokenizer_config.json or chat_template.jinja")
+    return proc
+
+
+class Renderer:
+    """Renders samples for one processor; `max_length` rejects longer conversations."""
+
+    def __init__(self, processor: Any, max_length: int | None = None):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.multimodal = hasattr(processor, "image_processor")
+        self.max_length = max_length
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+    def render(self, sample: Sample) -> Rendered:
+        if sample.images and not self.multimodal:
+            raise RejectError(f"sample has {len(sample.images)} image(s) but the model is text-only")
+        msgs = sample.messages
+        if msgs[0]["role"] == "assistant":
+            raise RejectError("conversation starts with an assistant turn: its first token has nothing to follow")
+        images = [im.load() for im in sample.images]
+        text = self._text(msgs, generation_prompt=False)
+        inputs = self._encode(text, images)
+        ids = inputs["input_ids"][0].numpy().astype(np.int64)
+        if self.max_length is not None and len(ids) > self.max_length:
+            raise RejectError(f"conversation has {len(ids)} tokens, more than --max-length {self.max_length}")
+        segments, start, seen_images = [], 0, 0
+        for turn, m in enumerate(msgs):
+            answer_start = start
+            if m["role"] == "assistant":
+                answer_start = self._prefix_len(msgs[:turn], images[:seen_images], ids, True, turn)
+            seen_images += sum(p["type"] == "image" for p in m["content"])
+            last = turn == len(msgs) - 1
+            end = len(ids) if last else self._prefix_len(msgs[: turn + 1], images[:seen_images], ids, False, turn)
+            if m["role"] == "assistant" and end <= answer_start:
+                raise RejectError(f"assistant turn {turn} renders to no tokens")
+            segments.append(Segment(turn, m["role"], start, end, answer_start))
+            start = end
+        return Rendered(ids, segments, dict(inputs), text)
+
+    def _text(self, msgs: list[dict], generation_prompt: bool) -> str:
+        if not self.multimodal:  # text-only templates expect string content
+            msgs = [{"role": m["role"], "content": "".join(p.get("text", "") for p in m["content"])} for m in msgs]
+        try:
+            return self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja raises TemplateError and friends for conversations it refuses
+            raise RejectError(f"chat template failed: {type(e).__name__}: {str(e)[:160]}") from None
+
+    def _encode(self, text: str, images: list) -> dict[str, torch.Tensor]:
+        try:
+            if self.multimodal:
+                return self.processor(text=[text], images=[images] if images else None, add_special_tokens=False,
+                                      return_tensors="pt")
+            return self.tokenizer([text], add_special_tokens=False, return_tensors="pt")
+        except ValueError as e:  # processors raise ValueError for placeholder/image mismatches
+            raise RejectError(f"processor refused the sample: {str(e)[:200]}") from None
+
+    def _prefix_len(self, msgs: list[dict], images: list, ids: np.ndarray, gen: bool, turn: int) -> int:
+        """Token length of a rendered prefix, checked to be a prefix of the full ids."""
+        prefix = self._encode(self._text(msgs, gen), images)["input_ids"][0].numpy()
+        n = len(prefix)
+        if n > len(ids) or not np.array_equal(prefix, ids[:n]):
+            what = "the generation prompt before" if gen else "the end of"
+            raise RejectError(
+                f"chat template does not render prefixes consistently: the tokens up to {what} turn {turn} are not "
+                f"a prefix of the whole conversation's tokens"
+            )
+        return n
+
+    def collate(self, batch: list[Rendered]) -> dict[str, torch.Tensor]:
+        """Right-pad token-axis inputs and concatenate the rest along dim 0, as processors batch them.
+
+        Callers group samples with `compatible` first."""
+        lmax = max(len(r.input_ids) for r in batch)
+        out: dict[str, torch.Tensor] = {}
+        for key in batch[0].inputs:
+            values = [r.inputs[key] for r in batch]
+            if _is_token_axis(values[0], len(batch[0].input_ids)):
+                fill = self.pad_id if key == "input_ids" else 0
+                padded = values[0].new_full((len(batch), lmax), fill)
+                for i, v in enumerate(values):
+                    padded[i, : v.shape[1]] = v[0]
+                out[key] = padded
+            else:
+                out[key] = torch.cat(values, dim=0)
+        return out
+
+    @staticmethod
+    def compatible(a: Rendered, b: Rendered) -> bool:
+        """Whether two samples' non-token inputs concatenate (same keys, same trailing shapes)."""
+        if a.inputs.keys() != b.inputs.keys():
+            return False
+        for key, va in a.inputs.items():
+            vb = b.inputs[key]
+            if _is_token_axis(va, len(a.input_ids)) and _is_token_axis(vb, len(b.input_ids)):
+                continue
+            if not isinstance(va, torch.Tensor) or va.shape[1:] != vb.shape[1:] or va.dtype != vb.dtype:
+                return False
+        return True
+
+
+def _is_token_axis(value: Any, length: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (1, length)

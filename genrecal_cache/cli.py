@@ -1,0 +1,107 @@
+"""Command-line entry points `cache-teacher` and `inspect-cache`.
+
+Options map 1:1 onto the config dataclasses; a user error prints its fix and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .config import command_from, flag
+from .errors import GenrecalError
+
+
+def _friendly(fn: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Run `fn`, turning GenRecal errors into one line on stderr and exit status 2 (no traceback)."""
+
+    def run(cfg: Any) -> None:
+        try:
+            fn(cfg)
+        except GenrecalError as e:
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+    return run
+
+
+def _cache(cfg: Any) -> None:
+    from .cache import run_cache
+
+    res = run_cache(cfg)
+    print(f"cache-teacher: {res.samples} samples committed, {res.rejects} rejected, {res.label_tokens} label tokens, "
+          f"{res.skipped} rows already done; {res.seconds:.1f}s ({res.forward_seconds:.1f}s teacher forward) "
+          f"-> {cfg.output}")
+
+
+def _config_class() -> type:
+    from .cache import CacheConfig
+
+    return CacheConfig
+
+
+@dataclass
+class InspectConfig:
+    """Look inside a teacher store: a summary by default, `--verify` for integrity, `--sample ID` for one sample."""
+
+    store: Path = flag("Teacher store directory written by cache-teacher.")
+    verify: bool = flag("Read every chunk through its checksum and recompute the top-k from features x head.",
+                        False)
+    sample: str | None = flag("Show this sample's teacher tokens with targets and top-k predictions.", None)
+    topk: int = flag("How many of the stored top-k to show per token with --sample.", 3)
+    json: bool = flag("Print machine-readable JSON instead of text.", False)
+
+
+def _inspect(cfg: InspectConfig) -> None:
+    from .inspect import format_sample, format_summary, format_verify, sample_view, summary, verify
+    from .store import TeacherStore
+
+    store = TeacherStore(cfg.store)
+    out: dict[str, Any] = {}
+    if cfg.sample is not None:
+        try:
+            out["sample"] = sample_view(store, cfg.sample, cfg.topk)
+        except KeyError as e:
+            raise typer.BadParameter(str(e), param_hint="--sample") from None
+    else:
+        out["summary"] = summary(store)
+    if cfg.verify:
+        out["verify"] = verify(store)
+    if cfg.json:
+        print(json.dumps({k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in out.items()}, indent=2,
+                         default=str))
+    else:
+        if "summary" in out:
+            print(format_summary(out["summary"]))
+        if "sample" in out:
+            print(format_sample(out["sample"]))
+        if "verify" in out:
+            print(format_verify(out["verify"]))
+    if "verify" in out and not out["verify"].ok:
+        raise typer.Exit(1)
+
+
+def _app(cls: type, run: Callable[[Any], None], name: str) -> typer.Typer:
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=cls.__doc__)
+    app.command(name=name, help=cls.__doc__)(command_from(cls, _friendly(run)))
+    return app
+
+
+def cache_teacher_app() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _app(_config_class(), _cache, "cache-teacher")(prog_name="cache-teacher")
+
+
+def inspect_cache_app() -> None:
+    _app(InspectConfig, _inspect, "inspect-cache")(prog_name="inspect-cache")
+
+
+if __name__ == "__main__":
+    {"cache-teacher": cache_teacher_app, "inspect-cache": inspect_cache_app}[sys.argv.pop(1)]()

@@ -1,0 +1,51 @@
+"""Typed dataclass configs mapped 1:1 onto typer options: a field's name is its flag, its `help` its help text.
+
+`flag()` declares a field; `command_from()` turns a dataclass into a typer command whose options are its fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def flag(help: str, default: Any = dataclasses.MISSING) -> Any:
+    """A config field shown as `--name` with this help; no default makes it required."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def command_from(cls: type, run: Callable[[Any], None], skip: tuple[str, ...] = ("command",)) -> Callable[..., None]:
+    """A function whose signature typer reads as one option per field of `cls`, calling `run(cls(**options))`."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip or "help" not in f.metadata:
+            continue
+        annotation = hints[f.name]
+        if f.default is dataclasses.MISSING:
+            option = typer.Option(..., help=f.metadata["help"], show_default=False)
+        elif annotation is bool:
+            option = typer.Option(f.default, f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}",
+                                  help=f.metadata["help"])
+        else:
+            option = typer.Option(f.default, help=f.metadata["help"])
+        if annotation is Path or annotation == Path | None:
+            annotation = typing.Optional[Path] if annotation != Path else Path  # noqa: UP007 (typer reads it)
+        elif typing.get_origin(annotation) is typing.Union or type(annotation).__name__ == "UnionType":
+            inner = [a for a in typing.get_args(annotation) if a is not type(None)][0]
+            annotation = typing.Optional[inner]  # noqa: UP007
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=annotation))
+
+    def command(**options: Any) -> None:
+        run(cls(**options))
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__doc__ = cls.__doc__
+    return command

@@ -1,0 +1,42 @@
+"""The teacher's LM head as the store keeps it: logits and top-k log-probabilities from cached features.
+
+Works in row chunks so that no (N, V) tensor larger than `chunk` rows ever exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TeacherHead:
+    """logits = softcap(scale * (z @ W.T + b)); `softcap` c maps x to c * tanh(x / c)."""
+
+    weight: torch.Tensor  # (V, D)
+    bias: torch.Tensor | None = None  # (V,)
+    logit_scale: float | None = None
+    softcap: float | None = None
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, V), fp32
+        out = z.float() @ self.weight.float().T
+        if self.bias is not None:
+            out = out + self.bias.float()
+        if self.logit_scale is not None:
+            out = out * self.logit_scale
+        if self.softcap is not None:
+            out = self.softcap * torch.tanh(out / self.softcap)
+        return out
+
+    def topk(self, z: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k ids (N, k) and their log-probabilities (N, k) under the full-vocabulary softmax."""
+        ids, lps = [], []
+        for s in range(0, z.shape[0], chunk):
+            logp = torch.log_softmax(self.logits(z[s : s + chunk]), dim=-1)  # (n, V)
+            v, i = logp.topk(k, dim=-1)
+            ids.append(i)
+            lps.append(v)
+        if not ids:
+            return torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
+        return torch.cat(ids), torch.cat(lps)

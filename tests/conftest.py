@@ -1,0 +1,37 @@
+"""Shared fixtures: the tiny model zoo (built once per run) and the demo manifest."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)  # 2 threads on a busy 2-core machine is slower
+
+from demo_data import write_demo_manifest  # noqa: E402
+from tiny_zoo import build_zoo  # noqa: E402
+
+VLMS = ("llava", "idefics3", "qwen2vl")
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_manifest(tmp_path_factory.mktemp("demo"), n=16, seed=0)
+
+
+@pytest.fixture(scope="session")
+def clean_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo rows without the bad ones."""
+    return write_demo_manifest(tmp_path_factory.mktemp("clean"), n=12, seed=1, bad_rows=False)
