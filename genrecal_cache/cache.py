@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import FORMAT_VERSION
 from .chat import Rendered, Renderer
 from .config import flag as _flag
-from .dataset import Sample, parse_row, read_manifest
+from .dataset import Sample, parse_row, read_manifest, row_sample_id
 from .errors import ConfigError, DatasetError, RejectError
 from .store import FEATURE_DTYPES, PartWriter, SampleRecord, from_storage, open_or_create, remove_store, to_storage
 from .teacher_hf import HFTeacher, check_teacher_path, resolve_dtype
@@ -193,10 +193,9 @@ class CacheJob:
                 break
             if row.index < w.rows_end or row.index % cfg.num_shards != cfg.shard_index:
                 continue
-            sample_id = f"row-{row.index}"
+            sample_id = row_sample_id(row)
             try:
                 sample = parse_row(row, cfg.manifest.parent)
-                sample_id = sample.sample_id
                 if sample_id in w.sample_ids or any(s.sample_id == sample_id for s, _ in pending):
                     raise RejectError(f"duplicate sample id {sample_id!r}")
                 rendered = self.renderer.render(sample)

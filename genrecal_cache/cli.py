@@ -1,6 +1,6 @@
 """Command-line entry points `cache-teacher` and `inspect-cache`.
 
-Options map 1:1 onto the config dataclasses; a user error prints its fix and exits with status 2.
+Options map 1:1 onto the config dataclasses (`config.command_from`); a user error prints its fix and exits 2.
 """
 
 from __future__ import annotations
@@ -16,20 +16,6 @@ from typing import Any
 import typer
 
 from .config import command_from, flag
-from .errors import GenrecalError
-
-
-def _friendly(fn: Callable[[Any], None]) -> Callable[[Any], None]:
-    """Run `fn`, turning GenRecal errors into one line on stderr and exit status 2 (no traceback)."""
-
-    def run(cfg: Any) -> None:
-        try:
-            fn(cfg)
-        except GenrecalError as e:
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
-
-    return run
 
 
 def _cache(cfg: Any) -> None:
@@ -90,7 +76,7 @@ def _inspect(cfg: InspectConfig) -> None:
 
 def _app(cls: type, run: Callable[[Any], None], name: str) -> typer.Typer:
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=cls.__doc__)
-    app.command(name=name, help=cls.__doc__)(command_from(cls, _friendly(run)))
+    app.command(name=name, help=cls.__doc__)(command_from(cls, run))
     return app
 
 

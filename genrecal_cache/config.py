@@ -14,6 +14,8 @@ from typing import Any
 
 import typer
 
+from .errors import GenrecalError
+
 
 def flag(help: str, default: Any = dataclasses.MISSING) -> Any:
     """A config field shown as `--name` with this help; no default makes it required."""
@@ -21,7 +23,8 @@ def flag(help: str, default: Any = dataclasses.MISSING) -> Any:
 
 
 def command_from(cls: type, run: Callable[[Any], None], skip: tuple[str, ...] = ("command",)) -> Callable[..., None]:
-    """A function whose signature typer reads as one option per field of `cls`, calling `run(cls(**options))`."""
+    """A function whose signature typer reads as one option per field of `cls`, calling `run(cls(**options))`;
+    a `GenrecalError` prints its message and exits with status 2."""
     hints = typing.get_type_hints(cls)
     params = []
     for f in dataclasses.fields(cls):
@@ -44,7 +47,11 @@ def command_from(cls: type, run: Callable[[Any], None], skip: tuple[str, ...] = 
                                         annotation=annotation))
 
     def command(**options: Any) -> None:
-        run(cls(**options))
+        try:
+            run(cls(**options))
+        except GenrecalError as e:  # a user error: its fix in one line, no traceback
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = cls.__doc__

@@ -110,13 +110,19 @@ def _read_parquet(path: Path) -> Iterator[Row]:
             index += 1
 
 
+def row_sample_id(row: Row) -> str:
+    """The row's own `id`, or `row-<index>` when it has none (or could not be decoded)."""
+    rec = row.record or {}
+    return str(rec["id"]) if rec.get("id") is not None else f"row-{row.index}"
+
+
 def parse_row(row: Row, root: Path) -> Sample:
     """Turn a manifest row into a `Sample`; images are read and decoded now so bad ones are rejected early."""
     if row.error is not None:
         raise RejectError(row.error)
     rec = row.record
     assert rec is not None
-    sample_id = str(rec["id"]) if rec.get("id") is not None else f"row-{row.index}"
+    sample_id = row_sample_id(row)
     if "messages" in rec and rec["messages"] is not None:
         messages, inline = _parse_messages(_maybe_json(rec["messages"], "messages"))
         fmt = "messages"

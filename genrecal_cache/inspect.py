@@ -127,6 +127,8 @@ def verify(store: TeacherStore, block: int = 64, atol: float | None = None) -> V
             if sid in seen:
                 rep.fail(p.name, "samples", None, f"sample id {sid!r} also in part {seen[sid]}", [sid])
             seen[sid] = p.name
+        for problem in p.problems:
+            rep.fail(p.name, "samples", None, problem, [])
         damaged = _verify_chunks(p, rep, ids)
         for s in range(0, len(p), block):
             e = min(s + block, len(p))

@@ -436,10 +436,11 @@ class Part:
         self.name, self.dir, self.meta = name, root / "parts" / name, meta
         self.specs = {s.name: s for s in part_arrays(meta)}
         commits = sorted((self.dir / _SAMPLES).glob("*.parquet"))
+        seqs = {int(f.stem) for f in commits}
         tables = [pq.read_table(f) for f in commits]
         self.samples = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()
         rej = sorted((self.dir / _REJECTS).glob("*.parquet"))
-        rtables = [pq.read_table(f) for f in rej if int(f.stem) < len(commits)]
+        rtables = [pq.read_table(f) for f in rej if int(f.stem) in seqs]
         self.rejects = pa.concat_tables(rtables) if rtables else REJECT_SCHEMA.empty_table()
         self.commit = _read_commit(commits[-1]) if commits else {"rows_end": 0, "lengths": {}}
         self._starts = {u: self.samples.column(f"{c}_start").to_numpy() for u, c in
@@ -447,6 +448,25 @@ class Part:
         self._counts = {u: self.samples.column(f"num_{c}").to_numpy() for u, c in
                         (("tokens", "tokens"), ("labels", "labels"), ("question", "question"))}
         self._arrays: dict[str, zarr.Array] = {}
+        self.problems = self._check_bookkeeping(seqs)
+
+    def _check_bookkeeping(self, seqs: set[int]) -> list[str]:
+        """Structural damage visible without reading arrays: missing commit files, non-contiguous offsets."""
+        problems = []
+        missing = sorted(set(range(max(seqs) + 1)) - seqs) if seqs else []
+        if missing:
+            problems.append(f"commit file(s) {missing[:5]} missing from {self.dir / _SAMPLES} (a gap in the "
+                            "commit sequence: those samples are lost)")
+        for unit in ("tokens", "labels", "question"):
+            ends = self._starts[unit] + self._counts[unit]
+            gaps = np.flatnonzero(self._starts[unit][1:] != ends[:-1])
+            if len(self) and (self._starts[unit][0] != 0 or len(gaps)):
+                j = int(gaps[0]) + 1 if len(gaps) else 0
+                problems.append(f"{unit} offsets have a gap at sample {j} ({self.samples['sample_id'][j]})")
+            elif len(self) and int(ends[-1]) != self.commit["lengths"].get(unit, 0):
+                problems.append(f"{unit} offsets end at {int(ends[-1])}, the last commit says "
+                                f"{self.commit['lengths'].get(unit)}")
+        return problems
 
     def __len__(self) -> int:
         return self.samples.num_rows

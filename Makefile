@@ -1,0 +1,40 @@
+# `make demo` and `make test` set up .venv themselves on a fresh machine (Python 3.10+, pip, internet to PyPI).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.genrecal-installed
+DEMO := demo-out
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test test-all bench clean
+
+# torch===2.13.0 (triple '=') takes PyPI's build, not a local '+cpu' wheel: torchvision 0.28 needs that one,
+# and transformers needs torchvision for the Qwen2-VL / Idefics3 processors of the tiny zoo.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "torch===2.13.0" "torchvision==0.28.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/tiny_zoo.py $(DEMO)/zoo --names llava
+	$(PY) tools/demo_data.py $(DEMO)/data
+	rm -rf $(DEMO)/store
+	$(VENV)/bin/cache-teacher --teacher $(DEMO)/zoo/llava --manifest $(DEMO)/data/manifest.jsonl \
+		--output $(DEMO)/store --question-features --commit-every 8
+	$(VENV)/bin/inspect-cache --store $(DEMO)/store --verify
+	$(VENV)/bin/inspect-cache --store $(DEMO)/store --sample demo-2 --topk 2
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu"
+
+bench: $(STAMP)
+	$(PY) tools/bench_cache.py --out bench-cache.csv
+
+clean:
+	rm -rf $(DEMO) build dist *.egg-info

@@ -1,0 +1,142 @@
+"""Bad rows become rejects with their reason (or stop the run with --strict); bad flags fail at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from genrecal_cache.cache import CacheConfig, run_cache
+from genrecal_cache.errors import ConfigError, DatasetError
+from genrecal_cache.store import TeacherStore
+
+from .conftest import ROOT
+
+
+def _ok(i: int, img: str = "images/0000.png") -> dict:
+    return {"id": f"ok-{i}", "images": [img], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What digit?"}]},
+        {"role": "assistant", "content": "seven"}]}
+
+
+BAD_ROWS = {
+    "missing image": ({"id": "b0", "images": ["images/nope.png"], "messages": _ok(0)["messages"]},
+                      "image 0 not found"),
+    "undecodable image": ({"id": "b1", "images": ["images/garbage.png"], "messages": _ok(0)["messages"]},
+                          "image 0 cannot be decoded"),
+    "empty answer": ({"id": "b2", "messages": [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": "  "}]},
+                     "assistant turn 1 is empty"),
+    "missing answer": ({"id": "b3", "messages": [{"role": "user", "content": "hi"}]},
+                       "conversation has no assistant turn"),
+    "too long": ({"id": "b4", "messages": [{"role": "user", "content": "one two " * 200},
+                                           {"role": "assistant", "content": "ok"}]},
+                 "more than --max-length 150"),
+    "malformed json": ('{"id": "b5", "messages": [', "malformed JSON on line"),
+    "unknown role": ({"id": "b6", "messages": [{"role": "wizard", "content": "x"},
+                                               {"role": "assistant", "content": "y"}]}, "unknown role 'wizard'"),
+    "image count": ({"id": "b7", "images": ["images/0000.png", "images/0000.png"],
+                     "messages": _ok(0)["messages"]}, "1 image placeholder(s) in 'messages' but 2 image(s)"),
+    "llava image count": ({"id": "b8", "conversations": [{"from": "human", "value": "<image> <image> hi"},
+                                                         {"from": "gpt", "value": "x"}], "image": "images/0000.png"},
+                          "2 image placeholder(s) in 'conversations' but 1 image(s)"),
+    "duplicate id": (_ok(0), "duplicate sample id 'ok-0'"),
+    "not an object": ("[1, 2]", "is a JSON list, not an object"),
+}
+
+
+@pytest.fixture()
+def bad_manifest(tmp_path: Path, demo_manifest: Path) -> Path:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "0000.png").write_bytes((demo_manifest.parent / "images" / "0000.png").read_bytes())
+    (tmp_path / "images" / "garbage.png").write_bytes(b"\x89PNG not really")
+    lines = []
+    for i, (row, _) in enumerate(BAD_ROWS.values()):
+        lines.append(json.dumps(_ok(i)))
+        lines.append(row if isinstance(row, str) else json.dumps(row))
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _cfg(zoo, manifest, out, **kw) -> CacheConfig:
+    return CacheConfig(teacher=str(zoo["llava"]), manifest=manifest, output=out, dtype="float32", device="cpu",
+                       max_length=150, progress=False, command=["test"], **kw)
+
+
+def test_every_bad_row_is_rejected_with_its_reason_and_the_run_goes_on(zoo, bad_manifest, tmp_path):
+    res = run_cache(_cfg(zoo, bad_manifest, tmp_path / "s", commit_every=3))
+    store = TeacherStore(tmp_path / "s")
+    rejects = {r["source_row"]: r["reason"] for r in store.rejects().to_pylist()}
+    for i, (name, (_, reason)) in enumerate(BAD_ROWS.items()):
+        assert 2 * i + 1 in rejects, f"{name}: row not rejected"
+        assert reason in rejects[2 * i + 1], f"{name}: got {rejects[2 * i + 1]!r}"
+    committed = store.parts[0].samples.column("source_row").to_pylist()
+    assert sorted(committed + list(rejects)) == list(range(2 * len(BAD_ROWS)))
+    assert res.samples == len(BAD_ROWS) and res.rejects == len(BAD_ROWS)
+
+
+def test_strict_stops_at_the_first_bad_row(zoo, bad_manifest, tmp_path):
+    with pytest.raises(DatasetError, match=r"row 1 \(b0\): image 0 not found.*drop --strict"):
+        run_cache(_cfg(zoo, bad_manifest, tmp_path / "s", strict=True))
+
+
+def test_missing_manifest_fails_at_once(zoo, tmp_path):
+    with pytest.raises(DatasetError, match="--manifest .*not found"):
+        run_cache(_cfg(zoo, tmp_path / "nope.jsonl", tmp_path / "s"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_fails_at_once(zoo, bad_manifest, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(ConfigError, match="not writable"):
+        run_cache(_cfg(zoo, bad_manifest, locked / "s"))
+
+
+def test_output_that_is_a_file_or_foreign_directory_fails(zoo, bad_manifest, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        run_cache(_cfg(zoo, bad_manifest, f))
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "thesis.tex").write_text("x")
+    with pytest.raises(ConfigError, match="not a teacher store"):
+        run_cache(_cfg(zoo, bad_manifest, d))
+
+
+def test_missing_teacher_path_fails_at_once(bad_manifest, tmp_path):
+    with pytest.raises(ConfigError, match="--teacher ./no/such/model: no model there"):
+        run_cache(CacheConfig(teacher="./no/such/model", manifest=bad_manifest, output=tmp_path / "s",
+                              progress=False))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--shard", "2/2"], "--shard 2/2: need 0 <= i < n"),
+    (["--shard", "x"], "--shard must look like i/n"),
+    (["--topk", "-1"], "--topk must be >= 0"),
+    (["--dtype", "int8"], "--dtype must be one of"),
+])
+def test_cli_flag_errors_name_the_flag(bad_manifest, tmp_path, flags, message):
+    cmd = [sys.executable, "-m", "genrecal_cache.cli", "cache-teacher", "--teacher", "x", "--manifest",
+           str(bad_manifest), "--output", str(tmp_path / "s"), *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_incompatible_settings_or_teacher_on_existing_store(zoo, bad_manifest, tmp_path):
+    from genrecal_cache.errors import IncompatibleStoreError
+
+    out = tmp_path / "s"
+    run_cache(_cfg(zoo, bad_manifest, out, max_samples=2))
+    with pytest.raises(IncompatibleStoreError, match="topk=20, this run asks for 5"):
+        run_cache(_cfg(zoo, bad_manifest, out, max_samples=2, topk=5))
+    with pytest.raises(IncompatibleStoreError, match="another teacher"):
+        run_cache(CacheConfig(teacher=str(zoo["qwen2vl"]), manifest=bad_manifest, output=out, dtype="float32",
+                              device="cpu", max_length=150, max_samples=2, progress=False, command=["t"]))
