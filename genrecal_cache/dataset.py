@@ -11,6 +11,7 @@ import binascii
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from .errors import DatasetError, RejectError
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 IMAGE_MARKER = "<image>"
+_BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
 
 
 @dataclass
@@ -243,13 +245,14 @@ def _load_image(src: Any, root: Path, i: int) -> ImageRef:
         data = bytes(src)
     elif isinstance(src, str) and src.startswith("data:"):
         data = _b64(src.split(",", 1)[-1], i)
-    elif isinstance(src, str) and len(src) > 1024:  # too long for a path: inline base64
-        data = _b64(src, i)
     elif isinstance(src, str) and src:
         p = Path(src) if Path(src).is_absolute() else root / src
-        if not p.is_file():
+        if _is_file(p):
+            data, path = p.read_bytes(), str(p.resolve())
+        elif len(src) >= 64 and _BASE64.fullmatch(src):
+            data = _b64(src, i)
+        else:
             raise RejectError(f"image {i} not found: {p}")
-        data, path = p.read_bytes(), str(p.resolve())
     else:
         raise RejectError(f"image {i} has an unsupported source of type {type(src).__name__}")
     ref = ImageRef(data, path)
@@ -259,6 +262,13 @@ def _load_image(src: Any, root: Path, i: int) -> ImageRef:
     except Exception as e:  # PIL raises many types for bad bytes
         raise RejectError(f"image {i} cannot be decoded ({type(e).__name__}: {str(e)[:120]})") from None
     return ref
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except OSError:  # e.g. a name too long to be a path
+        return False
 
 
 def _b64(text: str, i: int) -> bytes:

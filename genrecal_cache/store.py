@@ -227,23 +227,29 @@ def read_meta(path: Path) -> dict[str, Any]:
 # What must match for a job to add to an existing store.
 _IDENTITY = ("architecture", "hidden_size", "vocab_size", "config_digest", "tokenizer_digest",
              "chat_template_digest", "head_digest")
-_SETTINGS = ("feature_dtype", "topk", "question_features", "layers", "max_length", "num_shards", "answers",
-             "manifest_digest", "max_samples")
+_SETTINGS = ("dtype", "feature_dtype", "topk", "question_features", "layers", "max_length", "num_shards",
+             "answers", "manifest_digest")
 
 
 def _check_compatible(existing: dict, meta: dict, path: Path) -> None:
-    for key in _IDENTITY:
-        a, b = existing["teacher"].get(key), meta["teacher"].get(key)
-        if a != b:
-            raise IncompatibleStoreError(
-                f"{path} was written by another teacher ({key}: {a!r} in the store, {b!r} now: store teacher "
-                f"{existing['teacher'].get('name_or_path')!r}); write to a new --output or pass that teacher")
+    # Settings first: another --dtype also changes the head's digest, and the setting is the real cause.
     for key in _SETTINGS:
         a, b = existing.get(key), meta.get(key)
         if a != b:
             raise IncompatibleStoreError(
-                f"{path} was written with {key}={a!r}, this run asks for {b!r}; re-run with the store's setting "
-                "or write to a new --output")
+                f"{path} was written with {key}={_short(a)}, this run asks for {_short(b)}; re-run with the "
+                "store's setting or write to a new --output")
+    for key in _IDENTITY:
+        a, b = existing["teacher"].get(key), meta["teacher"].get(key)
+        if a != b:
+            raise IncompatibleStoreError(
+                f"{path} was written by another teacher ({key}: {_short(a)} in the store, {_short(b)} now; store "
+                f"teacher {existing['teacher'].get('name_or_path')!r}); write to a new --output or pass that teacher")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text[:14] + "…'" if isinstance(value, str) and len(value) == 64 else text
 
 
 # --- a writer's part ------------------------------------------------------------------------------------------
@@ -261,6 +267,13 @@ class PartWriter:
     def __init__(self, root: Path, part: str, meta: dict[str, Any], provenance: dict[str, Any]):
         self.root, self.meta, self.dir = root, meta, root / "parts" / part
         self.specs = part_arrays(meta)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.dir / ".lock", "a")  # held while this writer lives
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"another cache-teacher is writing part {part} of {root}; wait for it, or give "
+                             "this job another --shard") from None
         group = zarr.open_group(str(root), mode="a", zarr_format=3)
         pg = group.require_group(f"parts/{part}")
         pg.attrs["provenance"] = [*pg.attrs.get("provenance", []), provenance]

@@ -140,3 +140,21 @@ def test_incompatible_settings_or_teacher_on_existing_store(zoo, bad_manifest, t
     with pytest.raises(IncompatibleStoreError, match="another teacher"):
         run_cache(CacheConfig(teacher=str(zoo["qwen2vl"]), manifest=bad_manifest, output=out, dtype="float32",
                               device="cpu", max_length=150, max_samples=2, progress=False, command=["t"]))
+
+
+def test_extending_max_samples_continues_the_store(zoo, bad_manifest, tmp_path):
+    out = tmp_path / "s"
+    run_cache(_cfg(zoo, bad_manifest, out, max_samples=4))
+    res = run_cache(_cfg(zoo, bad_manifest, out, max_samples=10))
+    store = TeacherStore(out)
+    assert res.skipped == 4 and len(store) + store.rejects().num_rows == 10
+
+
+def test_a_second_writer_on_the_same_part_is_refused(zoo, bad_manifest, tmp_path):
+    from genrecal_cache.cache import CacheJob
+    from genrecal_cache.errors import StoreError
+
+    out = tmp_path / "s"
+    first = CacheJob(_cfg(zoo, bad_manifest, out))
+    with pytest.raises(StoreError, match="another cache-teacher is writing part shard-00000-of-00001"):
+        CacheJob(_cfg(zoo, bad_manifest, out), teacher=first.teacher)

@@ -112,3 +112,18 @@ def test_text_only_teacher_rejects_images(zoo, demo_manifest):
         {"role": "assistant", "content": "one"}]}), demo_manifest.parent)
     with pytest.raises(RejectError, match="model is text-only"):
         Renderer(load_processor(zoo["textlm"])).render(sample)
+
+
+def test_short_base64_image_is_not_mistaken_for_a_path(tmp_path):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    assert len(b64) < 200
+    s = parse_row(Row(0, {"images": [b64], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+        {"role": "assistant", "content": "red"}]}), tmp_path)
+    assert s.images[0].load().getpixel((0, 0)) == (200, 10, 10)

@@ -102,18 +102,18 @@ def _save_tokenizer(tok: PreTrainedTokenizerFast, template: str, out: Path) -> N
     tok.save_pretrained(out)
 
 
-def _text_kwargs(tok: PreTrainedTokenizerFast, **over: object) -> dict:
-    """A 2-layer decoder of width 64 with head_dim 32, its special ids taken from `tok`."""
+def _text_kwargs(tok: PreTrainedTokenizerFast, scale: int, **over: object) -> dict:
+    """A decoder of width 64*scale and 2*scale layers with head_dim 32, its special ids taken from `tok`."""
     kw = dict(
         vocab_size=len(tok),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        hidden_size=64 * scale,
+        intermediate_size=128 * scale,
+        num_hidden_layers=2 * scale,
+        num_attention_heads=2 * scale,
+        num_key_value_heads=scale,
         head_dim=32,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
@@ -122,7 +122,7 @@ def _text_kwargs(tok: PreTrainedTokenizerFast, **over: object) -> dict:
     return kw
 
 
-def _build_llava(out: Path, seed: int) -> None:
+def _build_llava(out: Path, seed: int, scale: int) -> None:
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -139,10 +139,10 @@ def _build_llava(out: Path, seed: int) -> None:
     image_size, patch = 112, 14  # 8x8 = 64 image tokens (the CLS token is dropped)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1,
-            image_size=image_size, patch_size=patch, projection_dim=32,
+            hidden_size=32 * scale, intermediate_size=64 * scale, num_hidden_layers=2, num_attention_heads=scale,
+            image_size=image_size, patch_size=patch, projection_dim=32 * scale,
         ),
-        text_config=LlamaConfig(**_text_kwargs(tok)),
+        text_config=LlamaConfig(**_text_kwargs(tok, scale)),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
@@ -177,7 +177,7 @@ def _rename_llava_keys(out: Path) -> None:
         save_file(renamed, f, metadata={"format": "pt"})
 
 
-def _build_idefics3(out: Path, seed: int) -> None:
+def _build_idefics3(out: Path, seed: int, scale: int) -> None:
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
@@ -194,15 +194,15 @@ def _build_idefics3(out: Path, seed: int) -> None:
         "bytelevel", 700, specials, seed + 1,
         bos_token="<|begin_of_text|>", eos_token="<end_of_utterance>", pad_token="<pad>",
     )
-    image_size, patch, scale = 64, 16, 2  # (64/16)^2 / 2^2 = 4 image tokens
+    image_size, patch, shuffle = 64, 16, 2  # (64/16)^2 / 2^2 = 4 image tokens
     config = Idefics3Config(
         vision_config=Idefics3VisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1,
+            hidden_size=32 * scale, intermediate_size=64 * scale, num_hidden_layers=2, num_attention_heads=scale,
             image_size=image_size, patch_size=patch,
         ),
-        text_config=LlamaConfig(**_text_kwargs(tok, rms_norm_eps=1e-5)),
+        text_config=LlamaConfig(**_text_kwargs(tok, scale, rms_norm_eps=1e-5)),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
-        scale_factor=scale,
+        scale_factor=shuffle,
         pad_token_id=tok.pad_token_id,
     )
     model = Idefics3ForConditionalGeneration(config)
@@ -211,14 +211,14 @@ def _build_idefics3(out: Path, seed: int) -> None:
         do_image_splitting=False, size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size},
     )
     processor = Idefics3Processor(
-        image_processor=image_processor, tokenizer=tok, image_seq_len=(image_size // patch) ** 2 // scale**2,
+        image_processor=image_processor, tokenizer=tok, image_seq_len=(image_size // patch) ** 2 // shuffle**2,
         chat_template=_IDEFICS3_TEMPLATE,
     )
     processor.save_pretrained(out)
     _save_tokenizer(tok, _IDEFICS3_TEMPLATE, out)
 
 
-def _build_qwen2vl(out: Path, seed: int) -> None:
+def _build_qwen2vl(out: Path, seed: int, scale: int) -> None:
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
@@ -230,11 +230,12 @@ def _build_qwen2vl(out: Path, seed: int) -> None:
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
     tok = _train_tokenizer("bytelevel", 800, specials, seed + 2, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    text = _text_kwargs(tok, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+    text = _text_kwargs(tok, scale, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                   "mrope_section": [4, 6, 6]})
     config = Qwen2VLConfig(
         text_config=text,
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=1, mlp_ratio=2, patch_size=14,
+        vision_config=dict(depth=2, embed_dim=32 * scale, hidden_size=64 * scale, num_heads=scale, mlp_ratio=2,
+                           patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
@@ -253,7 +254,7 @@ def _build_qwen2vl(out: Path, seed: int) -> None:
     _save_tokenizer(tok, _CHATML_TEMPLATE, out)
 
 
-def _build_textlm(out: Path, seed: int) -> None:
+def _build_textlm(out: Path, seed: int, scale: int) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = _train_tokenizer(
@@ -261,12 +262,12 @@ def _build_textlm(out: Path, seed: int) -> None:
         unk_token="<unk>", bos_token="<bos>", eos_token="<end_of_turn>", pad_token="<pad>",
     )
     # Tied embeddings on purpose: the store must handle a head that is the input-embedding table.
-    model = Qwen2ForCausalLM(Qwen2Config(**_text_kwargs(tok, tie_word_embeddings=True)))
+    model = Qwen2ForCausalLM(Qwen2Config(**_text_kwargs(tok, scale, tie_word_embeddings=True)))
     model.save_pretrained(out)
     _save_tokenizer(tok, _TURN_TEMPLATE, out)
 
 
-_BUILDERS: dict[str, Callable[[Path, int], None]] = {
+_BUILDERS: dict[str, Callable[[Path, int, int], None]] = {
     "llava": _build_llava,
     "idefics3": _build_idefics3,
     "qwen2vl": _build_qwen2vl,
@@ -274,15 +275,17 @@ _BUILDERS: dict[str, Callable[[Path, int], None]] = {
 }
 
 
-def build_model(name: str, out: Path | str, seed: int = 0) -> Path:
-    """Build one zoo model into `out` (random weights from `seed`) unless it is already there."""
+def build_model(name: str, out: Path | str, seed: int = 0, scale: int = 1) -> Path:
+    """Build one zoo model into `out` (random weights from `seed`) unless it is already there.
+
+    `scale` multiplies width, layers and heads (head_dim stays 32): 1 for tests, larger for benchmarks."""
     out = Path(out)
     if (out / "genrecal_zoo.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    _BUILDERS[name](out, seed)
-    (out / "genrecal_zoo.json").write_text(json.dumps({"name": name, "seed": seed}))
+    _BUILDERS[name](out, seed, scale)
+    (out / "genrecal_zoo.json").write_text(json.dumps({"name": name, "seed": seed, "scale": scale}))
     return out
 
 
