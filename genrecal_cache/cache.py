@@ -24,7 +24,16 @@ from .chat import Rendered, Renderer
 from .config import flag as _flag
 from .dataset import Sample, parse_row, read_manifest, row_sample_id
 from .errors import ConfigError, DatasetError, RejectError
-from .store import FEATURE_DTYPES, PartWriter, SampleRecord, from_storage, open_or_create, remove_store, to_storage
+from .store import (
+    FEATURE_DTYPES,
+    PartWriter,
+    SampleRecord,
+    check_settings,
+    from_storage,
+    open_or_create,
+    remove_store,
+    to_storage,
+)
 from .teacher_hf import HFTeacher, check_teacher_path, resolve_dtype
 
 
@@ -111,6 +120,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _provenance(cfg: CacheConfig) -> dict[str, Any]:
+    return {"command": cfg.command, "versions": _versions(), "host": platform.node(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "config": {k: str(v) for k, v in asdict(cfg).items() if k != "command"}}
+
+
 def _check_output(path: Path) -> None:
     parent = path if path.exists() else path.parent
     while not parent.exists():
@@ -140,39 +155,41 @@ class CacheJob:
         if not cfg.manifest.is_file():
             raise DatasetError(f"--manifest {cfg.manifest}: file not found")
         _check_output(cfg.output)
+        self.cfg = cfg
+        settings = self._settings()
+        check_settings(cfg.output, settings)  # before loading a teacher that may take minutes to load
         if teacher is None:
             check_teacher_path(cfg.teacher)
-        self.cfg = cfg
         self.teacher = teacher or HFTeacher(cfg.teacher, cfg.dtype, cfg.device, cfg.device_map,
                                             cfg.trust_remote_code)
         self.renderer = self.teacher.renderer(cfg.max_length)
-        meta = self._meta()
-        self.meta = open_or_create(cfg.output, meta, self.teacher.head_tensors(), self.renderer.tokenizer)
-        prov = {"command": cfg.command, "versions": _versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "host": platform.node(), "config": {k: str(v) for k, v in asdict(cfg).items() if k != "command"}}
-        self.writer = PartWriter(cfg.output, cfg.part_name, self.meta, prov)
-
-    def _meta(self) -> dict[str, Any]:
-        cfg, t = self.cfg, self.teacher
-        return {
+        t = self.teacher
+        meta = {
             "format_version": FORMAT_VERSION,
+            **settings,
             "teacher": t.identity(),
             "head": {"dtype": cfg.dtype, "tied": t.tied, "bias": t.head.bias is not None,
                      "logit_scale": t.head.logit_scale, "softcap": t.head.softcap},
-            "feature_dtype": cfg.dtype,
+            "provenance": _provenance(cfg),
+        }
+        self.meta = open_or_create(cfg.output, meta, t.head_tensors(), self.renderer.tokenizer)
+        self.writer = PartWriter(cfg.output, cfg.part_name, self.meta, _provenance(cfg))
+
+    def _settings(self) -> dict[str, Any]:
+        """What decides the store's content besides the teacher; every job writing to a store must agree."""
+        cfg = self.cfg
+        return {
             "dtype": cfg.dtype,
+            "feature_dtype": cfg.dtype,
             "topk": cfg.topk,
             "question_features": cfg.question_features,
             "layers": [],
             "max_length": cfg.max_length,
-            "max_samples": cfg.max_samples,
             "num_shards": cfg.num_shards,
             "answers": "dataset",
             "manifest": cfg.manifest.name,
             "manifest_digest": _file_digest(cfg.manifest),
             "backend": cfg.backend,
-            "provenance": {"command": cfg.command, "versions": _versions(),
-                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         }
 
     def run(self) -> CacheResult:

@@ -19,8 +19,14 @@ class TeacherHead:
     logit_scale: float | None = None
     softcap: float | None = None
 
+    vocab_chunk: int = 16384  # a half-precision head is converted to fp32 this many rows at a time
+
     def logits(self, z: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, V), fp32
-        out = z.float() @ self.weight.float().T
+        z = z.float()
+        if self.weight.dtype == torch.float32:
+            out = z @ self.weight.T
+        else:  # never an fp32 copy of the whole head (5 GB for a 72B teacher's)
+            out = torch.cat([z @ w.float().T for w in self.weight.split(self.vocab_chunk)], dim=-1)
         if self.bias is not None:
             out = out + self.bias.float()
         if self.logit_scale is not None:

@@ -216,7 +216,7 @@ def sample_view(store: TeacherStore, sample_id: str, k: int = 3) -> dict[str, An
         return tok.convert_ids_to_tokens(int(i)) if tok is not None else str(int(i))
 
     label_index = {int(p): a for a, p in enumerate(smp.label_positions)}
-    rows, prev, run = [], None, 0
+    rows: list[dict[str, Any]] = []
     for pos, tid in enumerate(smp.token_ids.tolist()):
         row: dict[str, Any] = {"pos": pos, "id": tid, "token": dec(tid)}
         if pos in label_index:
@@ -225,13 +225,28 @@ def sample_view(store: TeacherStore, sample_id: str, k: int = 3) -> dict[str, An
             if smp.topk_ids is not None:
                 row["topk"] = [(dec(i), round(float(np.exp(lp)), 4)) for i, lp in
                                zip(smp.topk_ids[a, :k].tolist(), smp.topk_logprobs[a, :k].tolist())]
-        if pos not in label_index and prev is not None and prev.get("id") == tid and "target" not in prev:
-            run += 1
-            prev["repeat"] = run + 1
-            continue
-        run = 0
         rows.append(row)
-        prev = row
+    return {"sample_id": smp.sample_id, "part": smp.part, "source_row": smp.source_row,
+            "messages": smp.messages, "segments": smp.segments, "num_tokens": len(smp.token_ids),
+            "num_labels": len(smp.targets), "tokens": _fold_runs(rows)}
+
+
+def _fold_runs(rows: list[dict[str, Any]], min_run: int = 4) -> list[dict[str, Any]]:
+    """Show a run of >= `min_run` identical unlabelled tokens (image placeholders) as one row with `repeat`."""
+    out: list[dict[str, Any]] = []
+    i = 0
+    while i < len(rows):
+        j = i
+        while j + 1 < len(rows) and rows[j + 1]["id"] == rows[i]["id"] and "target" not in rows[j + 1]:
+            j += 1
+        if "target" not in rows[i] and j - i + 1 >= min_run:
+            out.append({**rows[i], "repeat": j - i + 1})
+            i = j + 1
+        else:
+            out.append(rows[i])
+            i += 1
+    return out
+
     return {"sample_id": smp.sample_id, "part": smp.part, "source_row": smp.source_row,
             "messages": smp.messages, "segments": smp.segments, "num_tokens": len(smp.token_ids),
             "num_labels": len(smp.targets), "tokens": rows}

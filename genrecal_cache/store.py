@@ -231,14 +231,22 @@ _SETTINGS = ("dtype", "feature_dtype", "topk", "question_features", "layers", "m
              "answers", "manifest_digest")
 
 
-def _check_compatible(existing: dict, meta: dict, path: Path) -> None:
-    # Settings first: another --dtype also changes the head's digest, and the setting is the real cause.
+def check_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Raise if an existing store at `path` was written with other settings (no-op when there is none)."""
+    if not (path / "zarr.json").exists():
+        return
+    existing = read_meta(path)
     for key in _SETTINGS:
-        a, b = existing.get(key), meta.get(key)
+        a, b = existing.get(key), settings.get(key)
         if a != b:
             raise IncompatibleStoreError(
                 f"{path} was written with {key}={_short(a)}, this run asks for {_short(b)}; re-run with the "
                 "store's setting or write to a new --output")
+
+
+def _check_compatible(existing: dict, meta: dict, path: Path) -> None:
+    # Settings first: another --dtype also changes the head's digest, and the setting is the real cause.
+    check_settings(path, meta)
     for key in _IDENTITY:
         a, b = existing["teacher"].get(key), meta["teacher"].get(key)
         if a != b:

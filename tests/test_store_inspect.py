@@ -138,6 +138,9 @@ def test_sample_view_decodes_tokens_targets_and_topk(bf16_store):
     labelled = [r for r in v["tokens"] if "target" in r]
     assert len(labelled) == v["num_labels"] and all(len(r["topk"]) == 2 for r in labelled)
     assert any(r["target"] == "<|im_end|>" for r in labelled)
+    folded = [r for r in v["tokens"] if "repeat" in r]
+    assert folded and all(r["token"] == "<|image_pad|>" for r in folded)
+    assert sum(r.get("repeat", 1) for r in v["tokens"]) == v["num_tokens"]
 
 
 def test_inspect_cli_json_and_exit_codes(bf16_store, tmp_path):
