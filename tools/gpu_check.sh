@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# GPU checks in one call on a lent machine (Python 3.12 with torch, transformers, pyarrow, typer there):
+# installs the carried wheels, runs the tests marked `gpu` and the cache benchmark on CUDA, prints a table.
+#   here, once:   tools/gpu_check.sh prepare          (downloads what the machine lacks into .whl/)
+#   device run:   command "tools/gpu_check.sh", carry [".whl"]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHEELS="zarr==3.1.6 numcodecs==0.16.5 google-crc32c==1.9.0 donfig==0.8.1.post1"
+
+if [ "${1:-}" = prepare ]; then
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $WHEELS
+    ls -l .whl
+    exit
+fi
+
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed: run 'tools/gpu_check.sh prepare' here and carry .whl"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD:$PWD/tools PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+python3 - <<'PY'
+import genrecal_cache, torch, transformers, zarr
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-",
+      "| transformers", transformers.__version__, "| zarr", zarr.__version__)
+PY
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
+timeout 300 python3 tools/bench_cache.py --model llava --scale 8 16 --rows 256 --dtype bfloat16 \
+    --feature-dtype bfloat16 --batch-tokens 32768 --out "$OUT/bench-cache-gpu.csv" > "$OUT/bench.log" 2>&1
+echo "== cache benchmark (CUDA) =="
+python3 -c "import csv,sys; r=list(csv.DictReader(open(sys.argv[1])));
+k=['model','scale','params','samples','t_forward_s','t_render_s','t_job_s','job_over_forward','bytes_per_label_token','compression_ratio'];
+print(' '.join(f'{x:>14}' for x in k)); [print(' '.join(f'{row[x]:>14}' for x in k)) for row in r]" "$OUT/bench-cache-gpu.csv" \
+    || tail -20 "$OUT/bench.log"
