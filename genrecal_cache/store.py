@@ -406,9 +406,11 @@ def _fault_point(point: str, seq: int) -> None:
 
 
 def _fsync_shard(array_dir: Path, shard: int, two_d: bool) -> None:
+    """zarr renames each shard file into place; fsync its data and the rename."""
     f = array_dir / "c" / str(shard) / "0" if two_d else array_dir / "c" / str(shard)
     if f.exists():
         _fsync(f)
+        _fsync(f.parent)
 
 
 def _write_table(path: Path, rows: list[dict], schema: pa.Schema, commit: dict) -> None:
