@@ -127,8 +127,8 @@ class Renderer:
                 return self.processor(text=[text], images=[images] if images else None, add_special_tokens=False,
                                       return_tensors="pt")
             return self.tokenizer([text], add_special_tokens=False, return_tensors="pt")
-        except ValueError as e:  # processors raise ValueError for placeholder/image mismatches
-            raise RejectError(f"processor refused the sample: {str(e)[:200]}") from None
+        except Exception as e:  # processors raise ValueError (and worse) for inputs they cannot take
+            raise RejectError(f"processor refused the sample: {type(e).__name__}: {str(e)[:200]}") from None
 
     def _prefix_len(self, msgs: list[dict], images: list, ids: np.ndarray, gen: bool, turn: int) -> int:
         """Token length of a rendered prefix, checked to be a prefix of the full ids."""

@@ -39,7 +39,7 @@ SAMPLE_SCHEMA = pa.schema([
     ("sample_id", pa.string()),
     ("source_row", pa.int64()),
     ("messages", pa.string()),  # JSON, transformers messages format
-    ("images", pa.list_(pa.binary())),  # encoded bytes (empty when images are kept by reference)
+    ("images", pa.list_(pa.binary())),  # encoded bytes; null where kept by reference (--image-refs)
     ("image_paths", pa.list_(pa.string())),
     ("image_digests", pa.list_(pa.string())),  # sha256 of the encoded bytes
     ("token_start", pa.int64()),
@@ -350,7 +350,8 @@ class PartWriter:
             "sample_id": rec.sample_id,
             "source_row": rec.source_row,
             "messages": json.dumps(rec.messages, ensure_ascii=False),
-            "images": [im.data for im in rec.images] if keep_image_bytes else [],
+            # By reference, an image keeps its path + digest; one with no path (inline) keeps its bytes.
+            "images": [im.data if keep_image_bytes or im.path is None else None for im in rec.images],
             "image_paths": [im.path or "" for im in rec.images],
             "image_digests": [im.digest for im in rec.images],
             "token_start": lens["tokens"], "num_tokens": n_tok,
@@ -434,7 +435,7 @@ class TeacherSample:
     source_row: int
     part: str
     messages: list[dict]
-    images: list[bytes]
+    images: list[bytes | None]  # None: read it from image_paths (stores written with --image-refs)
     image_paths: list[str]
     segments: list[dict]
     token_ids: torch.Tensor  # (L,) int64, teacher tokenization, image placeholders expanded

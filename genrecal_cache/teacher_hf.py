@@ -46,14 +46,17 @@ class HFTeacher:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
         self.path = path
-        self.processor = load_processor(path, trust_remote_code)
+        try:
+            self.processor = load_processor(path, trust_remote_code)
+        except OSError as e:  # not a local directory, and the hub is unreachable or has no such model
+            raise ConfigError(f"--teacher {path}: cannot load its processor/tokenizer ({str(e)[:300]})") from e
         self.multimodal = hasattr(self.processor, "image_processor")
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         cls = AutoModelForImageTextToText if self.multimodal else AutoModelForCausalLM
         try:
             self.model = cls.from_pretrained(path, dtype=getattr(torch, dtype), device_map=device_map,
                                              trust_remote_code=trust_remote_code)
-        except ValueError as e:
+        except (OSError, ValueError) as e:
             raise ConfigError(f"--teacher {path}: transformers cannot load it as {cls.__name__} ({e})") from e
         if device_map is None:
             self.model.to(device)

@@ -152,3 +152,19 @@ def test_inspect_cli_json_and_exit_codes(bf16_store, tmp_path):
     r = subprocess.run([sys.executable, "-m", "genrecal_cache.cli", "inspect-cache", "--store",
                         str(tmp_path / "nothing")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "no teacher store" in r.stderr
+
+
+def test_image_refs_keep_paths_and_digests_not_bytes(zoo, demo_manifest, tmp_path):
+    store = TeacherStore(_run(zoo["llava"], demo_manifest, tmp_path / "s", image_refs=True))
+    samples = [store[i] for i in range(len(store))]
+    for s in samples:
+        assert len(s.images) == len(s.image_paths)
+        for data, path in zip(s.images, s.image_paths):
+            assert (data is None) == bool(path), "by reference where there is a path, else the bytes"
+    assert any(s.images and s.images[0] is not None for s in samples), "inline base64 images keep their bytes"
+    rows = store.parts[0].samples.to_pylist()
+    by_path = [r for r in rows if r["image_paths"] and r["image_paths"][0]]
+    import hashlib
+
+    r = by_path[0]
+    assert hashlib.sha256(Path(r["image_paths"][0]).read_bytes()).hexdigest() == r["image_digests"][0]
