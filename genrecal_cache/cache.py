@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import FORMAT_VERSION
 from .chat import Rendered, Renderer
 from .config import flag as _flag
-from .dataset import Sample, parse_row, read_manifest, row_sample_id
+from .dataset import Sample, parse_row, read_manifest, row_sample_id, scan_ids
 from .errors import ConfigError, DatasetError, RejectError
 from .store import (
     FEATURE_DTYPES,
@@ -139,15 +139,6 @@ def _check_output(path: Path) -> None:
                           "pass a new or empty directory")
 
 
-def count_rows(manifest: Path) -> int:
-    if manifest.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(manifest).metadata.num_rows
-    with manifest.open("rb") as f:
-        return sum(1 for _ in f)
-
-
 class CacheJob:
     """One writer: `run()` processes this shard's rows from where the last run committed."""
 
@@ -164,6 +155,9 @@ class CacheJob:
                                             cfg.trust_remote_code)
         self.renderer = self.teacher.renderer(cfg.max_length)
         t = self.teacher
+        if cfg.topk >= t.head.weight.shape[0]:
+            raise ConfigError(f"--topk {cfg.topk} must be smaller than the teacher's vocabulary "
+                              f"({t.head.weight.shape[0]})")
         meta = {
             "format_version": FORMAT_VERSION,
             **settings,
@@ -195,7 +189,7 @@ class CacheJob:
     def run(self) -> CacheResult:
         cfg, w = self.cfg, self.writer
         res, t0 = CacheResult(), time.perf_counter()
-        total = count_rows(cfg.manifest)
+        total, duplicates = scan_ids(cfg.manifest)
         if cfg.max_samples is not None:
             total = min(total, cfg.max_samples)
         mine = len(range(cfg.shard_index, total, cfg.num_shards))
@@ -212,9 +206,9 @@ class CacheJob:
                 continue
             sample_id = row_sample_id(row)
             try:
+                if row.index in duplicates:
+                    raise RejectError(f"duplicate sample id {sample_id!r} (first at row {duplicates[row.index]})")
                 sample = parse_row(row, cfg.manifest.parent)
-                if sample_id in w.sample_ids or any(s.sample_id == sample_id for s, _ in pending):
-                    raise RejectError(f"duplicate sample id {sample_id!r}")
                 rendered = self.renderer.render(sample)
                 pending.append((sample, rendered))
             except RejectError as e:
@@ -257,7 +251,22 @@ class CacheJob:
 
     def _forward(self, batch: list[tuple[Sample, Rendered]], res: CacheResult) -> None:
         t0 = time.perf_counter()
-        outs = self.teacher.forward(self.renderer, [r for _, r in batch], self.cfg.question_features)
+        try:
+            outs = self.teacher.forward(self.renderer, [r for _, r in batch], self.cfg.question_features)
+        except Exception as e:  # e.g. out of memory, or a model that refuses this input
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(batch) > 1:  # find the sample at fault: one at a time
+                for item in batch:
+                    self._forward([item], res)
+                return
+            sample, r = batch[0]
+            reason = f"teacher forward failed ({len(r.input_ids)} tokens): {type(e).__name__}: {str(e)[:200]}"
+            if self.cfg.strict:
+                raise DatasetError(f"{self.cfg.manifest}, row {sample.source_row} ({sample.sample_id}): {reason}") from e
+            self.writer.reject(sample.source_row, sample.sample_id, reason)
+            res.rejects += 1
+            return
         head = self.teacher.head
         for (sample, r), out in zip(batch, outs):
             # Round to the stored dtype first, so the top-k is exactly what head(stored features) gives.

@@ -16,6 +16,7 @@ from typing import Any
 import typer
 
 from .config import command_from, flag
+from .errors import StoreError
 
 
 def _cache(cfg: Any) -> None:
@@ -57,7 +58,12 @@ def _inspect(cfg: InspectConfig) -> None:
         except KeyError as e:
             raise typer.BadParameter(str(e), param_hint="--sample") from None
     else:
-        out["summary"] = summary(store)
+        try:
+            out["summary"] = summary(store)
+        except StoreError as e:
+            if not cfg.verify:
+                raise
+            typer.secho(f"summary unavailable ({e}); verifying", fg=typer.colors.YELLOW, err=True)
     if cfg.verify:
         out["verify"] = verify(store)
     if cfg.json:

@@ -112,6 +112,35 @@ def _read_parquet(path: Path) -> Iterator[Row]:
             index += 1
 
 
+def scan_ids(path: Path | str) -> tuple[int, dict[int, int]]:
+    """One pass over the manifest: its row count, and each row whose id already appeared, mapped to the row
+    where it first did. Every shard computes the same answer, so a duplicate is rejected whichever shard owns it."""
+    path = Path(path)
+    first: dict[str, int] = {}
+    dups: dict[int, int] = {}
+    n = 0
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        n = pf.metadata.num_rows
+        if "id" in pf.schema_arrow.names:
+            ids = [str(x) if x is not None else None for x in pq.read_table(path, columns=["id"])["id"].to_pylist()]
+        else:
+            ids = [None] * n
+        rows = ((i, Row(i, {"id": x})) for i, x in enumerate(ids))
+    else:
+        rows = ((r.index, r) for r in read_manifest(path))
+    for index, row in rows:
+        n = max(n, index + 1)
+        sid = row_sample_id(row)
+        if sid in first:
+            dups[index] = first[sid]
+        else:
+            first[sid] = index
+    return n, dups
+
+
 def row_sample_id(row: Row) -> str:
     """The row's own `id`, or `row-<index>` when it has none (or could not be decoded)."""
     rec = row.record or {}
@@ -248,7 +277,10 @@ def _load_image(src: Any, root: Path, i: int) -> ImageRef:
     elif isinstance(src, str) and src:
         p = Path(src) if Path(src).is_absolute() else root / src
         if _is_file(p):
-            data, path = p.read_bytes(), str(p.resolve())
+            try:
+                data, path = p.read_bytes(), str(p.resolve())
+            except OSError as e:
+                raise RejectError(f"image {i} cannot be read: {p} ({e.strerror or e})") from None
         elif len(src) >= 64 and _BASE64.fullmatch(src):
             data = _b64(src, i)
         else:
@@ -272,8 +304,9 @@ def _is_file(p: Path) -> bool:
 
 
 def _b64(text: str, i: int) -> bytes:
+    text = "".join(text.split())  # MIME-wrapped base64 has newlines
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise RejectError(f"image {i} is neither an existing file nor valid base64") from None
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .head import TeacherHead
-from .store import TOKENIZER_DIR, Part, TeacherStore
+from .store import TOKENIZER_DIR, Part, TeacherStore, shard_file
 
 
 def _du(path: Path) -> int:
@@ -127,7 +127,7 @@ def verify(store: TeacherStore, block: int = 64, atol: float | None = None) -> V
             if sid in seen:
                 rep.fail(p.name, "samples", None, f"sample id {sid!r} also in part {seen[sid]}", [sid])
             seen[sid] = p.name
-        for problem in p.problems:
+        for problem in p.problems + _coverage_problems(p):
             rep.fail(p.name, "samples", None, problem, [])
         damaged = _verify_chunks(p, rep, ids)
         for s in range(0, len(p), block):
@@ -142,6 +142,24 @@ def verify(store: TeacherStore, block: int = 64, atol: float | None = None) -> V
             for i, smp in enumerate(samples):
                 _verify_sample(p, s + i, smp, head, meta["topk"], atol, rep)
     return rep
+
+
+def _coverage_problems(p: Part) -> list[str]:
+    """Every manifest row this part owns below its last commit is committed or rejected, exactly once."""
+    m = re.fullmatch(r"shard-(\d+)-of-(\d+)", p.name)
+    if not m:
+        return []
+    i, n = int(m.group(1)), int(m.group(2))
+    rows = p.samples.column("source_row").to_pylist() + p.rejects.column("source_row").to_pylist()
+    owned = set(range(i, p.commit["rows_end"], n))
+    problems = []
+    if len(rows) != len(set(rows)):
+        problems.append(f"{len(rows) - len(set(rows))} manifest row(s) recorded twice")
+    missing = sorted(owned - set(rows))
+    if missing:
+        problems.append(f"{len(missing)} manifest row(s) neither committed nor rejected, first {missing[:5]} "
+                        "(a samples or rejects file is missing)")
+    return problems
 
 
 def _verify_chunks(p: Part, rep: VerifyReport, ids: list[str]) -> list[tuple[int, int]]:
@@ -162,6 +180,8 @@ def _verify_chunks(p: Part, rep: VerifyReport, ids: list[str]) -> list[tuple[int
         for lo in range(0, min(arr.shape[0], expected), spec.shard_rows):
             hi = min(lo + spec.shard_rows, expected)
             try:
+                if not shard_file(p.dir / name, lo // spec.shard_rows, spec.width is not None).exists():
+                    raise FileNotFoundError(f"shard file {lo // spec.shard_rows} is missing")
                 arr[lo:hi]
                 rep.chunks_read += -(-(hi - lo) // spec.chunk_rows)
             except Exception as e:
@@ -192,14 +212,16 @@ def _verify_sample(p: Part, j: int, smp: Any, head: TeacherHead, k: int, atol: f
         return bad("question_features", "question features do not cover every non-label position")
     rep.label_tokens_checked += len(pos)
     if k:
-        ids, lps = head.topk(feats, k)  # (A, k)
+        ids, lps = head.topk(feats, min(k + 1, head.weight.shape[0]))  # one more, to see ties at the edge
         stored = smp.topk_logprobs.float()
-        rep.topk_compared += ids.numel()
-        # Ids may swap only where neighbouring log-probabilities tie within tolerance.
-        gaps = (lps[:, :-1] - lps[:, 1:]) > atol
-        same = (ids == smp.topk_ids)
-        same[:, :-1] |= ~gaps
-        same[:, 1:] |= ~gaps
+        rep.topk_compared += smp.topk_ids.numel()
+        # Ids may swap only where neighbouring log-probabilities tie within tolerance (the k-th with the k+1-th
+        # included): compare the log-probabilities always, the ids only where there is a clear gap.
+        tie = (lps[:, :-1] - lps[:, 1:]) <= atol  # (A, k) when k + 1 were taken
+        same = ids[:, :k] == smp.topk_ids
+        same |= tie[:, :k]
+        same[:, 1:] |= tie[:, : k - 1]
+        lps = lps[:, :k]
         diff = (lps - stored).abs()
         mism = int((~same).sum()) + int((diff > atol).sum())
         rep.topk_mismatches += mism

@@ -116,6 +116,15 @@ def part_arrays(meta: dict[str, Any]) -> list[ArraySpec]:
     return specs
 
 
+# Write all-zero chunks too: then a shard file that is missing is damage, never silently "all zeros".
+_ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+def shard_file(array_dir: Path, shard: int, two_d: bool) -> Path:
+    """Where zarr keeps shard `shard` of an array (default chunk key encoding, "/" separator)."""
+    return array_dir / "c" / str(shard) / "0" if two_d else array_dir / "c" / str(shard)
+
+
 def _codecs() -> list:
     return [ZstdCodec(level=3), Crc32cCodec()]
 
@@ -185,7 +194,7 @@ def _write_matrix(group: zarr.Group, name: str, value: torch.Tensor, dtype: str)
     data = to_storage(value, dtype)
     spec = ArraySpec(name, "", data.shape[1] if data.ndim == 2 else None, str(data.dtype))
     arr = group.create_array(name, shape=data.shape, chunks=spec.shape(spec.chunk_rows), dtype=data.dtype,
-                             compressors=_codecs(), fill_value=0, overwrite=True)
+                             compressors=_codecs(), fill_value=0, overwrite=True, config=_ARRAY_CONFIG)
     arr[...] = data
 
 
@@ -195,11 +204,13 @@ def open_or_create(path: Path, meta: dict[str, Any], head: dict[str, torch.Tenso
     with `meta`. Returns the store's attributes. `head` holds "weight" (V, D), optionally "embed" (V, D) and
     "bias" (V,)."""
     with _locked(path):
-        if (path / "zarr.json").exists():
+        if _finished(path):
             existing = read_meta(path)
             _check_compatible(existing, meta, path)
             return existing
-        root = zarr.open_group(str(path), mode="w", zarr_format=3)
+        # A new store, or one whose creation was killed before its attributes were written: (re)create the
+        # head in place. mode="a" never clears the directory (the lock file lives there).
+        root = zarr.open_group(str(path), mode="a", zarr_format=3)
         hg = root.require_group("head")
         hd = meta["head"]["dtype"]
         for name, value in head.items():
@@ -208,6 +219,14 @@ def open_or_create(path: Path, meta: dict[str, Any], head: dict[str, torch.Tenso
             tokenizer.save_pretrained(str(path / TOKENIZER_DIR))
         root.attrs[ATTR] = meta  # last: attributes present means the head is complete
         return meta
+
+
+def _finished(path: Path) -> bool:
+    """Whether a store's creation completed (its attributes are written last)."""
+    try:
+        return ATTR in json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -232,8 +251,8 @@ _SETTINGS = ("dtype", "feature_dtype", "topk", "question_features", "layers", "m
 
 
 def check_settings(path: Path, settings: dict[str, Any]) -> None:
-    """Raise if an existing store at `path` was written with other settings (no-op when there is none)."""
-    if not (path / "zarr.json").exists():
+    """Raise if a finished store at `path` was written with other settings (no-op when there is none)."""
+    if not _finished(path):
         return
     existing = read_meta(path)
     for key in _SETTINGS:
@@ -288,11 +307,12 @@ class PartWriter:
         self.arrays: dict[str, zarr.Array] = {}
         for spec in self.specs:
             if spec.name in pg:
-                self.arrays[spec.name] = pg[spec.name]
+                self.arrays[spec.name] = pg[spec.name].with_config(_ARRAY_CONFIG)
             else:
                 self.arrays[spec.name] = pg.create_array(
                     spec.name, shape=spec.shape(0), chunks=spec.shape(spec.chunk_rows),
-                    shards=spec.shape(spec.shard_rows), dtype=spec.dtype, compressors=_codecs(), fill_value=0)
+                    shards=spec.shape(spec.shard_rows), dtype=spec.dtype, compressors=_codecs(), fill_value=0,
+                    config=_ARRAY_CONFIG)
         for sub in (_SAMPLES, _REJECTS):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.seq, self.rows_end, self.lengths = self._recover()
@@ -303,7 +323,6 @@ class PartWriter:
             start = n - n % spec.shard_rows
             self.tail[spec.name] = self.arrays[spec.name][start:n] if n > start else np.zeros(
                 spec.shape(0), spec.dtype)
-        self.sample_ids = set(self._committed_ids())
         self._pending: list[dict[str, Any]] = []
         self._pending_rejects: list[dict[str, Any]] = []
         self._pending_rows: dict[str, list[np.ndarray]] = {s.name: [] for s in self.specs}
@@ -321,13 +340,12 @@ class PartWriter:
                     f.unlink()
         for spec in self.specs:
             arr = self.arrays[spec.name]
-            if arr.shape[0] != lengths[spec.unit]:
+            if arr.shape[0] < lengths[spec.unit]:
+                raise StoreError(f"{self.dir / spec.name} has {arr.shape[0]} rows but the last commit says "
+                                 f"{lengths[spec.unit]}: the store is damaged; run `inspect-cache --verify`")
+            if arr.shape[0] > lengths[spec.unit]:  # the uncommitted tail of a crashed commit
                 arr.resize(spec.shape(lengths[spec.unit]))
         return seq, rows_end, lengths
-
-    def _committed_ids(self) -> Iterator[str]:
-        for f in sorted((self.dir / _SAMPLES).glob("*.parquet")):
-            yield from pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist()
 
     @property
     def num_pending(self) -> int:
@@ -363,7 +381,6 @@ class PartWriter:
         lens["tokens"] += n_tok
         lens["labels"] += n_lab
         lens["question"] += n_q
-        self.sample_ids.add(rec.sample_id)
 
     def reject(self, source_row: int, sample_id: str, reason: str) -> None:
         self._pending_rejects.append({"source_row": source_row, "sample_id": sample_id, "reason": reason})
@@ -387,6 +404,7 @@ class PartWriter:
             keep = new_n - new_n % spec.shard_rows
             self.tail[spec.name] = data[keep - start :]
             _fsync(self.dir / spec.name / "zarr.json")
+            _fsync(self.dir / spec.name)
         name = f"{self.seq:08d}.parquet"
         commit = {"seq": self.seq, "rows_end": rows_end, "lengths": dict(new)}
         _fault_point("arrays-written", self.seq)
@@ -407,11 +425,11 @@ def _fault_point(point: str, seq: int) -> None:
 
 
 def _fsync_shard(array_dir: Path, shard: int, two_d: bool) -> None:
-    """zarr renames each shard file into place; fsync its data and the rename."""
-    f = array_dir / "c" / str(shard) / "0" if two_d else array_dir / "c" / str(shard)
-    if f.exists():
-        _fsync(f)
-        _fsync(f.parent)
+    """zarr renames each shard file into place; fsync its data, the rename and any new directory."""
+    f = shard_file(array_dir, shard, two_d)
+    _fsync(f)
+    for d in (f.parent, f.parent.parent, array_dir):
+        _fsync(d)
 
 
 def _write_table(path: Path, rows: list[dict], schema: pa.Schema, commit: dict) -> None:

@@ -158,3 +158,55 @@ def test_a_second_writer_on_the_same_part_is_refused(zoo, bad_manifest, tmp_path
     first = CacheJob(_cfg(zoo, bad_manifest, out))
     with pytest.raises(StoreError, match="another cache-teacher is writing part shard-00000-of-00001"):
         CacheJob(_cfg(zoo, bad_manifest, out), teacher=first.teacher)
+
+
+def test_duplicate_ids_are_rejected_whichever_shard_owns_them(zoo, bad_manifest, tmp_path):
+    lines = bad_manifest.read_text().splitlines()
+    twin = json.loads(lines[0])  # row 0's id again at row 3 (owned by shard 1 of 2)
+    lines.insert(3, json.dumps(twin))
+    m = tmp_path / "dup.jsonl"
+    m.write_text("\n".join(lines[:8]) + "\n")
+    (tmp_path / "images").mkdir(exist_ok=True)
+    (tmp_path / "images" / "0000.png").write_bytes((bad_manifest.parent / "images" / "0000.png").read_bytes())
+    out = tmp_path / "s"
+    for shard in ("0/2", "1/2"):
+        run_cache(_cfg(zoo, m, out, shard=shard))
+    store = TeacherStore(out)
+    ids = [sid for p in store.parts for sid in p.samples.column("sample_id").to_pylist()]
+    assert len(ids) == len(set(ids))
+    reasons = {r["source_row"]: r["reason"] for r in store.rejects().to_pylist()}
+    assert reasons[3] == "duplicate sample id 'ok-0' (first at row 0)"
+
+
+def test_a_sample_the_teacher_cannot_run_is_rejected_and_the_batch_goes_on(zoo, bad_manifest, tmp_path):
+    """Fault injection into our own forward: a sample that makes the teacher raise (as an OOM would) is found
+    by retrying one at a time and rejected; the rest of its batch is committed."""
+    from genrecal_cache.teacher_hf import HFTeacher
+
+    class FailsOnEight(HFTeacher):
+        def forward(self, renderer, batch, question):
+            if any("eight" in renderer.tokenizer.decode(r.input_ids) for r in batch):
+                raise RuntimeError("CUDA out of memory (injected)")
+            return super().forward(renderer, batch, question)
+
+    rows = [_ok(i) for i in range(4)]
+    rows[2]["messages"][1]["content"] = "eight"
+    m = tmp_path / "m.jsonl"
+    m.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "images").mkdir(exist_ok=True)
+    (tmp_path / "images" / "0000.png").write_bytes((bad_manifest.parent / "images" / "0000.png").read_bytes())
+    cfg = _cfg(zoo, m, tmp_path / "s", batch_tokens=100000)
+    res = run_cache(cfg, FailsOnEight(str(zoo["llava"]), "float32", "cpu"))
+    store = TeacherStore(tmp_path / "s")
+    assert res.samples == 3 and len(store) == 3
+    (rej,) = store.rejects().to_pylist()
+    assert rej["source_row"] == 2 and "teacher forward failed" in rej["reason"] and "out of memory" in rej["reason"]
+
+
+def test_an_interrupted_store_creation_is_finished_by_the_rerun(zoo, bad_manifest, tmp_path):
+    import zarr
+
+    out = tmp_path / "s"
+    zarr.open_group(str(out), mode="w", zarr_format=3).require_group("head")  # killed before its attributes
+    run_cache(_cfg(zoo, bad_manifest, out, max_samples=2))
+    assert len(TeacherStore(out)) + TeacherStore(out).rejects().num_rows == 2

@@ -127,3 +127,13 @@ def test_short_base64_image_is_not_mistaken_for_a_path(tmp_path):
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
         {"role": "assistant", "content": "red"}]}), tmp_path)
     assert s.images[0].load().getpixel((0, 0)) == (200, 10, 10)
+
+
+def test_wrapped_and_unpadded_base64(tmp_path, png):
+    b64 = base64.b64encode(png).decode()
+    wrapped = "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76)) + "\n"
+    for src in (wrapped, b64.rstrip("=")):
+        s = parse_row(Row(0, {"images": [src], "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+            {"role": "assistant", "content": "one"}]}), tmp_path)
+        assert s.images[0].data == png

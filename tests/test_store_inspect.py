@@ -168,3 +168,19 @@ def test_image_refs_keep_paths_and_digests_not_bytes(zoo, demo_manifest, tmp_pat
 
     r = by_path[0]
     assert hashlib.sha256(Path(r["image_paths"][0]).read_bytes()).hexdigest() == r["image_digests"][0]
+
+
+def test_verify_detects_a_deleted_shard_file(bf16_store, tmp_path):
+    store_dir = _copy(bf16_store, tmp_path / "s")
+    (store_dir / "parts" / "shard-00000-of-00001" / "question_features" / "c" / "0" / "0").unlink()
+    rep = verify(TeacherStore(store_dir))
+    assert any(f["array"] == "question_features" and "missing" in f["message"] for f in rep.failures), rep.failures
+
+
+def test_verify_detects_a_removed_rejects_file(bf16_store, tmp_path):
+    store_dir = _copy(bf16_store, tmp_path / "s")
+    rejects = sorted((store_dir / "parts" / "shard-00000-of-00001" / "rejects").glob("*.parquet"))
+    with_rows = [f for f in rejects if __import__("pyarrow.parquet").parquet.read_table(f).num_rows]
+    with_rows[0].unlink()
+    rep = verify(TeacherStore(store_dir))
+    assert any("neither committed nor rejected" in f["message"] for f in rep.failures), rep.failures
