@@ -1,0 +1,322 @@
+"""Teacher-head CE + KL without ever materialising the (N, V) logits: the GenRecal distillation loss.
+
+Rows are processed in chunks of C rows: two matmuls give the chunk's logits (C, V), a row kernel (Triton on
+CUDA, PyTorch elsewhere) turns them into the loss and, in place, into its gradient, and a third matmul maps that
+back onto r. Peak extra memory is O(C * V) for one chunk, never O(N * V).
+
+Math, per row i with mask m_i (target != ignore_index), x = W r + b (pre-activation) and
+f(x) = c * tanh(s * x / c) (softcap c, logit scale s; f(x) = s * x without softcap):
+    a = f(W r + b),  a_z = f(W z + b)
+    CE_i = logsumexp(a) - a[t_i]
+    p = softmax(a_z / T),  q = softmax(a / T),  KL_i = sum_v p_v (log p_v - log q_v)
+    loss = sum_i m_i (w_ce CE_i + w_kl T^2 KL_i) / n             (n: the caller's normaliser)
+    dloss/da = m_i / n * (w_ce (softmax(a) - onehot(t_i)) + w_kl T (q - p))
+    dloss/dx = dloss/da * f'(x),  f'(x) = s (1 - tanh^2(s x / c))
+    dloss/dr = dloss/dx @ W
+The T^2 factor keeps the KL gradient's size independent of T (Hinton et al.).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU machines without triton use the PyTorch paths
+    HAS_TRITON = False
+
+IMPLS = ("auto", "triton", "chunked", "naive")
+_CHUNK_ELEMENTS = 1 << 25  # a chunk's logits hold at most this many fp32 values (128 MiB)
+
+
+class CEKLOutput(NamedTuple):
+    """`loss` carries the gradient; `ce` and `kl` are its detached parts (already weighted and normalised)."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor
+
+
+# --- the row kernel (Triton) ---------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _tanh(x):
+        # tanh via exp, stable at both ends (exp overflow gives +-1 exactly)
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _activate(x, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+        if HAS_SOFTCAP:
+            return softcap * _tanh(x * scale / softcap)
+        return x * scale
+
+    @triton.jit
+    def _ce_kl_rows_kernel(
+        xr_ptr,  # (C, V) fp32 pre-activation logits of r; overwritten with dloss/dx
+        xz_ptr,  # (C, V) fp32 pre-activation logits of z
+        target_ptr,  # (C,) int64
+        row_scale_ptr,  # (C,) fp32: m_i / n (0 for ignored rows)
+        ce_ptr,  # (C,) fp32 out: CE_i (unweighted, unnormalised)
+        kl_ptr,  # (C,) fp32 out: KL_i (unweighted, unnormalised)
+        stride,
+        V,
+        scale,
+        softcap,
+        inv_t,
+        w_ce,
+        w_kl_t,  # w_kl / T: d(T^2 KL)/da = T (q - p), with w_kl already holding the T^2
+        HAS_SOFTCAP: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        xr_ptr += row * stride
+        xz_ptr += row * stride
+        t = tl.load(target_ptr + row)
+        rs = tl.load(row_scale_ptr + row)
+        # Pass 1: online max / sum-exp for a (T=1), a/T and a_z/T, the target logit, and E_p[(a_z - a)/T].
+        m_a = float("-inf")
+        s_a = 0.0
+        m_q = float("-inf")
+        s_q = 0.0
+        m_p = float("-inf")
+        s_p = 0.0
+        acc = 0.0
+        a_t = 0.0
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            valid = offs < V
+            a = _activate(tl.load(xr_ptr + offs, mask=valid, other=0.0), scale, softcap, HAS_SOFTCAP)
+            az = _activate(tl.load(xz_ptr + offs, mask=valid, other=0.0), scale, softcap, HAS_SOFTCAP)
+            d = (az - a) * inv_t  # finite on masked lanes too (both load as 0)
+            a = tl.where(valid, a, float("-inf"))
+            aq = a * inv_t
+            ap = tl.where(valid, az * inv_t, float("-inf"))
+            a_t += tl.sum(tl.where(offs == t, a, 0.0))
+            new_m = tl.maximum(m_a, tl.max(a))
+            s_a = s_a * tl.exp(m_a - new_m) + tl.sum(tl.exp(a - new_m))
+            m_a = new_m
+            new_m = tl.maximum(m_q, tl.max(aq))
+            s_q = s_q * tl.exp(m_q - new_m) + tl.sum(tl.exp(aq - new_m))
+            m_q = new_m
+            new_m = tl.maximum(m_p, tl.max(ap))
+            w = tl.exp(ap - new_m)
+            r = tl.exp(m_p - new_m)
+            s_p = s_p * r + tl.sum(w)
+            acc = acc * r + tl.sum(w * d)
+            m_p = new_m
+        lse_a = m_a + tl.log(s_a)
+        lse_q = m_q + tl.log(s_q)
+        lse_p = m_p + tl.log(s_p)
+        active = rs != 0.0
+        tl.store(ce_ptr + row, tl.where(active, lse_a - a_t, 0.0))
+        tl.store(kl_ptr + row, tl.where(active, acc / s_p - lse_p + lse_q, 0.0))
+        # Pass 2: the gradient, written over the logits of r.
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            valid = offs < V
+            x = tl.load(xr_ptr + offs, mask=valid, other=0.0)
+            a = _activate(x, scale, softcap, HAS_SOFTCAP)
+            az = _activate(tl.load(xz_ptr + offs, mask=valid, other=0.0), scale, softcap, HAS_SOFTCAP)
+            sm = tl.exp(a - lse_a)
+            q = tl.exp(a * inv_t - lse_q)
+            p = tl.exp(az * inv_t - lse_p)
+            g = w_ce * (sm - tl.where(offs == t, 1.0, 0.0)) + w_kl_t * (q - p)
+            if HAS_SOFTCAP:
+                th = _tanh(x * scale / softcap)
+                g = g * scale * (1.0 - th * th)
+            else:
+                g = g * scale
+            tl.store(xr_ptr + offs, g * rs, mask=valid)
+
+
+def _rows_triton(xr: torch.Tensor, xz: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
+                 scale: float, softcap: float | None, temperature: float, w_ce: float, w_kl: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row losses CE_i, KL_i (C,) and dloss/dx written into `xr` (C, V), by the Triton kernel. `w_kl` is the
+    effective KL weight (kl_weight * T^2)."""
+    c, v = xr.shape
+    ce = torch.empty(c, device=xr.device, dtype=torch.float32)
+    kl = torch.empty_like(ce)
+    block = min(triton.next_power_of_2(v), 4096 if xr.is_cuda else 1 << 16)
+    _ce_kl_rows_kernel[(c,)](
+        xr, xz, targets, row_scale, ce, kl, xr.stride(0), v, float(scale), float(softcap or 1.0),
+        1.0 / temperature, float(w_ce), float(w_kl / temperature), HAS_SOFTCAP=softcap is not None,
+        BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+    )
+    return ce, kl
+
+
+# --- the row kernel (PyTorch) ---------------------------------------------------------------------------------
+
+def _rows_torch(xr: torch.Tensor, xz: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
+                scale: float, softcap: float | None, temperature: float, w_ce: float, w_kl: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same as `_rows_triton`, in PyTorch: row losses, and dloss/dx written into `xr` (C, V)."""
+    if softcap is not None:
+        th = torch.tanh(xr * (scale / softcap))  # (C, V)
+        a = th * softcap
+        az = torch.tanh(xz * (scale / softcap)) * softcap
+    else:
+        a, az = xr * scale, xz * scale
+    safe_t = targets.clamp(min=0).unsqueeze(1)  # ignored rows: any index, masked below
+    log_sm = torch.log_softmax(a, dim=-1)  # (C, V)
+    ce = -log_sm.gather(1, safe_t).squeeze(1)
+    log_q = torch.log_softmax(a / temperature, dim=-1)
+    del a
+    log_p = torch.log_softmax(az / temperature, dim=-1)
+    del az
+    p = log_p.exp()
+    kl = (p * (log_p - log_q)).sum(-1)
+    del log_p
+    g = log_sm.exp_().mul_(w_ce)  # softmax(a) * w_ce, reusing log_sm's memory
+    g.scatter_add_(1, safe_t, torch.full_like(safe_t, -w_ce, dtype=g.dtype))
+    g.add_(log_q.exp_().sub_(p).mul_(w_kl / temperature))  # w_kl holds T^2: d(T^2 KL)/da = T (q - p)
+    if softcap is not None:
+        g.mul_(th.mul_(th).neg_().add_(1.0)).mul_(scale)
+    elif scale != 1.0:
+        g.mul_(scale)
+    xr.copy_(g.mul_(row_scale.unsqueeze(1)))
+    active = row_scale != 0
+    return torch.where(active, ce, 0.0), torch.where(active, kl, 0.0)
+
+
+# --- the chunk loop and the autograd Function -----------------------------------------------------------------
+
+_MM_OUT_DTYPE = True  # whether torch.mm(..., out_dtype=float32) works here; cleared at the first failure
+
+
+def _pre_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T + b as fp32 (C, V). Half-precision inputs multiply in their dtype; the product is kept in fp32
+    where torch can (CUDA), else rounded to the input dtype first (as Liger-Kernel does)."""
+    global _MM_OUT_DTYPE
+    x = x.to(weight.dtype)
+    if weight.dtype == torch.float32:
+        out = x @ weight.T
+    else:
+        out = None
+        if _MM_OUT_DTYPE and x.is_cuda:
+            try:
+                out = torch.mm(x, weight.T, out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MM_OUT_DTYPE = False
+        if out is None:
+            out = (x @ weight.T).float()
+    if bias is not None:
+        out += bias.float()
+    return out
+
+
+def ce_kl_forward(r: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  bias: torch.Tensor | None, logit_scale: float | None, softcap: float | None,
+                  temperature: float, ce_weight: float, kl_weight: float, ignore_index: int,
+                  normalizer: float, chunk_size: int | None, use_triton: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce_sum, kl_sum, grad_r): weighted, normalised loss parts and dloss/dr, one row chunk at a time."""
+    n, _ = r.shape
+    v = weight.shape[0]
+    chunk = chunk_size or max(1, min(n, _CHUNK_ELEMENTS // v))
+    grad_r = torch.zeros_like(r)
+    ce_sum = torch.zeros((), device=r.device, dtype=torch.float32)
+    kl_sum = torch.zeros_like(ce_sum)
+    rows = _rows_triton if use_triton else _rows_torch
+    scale = 1.0 if logit_scale is None else float(logit_scale)
+    kl_w = kl_weight * temperature**2
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        t = targets[s:e]
+        row_scale = (t != ignore_index).to(torch.float32) / normalizer  # (C,)
+        if not bool(row_scale.any()):
+            continue
+        xr = _pre_activation(r[s:e], weight, bias)  # (C, V)
+        xz = _pre_activation(z[s:e], weight, bias)  # (C, V)
+        ce, kl = rows(xr, xz, t, row_scale, scale, softcap, temperature, ce_weight, kl_w)
+        del xz
+        ce_sum += (ce * row_scale).sum() * ce_weight
+        kl_sum += (kl * row_scale).sum() * kl_w
+        grad_r[s:e] = (xr.to(weight.dtype) @ weight).to(r.dtype)  # (C, D); xr now holds dloss/dx
+    return ce_sum, kl_sum, grad_r
+
+
+class FusedLinearCEKLFunction(torch.autograd.Function):
+    """loss(r) = sum_i m_i (w_ce CE(W r_i, t_i) + w_kl T^2 KL(softmax(W z_i / T) || softmax(W r_i / T))) / n.
+
+    r (N, D) needs a gradient; z (N, D), W (V, D), b (V,) are frozen. The gradient is computed in the forward
+    (as Liger-Kernel does) and scaled by grad_output in the backward; no (N, V) tensor ever exists.
+    """
+
+    @staticmethod
+    def forward(ctx, r, z, weight, targets, bias, logit_scale, softcap, temperature, ce_weight, kl_weight,
+                ignore_index, normalizer, chunk_size, use_triton):
+        ce, kl, grad_r = ce_kl_forward(r, z, weight, targets, bias, logit_scale, softcap, temperature, ce_weight,
+                                       kl_weight, ignore_index, normalizer, chunk_size, use_triton)
+        ctx.save_for_backward(grad_r)
+        ctx.mark_non_differentiable(ce, kl)
+        return ce + kl, ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        (grad_r,) = ctx.saved_tensors
+        return (grad_r * grad_loss.to(grad_r.dtype),) + (None,) * 13
+
+
+def naive_linear_ce_kl(r: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       bias: torch.Tensor | None = None, logit_scale: float | None = None,
+                       softcap: float | None = None, temperature: float = 1.0, ce_weight: float = 1.0,
+                       kl_weight: float = 1.0, ignore_index: int = -100, normalizer: float = 1.0) -> CEKLOutput:
+    """The same loss with full (N, V) fp32 logits and autograd: the reference for tests and benchmarks."""
+    def act(x: torch.Tensor) -> torch.Tensor:
+        x = x.float() @ weight.float().T + (bias.float() if bias is not None else 0.0)
+        x = x * (1.0 if logit_scale is None else logit_scale)
+        return softcap * torch.tanh(x / softcap) if softcap is not None else x
+
+    a, az = act(r), act(z)  # (N, V)
+    mask = (targets != ignore_index).float()
+    ce = torch.nn.functional.cross_entropy(a, targets.clamp(min=0), reduction="none")
+    log_q = torch.log_softmax(a / temperature, -1)
+    log_p = torch.log_softmax(az / temperature, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    ce = (ce * mask).sum() * ce_weight / normalizer
+    kl = (kl * mask).sum() * kl_weight * temperature**2 / normalizer
+    return CEKLOutput(ce + kl, ce.detach(), kl.detach())
+
+
+def fused_linear_ce_kl(r: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                       bias: torch.Tensor | None = None, logit_scale: float | None = None,
+                       softcap: float | None = None, temperature: float = 1.0, ce_weight: float = 1.0,
+                       kl_weight: float = 1.0, ignore_index: int = -100, normalizer: float | None = None,
+                       impl: str = "auto", chunk_size: int | None = None) -> CEKLOutput:
+    """GenRecal's teacher-head loss of Recalibrator outputs `r` (N, D) against cached teacher features `z`.
+
+    `normalizer`: the global count of label tokens (default: this call's non-ignored targets, at least 1).
+    `impl`: "auto" (Triton on CUDA when installed, else chunked PyTorch), "triton", "chunked" or "naive".
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if r.shape != z.shape or r.shape[1] != weight.shape[1] or targets.shape != r.shape[:1]:
+        raise ValueError(f"shapes disagree: r {tuple(r.shape)}, z {tuple(z.shape)}, weight "
+                         f"{tuple(weight.shape)}, targets {tuple(targets.shape)}")
+    if normalizer is None:
+        normalizer = max(1, int((targets != ignore_index).sum()))
+    normalizer = float(normalizer)
+    if not normalizer > 0 or not math.isfinite(normalizer):
+        raise ValueError(f"normalizer must be a positive count, got {normalizer}")
+    if impl == "naive":
+        return naive_linear_ce_kl(r, z, weight, targets, bias, logit_scale, softcap, temperature, ce_weight,
+                                  kl_weight, ignore_index, normalizer)
+    use_triton = impl == "triton" or (impl == "auto" and HAS_TRITON and r.is_cuda)
+    if use_triton and not HAS_TRITON:
+        raise RuntimeError("impl='triton' needs the triton package (pip install triton)")
+    loss, ce, kl = FusedLinearCEKLFunction.apply(
+        r, z.detach(), weight.detach(), targets, None if bias is None else bias.detach(), logit_scale, softcap,
+        float(temperature), float(ce_weight), float(kl_weight), ignore_index, normalizer, chunk_size, use_triton)
+    return CEKLOutput(loss, ce, kl)
