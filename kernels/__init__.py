@@ -1,8 +1,10 @@
 """GenRecal's fused kernels (imported as `genrecal_kernels`): Triton on CUDA, chunked PyTorch elsewhere.
 
 `fused_linear_ce_kl`: the teacher-head CE + KL of Recalibrator outputs without (N, V) logits.
+`proj_pre`, `proj_post_ln`: the Recalibrator's projections, fed stored features / carrying its LayerNorm.
 """
 
 from .fused_linear_ce_kl import CEKLOutput, fused_linear_ce_kl, naive_linear_ce_kl
+from .recal_proj import proj_post_ln, proj_pre
 
-__all__ = ["CEKLOutput", "fused_linear_ce_kl", "naive_linear_ce_kl"]
+__all__ = ["CEKLOutput", "fused_linear_ce_kl", "naive_linear_ce_kl", "proj_post_ln", "proj_pre"]
