@@ -1,0 +1,36 @@
+"""GenRecal's losses as plain functions: the Recalibrator's CE + KL on the frozen teacher head (one call site
+of the fused kernel), and the student's own next-token CE.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from genrecal_cache.head import TeacherHead
+from genrecal_kernels import CEKLOutput, fused_linear_ce_kl
+
+from .recalibrator import RecalBatch, Recalibrator
+
+
+def recalibrator_loss(recal: Recalibrator, batch: RecalBatch, teacher_features: torch.Tensor,
+                      targets: torch.Tensor, head: TeacherHead, normalizer: float, temperature: float = 1.0,
+                      ce_weight: float = 1.0, kl_weight: float = 1.0, impl: str = "auto") -> CEKLOutput:
+    """L_ar + L_kl of the Recalibrator outputs at the scored slots (A, D_l) against the cached teacher features
+    `teacher_features` (A, D_l) and targets (A,), summed over tokens and divided by `normalizer` (the global
+    count of label tokens)."""
+    r = recal(batch, impl=impl)  # (A, D_l)
+    z = teacher_features.to(r.dtype)
+    return fused_linear_ce_kl(r, z, head.weight.to(r.dtype), targets, bias=head.bias,
+                              logit_scale=head.logit_scale, softcap=head.softcap, temperature=temperature,
+                              ce_weight=ce_weight, kl_weight=kl_weight, normalizer=normalizer, impl=impl)
+
+
+def student_loss(logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor,
+                 normalizer: float) -> torch.Tensor:
+    """L_s: the student's CE at its own label positions (label_mask[p]: token p+1 is an answer token),
+    summed and divided by `normalizer`; 0 (not NaN) when there is none."""
+    logits = logits[:, :-1]  # (B, L-1, V)
+    targets = input_ids[:, 1:].masked_fill(~label_mask[:, :-1], -100)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                           ignore_index=-100, reduction="sum")
+    return ce / max(float(normalizer), 1.0)
