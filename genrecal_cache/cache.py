@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from . import FORMAT_VERSION
-from .chat import Rendered, Renderer
+from .chat import Rendered, compatible_runs
 from .config import flag as _flag
 from .dataset import Sample, parse_row, read_manifest, row_sample_id, scan_ids
 from .errors import ConfigError, DatasetError, RejectError
@@ -238,16 +238,8 @@ class CacheJob:
 
     def _flush(self, pending: list[tuple[Sample, Rendered]], res: CacheResult) -> None:
         """Run the teacher over pending samples in token-budget batches and hand the results to the writer."""
-        batch: list[tuple[Sample, Rendered]] = []
-        for item in pending:
-            longest = max([len(r.input_ids) for _, r in batch] + [len(item[1].input_ids)])
-            if batch and ((len(batch) + 1) * longest > self.cfg.batch_tokens
-                          or not Renderer.compatible(batch[0][1], item[1])):
-                self._forward(batch, res)
-                batch = []
-            batch.append(item)
-        if batch:
-            self._forward(batch, res)
+        for run in compatible_runs([r for _, r in pending], self.cfg.batch_tokens):
+            self._forward([pending[i] for i in run], res)
 
     def _forward(self, batch: list[tuple[Sample, Rendered]], res: CacheResult) -> None:
         t0 = time.perf_counter()

@@ -174,5 +174,21 @@ class Renderer:
         return True
 
 
+def compatible_runs(items: list[Rendered], max_tokens: int | None = None) -> list[list[int]]:
+    """Indices of `items` in runs of consecutive samples that `collate` can batch together (and whose padded
+    size stays within `max_tokens`, when given)."""
+    runs: list[list[int]] = []
+    for i, r in enumerate(items):
+        if runs:
+            run = runs[-1]
+            longest = max(len(r.input_ids), *(len(items[j].input_ids) for j in run))
+            fits = max_tokens is None or (len(run) + 1) * longest <= max_tokens
+            if fits and Renderer.compatible(items[run[0]], r):
+                run.append(i)
+                continue
+        runs.append([i])
+    return runs
+
+
 def _is_token_axis(value: Any, length: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (1, length)

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from . import FORMAT_VERSION
 from .errors import IncompatibleStoreError, StoreError, StoreNotFoundError
+from .faults import fault_point
 
 ATTR = "genrecal"
 CHUNK_BYTES = 1 << 20  # chunks of at least 1 MiB (DESIGN.md)
@@ -407,21 +407,14 @@ class PartWriter:
             _fsync(self.dir / spec.name)
         name = f"{self.seq:08d}.parquet"
         commit = {"seq": self.seq, "rows_end": rows_end, "lengths": dict(new)}
-        _fault_point("arrays-written", self.seq)
+        fault_point(f"arrays-written:{self.seq}")
         _write_table(self.dir / _REJECTS / name, self._pending_rejects, REJECT_SCHEMA, commit)
-        _fault_point("rejects-written", self.seq)
+        fault_point(f"rejects-written:{self.seq}")
         _write_table(self.dir / _SAMPLES / name, self._pending, SAMPLE_SCHEMA, commit)  # the commit point
-        _fault_point("committed", self.seq)
+        fault_point(f"committed:{self.seq}")
         self.seq, self.rows_end, self.lengths = self.seq + 1, rows_end, dict(new)
         self._pending, self._pending_rejects = [], []
         self._pending_rows = {s.name: [] for s in self.specs}
-
-
-def _fault_point(point: str, seq: int) -> None:
-    """Fault injection for the reliability tests: GENRECAL_KILL_AT="<point>:<seq>" makes the process SIGKILL
-    itself at that point of that commit, as a crash or an OOM kill would."""
-    if os.environ.get("GENRECAL_KILL_AT") == f"{point}:{seq}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_shard(array_dir: Path, shard: int, two_d: bool) -> None:

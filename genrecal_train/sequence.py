@@ -34,11 +34,12 @@ class SlotSample:
         return sum(len(q) + len(a) for q, a in zip(self.question, self.answers))
 
 
-def answer_spans(segments: list[dict]) -> list[tuple[int, int, int]]:
+def answer_spans(segments: list) -> list[tuple[int, int, int]]:
     """(question_start, answer_start, end) of every assistant turn: the question runs from the previous
-    answer's end (or 0) to this answer's start."""
+    answer's end (or 0) to this answer's start. `segments`: chat.Segment objects or their dicts (as stored)."""
     out, prev_end = [], 0
     for s in segments:
+        s = s.to_dict() if hasattr(s, "to_dict") else s
         if s["role"] == "assistant":
             if s["answer_start"] <= prev_end:
                 raise ValueError(f"assistant turn {s['turn']} has no question tokens before it "
@@ -82,7 +83,7 @@ def teacher_question_inputs(sample: TeacherSample) -> list[torch.Tensor]:
     return [full[q0:a0] for q0, a0, _ in answer_spans(sample.segments)]
 
 
-def student_question_inputs(features: torch.Tensor, segments: list[dict]) -> list[torch.Tensor]:
+def student_question_inputs(features: torch.Tensor, segments: list) -> list[torch.Tensor]:
     """Per segment, the student's final features (L_s, D_s) at its question positions."""
     return [features[q0:a0] for q0, a0, _ in answer_spans(segments)]
 

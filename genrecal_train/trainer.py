@@ -1,0 +1,448 @@
+"""The `train-student` recipe: stage 1 aligns the Recalibrator (student frozen), stage 2 distils into the
+student through it, stage 3 fine-tunes the student alone (DESIGN.md, "Stages").
+
+`Trainer(cfg, stage).run()` trains one stage from its checkpoint (or from scratch), saving the student
+(`save_pretrained`), the Recalibrator (safetensors + JSON) and the trainer state for exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from genrecal_cache.chat import Renderer, compatible_runs, load_processor
+from genrecal_cache.config import flag
+from genrecal_cache.errors import ConfigError, StoreError
+from genrecal_cache.faults import fault_point
+from genrecal_cache.inspect import load_head
+from genrecal_cache.store import TeacherStore
+
+from .data import StoreStream, TrainSample
+from .losses import recalibrator_loss, student_loss
+from .recalibrator import ANSWER_INPUTS, Recalibrator, RecalibratorConfig
+from .sequence import (
+    SlotSample,
+    answer_spans,
+    build_batch,
+    student_question_inputs,
+    teacher_answer_inputs,
+    teacher_question_inputs,
+)
+
+VISION_MODULES = ("vision_tower", "vision_model", "visual", "image_encoder")
+STAGES = ("1", "2", "3", "all")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one `train-student` run; each field is the CLI flag of the same name."""
+
+    store: Path = flag("Teacher store written by cache-teacher.")
+    student: str = flag("Student model directory (transformers), loaded with its processor.")
+    output: Path = flag("Output directory; each stage writes output/stage<k>/ (student, recalibrator, state).")
+    stage: str = flag("Stage to run: 1 (align the Recalibrator), 2 (distil), 3 (fine-tune) or all.", "all")
+    epochs: int = flag("Epochs over the store per stage.", 1)
+    max_steps: int | None = flag("Stop each stage after this many optimizer steps.", None)
+    batch_size: int = flag("Samples per micro-batch.", 8)
+    grad_accum: int = flag("Micro-batches per optimizer step (the loss is normalised over all of them).", 1)
+    lr: float = flag("Peak learning rate of each stage.", 1e-4)
+    lr_end: float = flag("Learning rate at the end of each stage (linear decay).", 1e-5)
+    warmup_steps: int = flag("Linear warm-up steps at the start of each stage.", 0)
+    weight_decay: float = flag("AdamW weight decay.", 0.0)
+    max_grad_norm: float = flag("Clip the gradient norm to this (0: no clipping).", 1.0)
+    temperature: float = flag("Distillation temperature T: both sides' logits / T, the KL times T^2.", 1.0)
+    ce_weight: float = flag("Weight of L_ar, the Recalibrator's CE against the teacher's targets.", 1.0)
+    kl_weight: float = flag("Weight of L_kl, the KL from the teacher's distribution.", 1.0)
+    student_weight: float = flag("Weight of L_s, the student's own CE (stages 2 and 3).", 1.0)
+    answer_inputs: str = flag("What the Recalibrator's answer slots receive: features (the paper) or embeddings "
+                              "(no copying shortcut).", "features")
+    new_positions: bool = flag("Fresh rotary positions over the Recalibrator sequence (off: no positions, the "
+                               "paper's ablation).", True)
+    regularizer: bool = flag("The teacher-only regularizer path (needs a store with question features).", True)
+    freeze_recalibrator: bool = flag("Stage 2: keep the Recalibrator fixed (as the paper's figure shows).", False)
+    train_vision: bool = flag("Also train the student's vision tower (frozen by default).", False)
+    recalibrator_layers: int = flag("Decoder blocks in the Recalibrator.", 2)
+    recalibrator: Path | None = flag("Stage-1 output to start stage 2 from (default: output/stage1).", None)
+    gradient_checkpointing: bool = flag("Recompute the student's activations in backward to save memory.", False)
+    heldout_fraction: float = flag("Fraction of samples (by id) held out for the student-reliance check.", 0.05)
+    reliance_every: int = flag("Run the student-reliance check every this many steps (0: never).", 200)
+    save_every: int = flag("Save a resumable checkpoint every this many steps.", 200)
+    log_every: int = flag("Write metrics every this many steps.", 10)
+    resume: bool = flag("Continue each stage from its last checkpoint, exactly.", False)
+    seed: int = flag("Seed for data order and initialisation.", 0)
+    device: str = flag("auto, cpu, cuda, cuda:1, ...", "auto")
+    impl: str = flag("Kernel paths: auto (Triton on CUDA), chunked or naive.", "auto")
+    progress: bool = flag("Show a progress bar.", True)
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+
+    def __post_init__(self) -> None:
+        self.store, self.output = Path(self.store), Path(self.output)
+        if self.recalibrator is not None:
+            self.recalibrator = Path(self.recalibrator)
+        if self.stage not in STAGES:
+            raise ConfigError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.answer_inputs not in ANSWER_INPUTS:
+            raise ConfigError(f"--answer-inputs must be one of {', '.join(ANSWER_INPUTS)}, got {self.answer_inputs!r}")
+        for name in ("epochs", "batch_size", "grad_accum", "recalibrator_layers", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ConfigError(f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def stages(self) -> list[int]:
+        return [1, 2, 3] if self.stage == "all" else [int(self.stage)]
+
+
+def is_heldout(sample_id: str, fraction: float) -> bool:
+    return zlib.crc32(sample_id.encode()) % 10_000 < fraction * 10_000
+
+
+def vision_parameter_names(model: torch.nn.Module) -> set[str]:
+    return {n for n, _ in model.named_parameters() if any(f".{m}." in f".{n}" for m in VISION_MODULES)}
+
+
+def _atomic_dir(final: Path) -> Path:
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit_dir(tmp: Path, final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+class Trainer:
+    """One stage of GenRecal: setup, run, save; resumable at any saved step."""
+
+    def __init__(self, cfg: TrainConfig, stage: int, student_from: str | None = None):
+        self.cfg, self.stage = cfg, stage
+        self.dir = cfg.output / f"stage{stage}"
+        self.ckpt = self.dir / "checkpoint"
+        self.device = torch.device(cfg.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        torch.manual_seed(cfg.seed)
+        self.store = TeacherStore(cfg.store)
+        if len(self.store) == 0:
+            raise StoreError(f"{cfg.store} has no committed samples; run cache-teacher first")
+        for p in self.store.parts:
+            if p.problems:
+                raise StoreError(f"{cfg.store}: part {p.name}: {p.problems[0]}; run `inspect-cache --verify`")
+        self.head = load_head(self.store)
+        self.head.weight = self.head.weight.to(self.device, self.dtype)
+        if self.head.bias is not None:
+            self.head.bias = self.head.bias.to(self.device, self.dtype)
+        self.embed = self.store.head("embed").to(self.device) if cfg.answer_inputs == "embeddings" else None
+        self.use_regularizer = cfg.regularizer and self.store.meta["question_features"] and stage in (1, 2)
+        resume = cfg.resume and (self.ckpt / "trainer_state.pt").exists()
+        self._load_student(str(self.ckpt / "student") if resume else (student_from or cfg.student))
+        self.recal = self._load_recalibrator(resume) if stage in (1, 2) else None
+        self._freeze()
+        params = [p for m in (self.student, self.recal) if m is not None for p in m.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.stream = StoreStream(self.store, self.renderer, cfg.batch_size, cfg.seed + stage)
+        self.total_steps = self._count_steps()
+        self.step = 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = self.dir / "metrics.jsonl"
+        kept = []
+        if resume:
+            self._load_state()
+            if log.exists():  # drop what was logged after the checkpoint: those steps run again
+                kept = [ln for ln in log.read_text().splitlines() if json.loads(ln).get("step", 0) <= self.step]
+        log.write_text("".join(ln + "\n" for ln in kept))
+        self.metrics = log.open("a")
+        if resume:
+            self._log({"stage": stage, "step": self.step, "resumed_from": self.step})
+
+    # --- setup --------------------------------------------------------------------------------------------------
+
+    def _load_student(self, path: str) -> None:
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+        if not (Path(path) / "config.json").exists() and path.startswith((".", "/")):
+            raise ConfigError(f"--student {path}: no model there (expected a directory with config.json)")
+        self.processor = load_processor(path)
+        multimodal = hasattr(self.processor, "image_processor")
+        cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+        self.student = cls.from_pretrained(path, dtype=self.dtype).to(self.device)
+        if self.cfg.gradient_checkpointing:
+            self.student.gradient_checkpointing_enable()
+        self.renderer = Renderer(self.processor)
+
+    def _load_recalibrator(self, resume: bool) -> Recalibrator:
+        teacher = self.store.meta["teacher"]
+        if resume:
+            recal = Recalibrator.load(self.ckpt / "recalibrator")
+        elif self.stage == 2:
+            src = self.cfg.recalibrator or self.cfg.output / "stage1" / "final"
+            if (src / "recalibrator" / "recalibrator.json").exists():
+                src = src / "recalibrator"
+            if not (src / "recalibrator.json").exists():
+                raise ConfigError(f"stage 2 needs a stage-1 Recalibrator; none at {src} (run `train-student "
+                                  f"--stage 1` first, or pass --recalibrator DIR)")
+            recal = Recalibrator.load(src)
+        else:
+            recal = Recalibrator(RecalibratorConfig.from_student(
+                self.student.config, teacher["hidden_size"], num_layers=self.cfg.recalibrator_layers,
+                new_positions=self.cfg.new_positions, answer_inputs=self.cfg.answer_inputs))
+        if recal.cfg.teacher_hidden != teacher["hidden_size"]:
+            raise ConfigError(f"the Recalibrator maps to width {recal.cfg.teacher_hidden}, the store's teacher "
+                              f"has {teacher['hidden_size']}: it was trained for another teacher")
+        text = self.student.config.get_text_config()
+        if recal.cfg.student_hidden != text.hidden_size:
+            raise ConfigError(f"the Recalibrator expects student width {recal.cfg.student_hidden}, the student has "
+                              f"{text.hidden_size}")
+        return recal.to(self.device, self.dtype)
+
+    def _freeze(self) -> None:
+        train_student = self.stage in (2, 3)
+        frozen_vision = set() if self.cfg.train_vision else vision_parameter_names(self.student)
+        for n, p in self.student.named_parameters():
+            p.requires_grad_(train_student and n not in frozen_vision)
+        if self.recal is not None:
+            for p in self.recal.parameters():
+                p.requires_grad_(not (self.stage == 2 and self.cfg.freeze_recalibrator))
+
+    def _count_steps(self) -> int:
+        n = sum(1 for p in self.store.parts for sid in p.samples.column("sample_id").to_pylist()
+                if not is_heldout(sid, self.cfg.heldout_fraction))
+        per_epoch = max(1, math.ceil(n / (self.cfg.batch_size * self.cfg.grad_accum)))
+        steps = per_epoch * self.cfg.epochs
+        return min(steps, self.cfg.max_steps) if self.cfg.max_steps else steps
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up to `lr`, then linear decay to `lr_end` at the stage's last step."""
+        c = self.cfg
+        if step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        span = max(1, self.total_steps - c.warmup_steps - 1)
+        return c.lr + (c.lr_end - c.lr) * min(1.0, (step - c.warmup_steps) / span)
+
+    # --- one step -----------------------------------------------------------------------------------------------
+
+    def _micro_batches(self) -> list[list[TrainSample]] | None:
+        out = []
+        while len(out) < self.cfg.grad_accum:
+            batch = next(self._batches, None)
+            if batch is None:
+                if self.stream.state.epoch >= self.cfg.epochs:
+                    break
+                self._batches = self.stream.epoch_batches()
+                continue
+            batch = [s for s in batch if not is_heldout(s.teacher.sample_id, self.cfg.heldout_fraction)]
+            if batch:
+                out.append(batch)
+        return out or None
+
+    def _student(self, batch: list[TrainSample], n_student: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The student's final features per sample (L_i, D_s) and, in stages 2-3, its own loss L_s. Samples
+        whose inputs do not batch together (e.g. different image layouts) run in separate forwards."""
+        feats: list[torch.Tensor] = []
+        loss = None
+        for run in compatible_runs([s.student for s in batch]):
+            group = [batch[i].student for i in run]
+            inputs = {k: v.to(self.device) for k, v in self.renderer.collate(group).items()}
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+            with torch.set_grad_enabled(self.stage in (2, 3)):
+                hidden = self.student.base_model(**inputs, use_cache=False).last_hidden_state  # (b, L, D_s)
+            feats += [hidden[i, : len(r.input_ids)] for i, r in enumerate(group)]
+            if self.stage in (2, 3):
+                mask = torch.stack([torch.nn.functional.pad(torch.from_numpy(r.label_mask),
+                                                            (0, hidden.shape[1] - len(r.input_ids)))
+                                    for r in group]).to(self.device)  # (b, L)
+                logits = self.student.get_output_embeddings()(hidden)  # (b, L, V_s)
+                part = student_loss(logits, inputs["input_ids"], mask, n_student)
+                loss = part if loss is None else loss + part
+        return feats, loss
+
+    def _forward(self, batch: list[TrainSample], n_teacher: int, n_student: int) -> dict[str, torch.Tensor]:
+        feats, s_loss = self._student(batch, n_student)
+        parts: dict[str, torch.Tensor] = {}
+        if s_loss is not None:
+            parts["student"] = self.cfg.student_weight * s_loss
+        if self.recal is None:
+            return parts
+        z = torch.cat([s.teacher.features for s in batch]).to(self.device)  # (A, D_l)
+        targets = torch.cat([s.teacher.targets for s in batch]).to(self.device)  # (A,)
+        answers = [teacher_answer_inputs(s.teacher, self.cfg.answer_inputs, self.embed) for s in batch]
+        slots = [SlotSample(student_question_inputs(feats[i], s.student.segments), answers[i])
+                 for i, s in enumerate(batch)]
+        d_s = feats[0].shape[-1]
+        kw = dict(head=self.head, normalizer=n_teacher, temperature=self.cfg.temperature,
+                  ce_weight=self.cfg.ce_weight, kl_weight=self.cfg.kl_weight, impl=self.cfg.impl)
+        out = recalibrator_loss(self.recal, build_batch(slots, d_s, self.device, self.dtype), z, targets, **kw)
+        parts["ar"], parts["kl"] = out.ce, out.kl
+        parts["recal"] = out.loss
+        if self.use_regularizer:
+            reg = [SlotSample([q.to(self.device) for q in teacher_question_inputs(s.teacher)],
+                              [a.to(self.device) for a in answers[i]], teacher_question=True)
+                   for i, s in enumerate(batch)]
+            out = recalibrator_loss(self.recal, build_batch(reg, d_s, self.device, self.dtype), z, targets, **kw)
+            parts["reg_ar"], parts["reg_kl"] = out.ce, out.kl
+            parts["reg"] = out.loss
+        return parts
+
+    def train_step(self, micro: list[list[TrainSample]]) -> dict[str, float]:
+        n_teacher = sum(len(s.teacher.targets) for b in micro for s in b)
+        n_student = sum(int(s.student.label_mask.sum()) for b in micro for s in b)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for batch in micro:
+            parts = self._forward(batch, n_teacher, n_student)
+            loss = sum(v for k, v in parts.items() if k in ("student", "recal", "reg"))
+            if loss.requires_grad:
+                loss.backward()
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach())
+        params = [p for group in self.opt.param_groups for p in group["params"]]
+        if self.cfg.max_grad_norm > 0:
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        self.opt.step()
+        self.step += 1
+        totals["loss"] = sum(totals.get(k, 0.0) for k in ("student", "recal", "reg"))
+        totals["tokens"] = n_teacher
+        return totals
+
+    # --- the loop -----------------------------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        """Train the stage to its end; returns the directory of the final student/Recalibrator."""
+        cfg = self.cfg
+        self._batches = self.stream.epoch_batches()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
+                   desc=f"train-student stage {self.stage}")
+        t0, tokens = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            micro = self._micro_batches()
+            if micro is None:
+                break
+            m = self.train_step(micro)
+            tokens += m["tokens"]
+            rate = tokens / max(time.perf_counter() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rate:.0f}", refresh=False)
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                self._log({"stage": self.stage, "step": self.step, "lr": self.lr_at(self.step - 1),
+                           "tokens_per_s": round(rate, 1), **{k: round(v, 6) for k, v in m.items()}})
+            if cfg.reliance_every and self.recal is not None and self.step % cfg.reliance_every == 0:
+                self._log({"stage": self.stage, "step": self.step, **self.student_reliance()})
+            if self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+            fault_point(f"train-step:{self.stage}:{self.step}")
+        bar.close()
+        if self.recal is not None:
+            self._log({"stage": self.stage, "step": self.step, **self.student_reliance()})
+        final = self.dir / "final"
+        tmp = _atomic_dir(final)
+        self._save_models(tmp)
+        _commit_dir(tmp, final)
+        self.save_checkpoint()
+        self.metrics.close()
+        return final
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+    @torch.no_grad()
+    def student_reliance(self, limit: int = 64) -> dict[str, float]:
+        """First-answer-token accuracy of the Recalibrator on held-out samples with each sample's own student
+        features and with another sample's: equal accuracies mean the student's features carry no signal."""
+        samples = []
+        for p in self.store.parts:
+            for i, sid in enumerate(p.samples.column("sample_id").to_pylist()):
+                if is_heldout(sid, self.cfg.heldout_fraction) and len(samples) < limit:
+                    item = self.stream._pair(p.read(i, i + 1)[0])
+                    if item is not None:
+                        samples.append(item)
+        if len(samples) < 2:
+            return {"reliance_samples": len(samples)}
+        self.student.eval()
+        self.recal.eval()
+        stage, self.stage = self.stage, 1  # features only, no student loss
+        feats, _ = self._student(samples, 1)
+        self.stage = stage
+        accs = {}
+        for name, shift in (("own", 0), ("shuffled", 1)):
+            correct = total = 0
+            for i, s in enumerate(samples):
+                j = (i + shift) % len(samples)
+                q = student_question_inputs(feats[j], samples[j].student.segments)[:1]  # the first answer only
+                slot = SlotSample(q, [teacher_answer_inputs(s.teacher, self.cfg.answer_inputs, self.embed)[0]])
+                r = self.recal(build_batch([slot], feats[j].shape[-1], self.device, self.dtype), impl=self.cfg.impl)
+                pred = self.head.logits(r[:1]).argmax(-1)
+                correct += int(pred.item() == s.teacher.targets[0].item())
+                total += 1
+            accs[name] = correct / total
+        self.student.train()
+        self.recal.train()
+        return {"reliance_own_acc": accs["own"], "reliance_shuffled_acc": accs["shuffled"],
+                "reliance_samples": len(samples)}
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+
+    def _save_models(self, out: Path) -> None:
+        self.student.save_pretrained(out / "student")
+        self.processor.save_pretrained(out / "student")
+        if self.recal is not None:
+            self.recal.save(out / "recalibrator")
+
+    def save_checkpoint(self) -> None:
+        """Student, Recalibrator, optimizer, data position and RNG states, written atomically."""
+        tmp = _atomic_dir(self.ckpt)
+        self._save_models(tmp)
+        torch.save({
+            "step": self.step, "total_steps": self.total_steps, "stage": self.stage,
+            "stream": asdict(self.stream.state), "optimizer": self.opt.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "config": {k: str(v) for k, v in asdict(self.cfg).items() if k != "command"},
+        }, tmp / "trainer_state.pt")
+        _commit_dir(tmp, self.ckpt)
+
+    def _load_state(self) -> None:
+        state = torch.load(self.ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
+        self.step, self.total_steps = state["step"], state["total_steps"]
+        self.stream.state.epoch, self.stream.state.consumed = state["stream"]["epoch"], state["stream"]["consumed"]
+        self.opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def train(cfg: TrainConfig) -> list[Path]:
+    """Run the configured stages in order; stage k+1 starts from stage k's student."""
+    outs, student_from = [], None
+    for stage in cfg.stages:
+        if stage > 1 and student_from is None and cfg.stage == "all":
+            student_from = str(cfg.output / f"stage{stage - 1}" / "final" / "student")
+        if stage == 3 and cfg.stage == "3":
+            prev = cfg.output / "stage2" / "final" / "student"
+            student_from = str(prev) if prev.exists() else None
+        final = Trainer(cfg, stage, student_from).run()
+        outs.append(final)
+        student_from = str(final / "student")
+    return outs
+
