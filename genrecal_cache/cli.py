@@ -80,19 +80,20 @@ def _inspect(cfg: InspectConfig) -> None:
         raise typer.Exit(1)
 
 
-def _app(cls: type, run: Callable[[Any], None], name: str) -> typer.Typer:
+def run_app(cls: type, run: Callable[[Any], None], name: str) -> None:
+    """Run one typer command whose options are the fields of `cls`."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=cls.__doc__)
     app.command(name=name, help=cls.__doc__)(command_from(cls, run))
-    return app
+    app(prog_name=name)
 
 
 def cache_teacher_app() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _app(_config_class(), _cache, "cache-teacher")(prog_name="cache-teacher")
+    run_app(_config_class(), _cache, "cache-teacher")
 
 
 def inspect_cache_app() -> None:
-    _app(InspectConfig, _inspect, "inspect-cache")(prog_name="inspect-cache")
+    run_app(InspectConfig, _inspect, "inspect-cache")
 
 
 if __name__ == "__main__":

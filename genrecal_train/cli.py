@@ -1,13 +1,12 @@
-"""Command-line entry point `train-student`; options map 1:1 onto `TrainConfig`."""
+"""Command-line entry points `train-student` and `eval-student`; options map 1:1 onto their configs."""
 
 from __future__ import annotations
 
-import os
+import json
 
-import typer
+from genrecal_cache.cli import run_app
 
-from genrecal_cache.config import command_from
-
+from .evaluate import EvalConfig, evaluate
 from .trainer import TrainConfig, train
 
 
@@ -16,11 +15,16 @@ def _train(cfg: TrainConfig) -> None:
         print(f"train-student: {final}")
 
 
+def _eval(cfg: EvalConfig) -> None:
+    print(json.dumps(evaluate(cfg), indent=2))
+
+
 def train_student_app() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=TrainConfig.__doc__)
-    app.command(name="train-student", help=TrainConfig.__doc__)(command_from(TrainConfig, _train))
-    app(prog_name="train-student")
+    run_app(TrainConfig, _train, "train-student")
+
+
+def eval_student_app() -> None:
+    run_app(EvalConfig, _eval, "eval-student")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""`eval-student`: greedy answers of any checkpoint on a held-out manifest, scored against its last assistant
+turn by exact match and normalised match; predictions written as JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from genrecal_cache.chat import load_processor
+from genrecal_cache.config import flag
+from genrecal_cache.dataset import parse_row, read_manifest
+from genrecal_cache.errors import ConfigError, DatasetError, RejectError
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one `eval-student` run; each field is the CLI flag of the same name."""
+
+    student: str = flag("Model directory to evaluate (a base student or any stage's final/student).")
+    manifest: Path = flag("Held-out manifest; each row's last assistant turn is the gold answer.")
+    output: Path | None = flag("Write one JSON line per row (prompt id, gold, prediction, scores) here.", None)
+    max_new_tokens: int = flag("Longest answer generated.", 32)
+    max_samples: int | None = flag("Evaluate only the first N rows.", None)
+    device: str = flag("auto, cpu, cuda, ...", "auto")
+    progress: bool = flag("Show a progress bar.", True)
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+
+    def __post_init__(self) -> None:
+        self.manifest = Path(self.manifest)
+        if self.output is not None:
+            self.output = Path(self.output)
+        if self.max_new_tokens < 1:
+            raise ConfigError("--max-new-tokens must be >= 1")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def normalise(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (SQuAD-style answer normalisation)."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def _text(message: dict[str, Any]) -> str:
+    return "".join(p.get("text", "") for p in message["content"] if p["type"] == "text")
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Accuracy of greedy answers; rows that cannot be read or rendered are counted as skipped."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if not cfg.manifest.is_file():
+        raise DatasetError(f"--manifest {cfg.manifest}: file not found")
+    processor = load_processor(cfg.student)
+    multimodal = hasattr(processor, "image_processor")
+    tok = getattr(processor, "tokenizer", processor)
+    cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    model = cls.from_pretrained(cfg.student).to(cfg.device).eval()
+    rows, skipped = [], []
+    out = cfg.output.open("w") if cfg.output else None
+    for row in tqdm(read_manifest(cfg.manifest), disable=not cfg.progress, desc="eval-student", unit="sample"):
+        if cfg.max_samples is not None and row.index >= cfg.max_samples:
+            break
+        try:
+            sample = parse_row(row, cfg.manifest.parent)
+            last = max(i for i, m in enumerate(sample.messages) if m["role"] == "assistant")
+            prompt, gold = sample.messages[:last], _text(sample.messages[last])
+            n_images = sum(p["type"] == "image" for m in prompt for p in m["content"])
+            images = [im.load() for im in sample.images[:n_images]]
+            msgs = prompt if multimodal else [{"role": m["role"], "content": _text(m)} for m in prompt]
+            text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            if multimodal:
+                inputs = processor(text=[text], images=[images] if images else None, add_special_tokens=False,
+                                   return_tensors="pt")
+            else:
+                inputs = tok([text], add_special_tokens=False, return_tensors="pt")
+        except (RejectError, ValueError) as e:
+            skipped.append({"row": row.index, "reason": getattr(e, "reason", str(e))})
+            continue
+        inputs = {k: v.to(cfg.device) for k, v in inputs.items()}
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        pred = tok.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        rec = {"id": sample.sample_id, "row": row.index, "gold": gold, "prediction": pred,
+               "exact": pred == gold.strip(), "normalised": normalise(pred) == normalise(gold)}
+        rows.append(rec)
+        if out:
+            out.write(json.dumps(rec) + "\n")
+    if out:
+        out.close()
+    n = len(rows)
+    return {"student": cfg.student, "samples": n, "skipped": len(skipped),
+            "exact_match": sum(r["exact"] for r in rows) / n if n else None,
+            "normalised_match": sum(r["normalised"] for r in rows) / n if n else None,
+            "skipped_rows": skipped[:20]}
