@@ -27,6 +27,7 @@ from genrecal_cache.faults import fault_point
 from genrecal_cache.inspect import load_head
 from genrecal_cache.store import TeacherStore
 
+from . import dist
 from .data import StoreStream, TrainSample
 from .losses import recalibrator_loss, student_loss
 from .recalibrator import ANSWER_INPUTS, Recalibrator, RecalibratorConfig
@@ -74,6 +75,7 @@ class TrainConfig:
     recalibrator_layers: int = flag("Decoder blocks in the Recalibrator.", 2)
     recalibrator: Path | None = flag("Stage-1 output to start stage 2 from (default: output/stage1).", None)
     gradient_checkpointing: bool = flag("Recompute the student's activations in backward to save memory.", False)
+    block_size: int = flag("Samples per block of the shuffle (consecutive samples are read together).", 64)
     heldout_fraction: float = flag("Fraction of samples (by id) held out for the student-reliance check.", 0.05)
     reliance_every: int = flag("Run the student-reliance check every this many steps (0: never).", 200)
     save_every: int = flag("Save a resumable checkpoint every this many steps.", 200)
@@ -93,7 +95,8 @@ class TrainConfig:
             raise ConfigError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.answer_inputs not in ANSWER_INPUTS:
             raise ConfigError(f"--answer-inputs must be one of {', '.join(ANSWER_INPUTS)}, got {self.answer_inputs!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "recalibrator_layers", "save_every", "log_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "recalibrator_layers", "save_every", "log_every",
+                     "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.temperature <= 0:
@@ -140,7 +143,9 @@ class Trainer:
         self.cfg, self.stage = cfg, stage
         self.dir = cfg.output / f"stage{stage}"
         self.ckpt = self.dir / "checkpoint"
-        self.device = torch.device(cfg.device)
+        self.rank, self.world, local = dist.init(torch.device(cfg.device).type)
+        self.main = self.rank == 0
+        self.device = torch.device(f"cuda:{local}" if cfg.device == "cuda" and self.world > 1 else cfg.device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         torch.manual_seed(cfg.seed)
         self.store = TeacherStore(cfg.store)
@@ -161,18 +166,21 @@ class Trainer:
         self._freeze()
         params = [p for m in (self.student, self.recal) if m is not None for p in m.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.stream = StoreStream(self.store, self.renderer, cfg.batch_size, cfg.seed + stage)
+        self.stream = StoreStream(self.store, self.renderer, cfg.batch_size, cfg.seed + stage, cfg.block_size,
+                                  self.rank, self.world)
         self.total_steps = self._count_steps()
         self.step = 0
         self.dir.mkdir(parents=True, exist_ok=True)
-        log = self.dir / "metrics.jsonl"
-        kept = []
         if resume:
             self._load_state()
-            if log.exists():  # drop what was logged after the checkpoint: those steps run again
+        self.metrics = None
+        if self.main:  # one writer of metrics and checkpoints
+            log = self.dir / "metrics.jsonl"
+            kept = []
+            if resume and log.exists():  # drop what was logged after the checkpoint: those steps run again
                 kept = [ln for ln in log.read_text().splitlines() if json.loads(ln).get("step", 0) <= self.step]
-        log.write_text("".join(ln + "\n" for ln in kept))
-        self.metrics = log.open("a")
+            log.write_text("".join(ln + "\n" for ln in kept))
+            self.metrics = log.open("a")
         if resume:
             self._log({"stage": stage, "step": self.step, "resumed_from": self.step})
 
@@ -228,7 +236,7 @@ class Trainer:
     def _count_steps(self) -> int:
         n = sum(1 for p in self.store.parts for sid in p.samples.column("sample_id").to_pylist()
                 if not is_heldout(sid, self.cfg.heldout_fraction))
-        per_epoch = max(1, math.ceil(n / (self.cfg.batch_size * self.cfg.grad_accum)))
+        per_epoch = max(1, math.ceil(n / (self.cfg.batch_size * self.cfg.grad_accum * self.world)))
         steps = per_epoch * self.cfg.epochs
         return min(steps, self.cfg.max_steps) if self.cfg.max_steps else steps
 
@@ -306,8 +314,10 @@ class Trainer:
         return parts
 
     def train_step(self, micro: list[list[TrainSample]]) -> dict[str, float]:
-        n_teacher = sum(len(s.teacher.targets) for b in micro for s in b)
-        n_student = sum(int(s.student.label_mask.sum()) for b in micro for s in b)
+        """One optimizer step over this rank's micro-batches (possibly none, when its data ran out first)."""
+        counts = torch.tensor([sum(len(s.teacher.targets) for b in micro for s in b),
+                               sum(int(s.student.label_mask.sum()) for b in micro for s in b)], dtype=torch.float64)
+        n_teacher, n_student = (max(1, int(c)) for c in dist.sum_(counts.to(self.device)).tolist())
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
@@ -320,6 +330,14 @@ class Trainer:
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach())
         params = [p for group in self.opt.param_groups for p in group["params"]]
+        for p in params:  # a parameter this step did not reach has gradient 0, whatever the number of ranks
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        dist.sum_gradients(params)
+        keys = sorted(totals)
+        if dist.active():
+            summed = dist.sum_(torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.device))
+            totals = dict(zip(keys, summed.tolist()))
         if self.cfg.max_grad_norm > 0:
             totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
         self.opt.step()
@@ -334,14 +352,15 @@ class Trainer:
         """Train the stage to its end; returns the directory of the final student/Recalibrator."""
         cfg = self.cfg
         self._batches = self.stream.epoch_batches()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and self.main),
+                   dynamic_ncols=True,
                    desc=f"train-student stage {self.stage}")
         t0, tokens = time.perf_counter(), 0
         while self.step < self.total_steps:
             micro = self._micro_batches()
-            if micro is None:
+            if not dist.any_(micro is not None, self.device):  # every rank is out of data
                 break
-            m = self.train_step(micro)
+            m = self.train_step(micro or [])
             tokens += m["tokens"]
             rate = tokens / max(time.perf_counter() - t0, 1e-9)
             bar.update(1)
@@ -349,25 +368,28 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 self._log({"stage": self.stage, "step": self.step, "lr": self.lr_at(self.step - 1),
                            "tokens_per_s": round(rate, 1), **{k: round(v, 6) for k, v in m.items()}})
-            if cfg.reliance_every and self.recal is not None and self.step % cfg.reliance_every == 0:
+            if cfg.reliance_every and self.recal is not None and self.step % cfg.reliance_every == 0 and self.main:
                 self._log({"stage": self.stage, "step": self.step, **self.student_reliance()})
             if self.step % cfg.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
             fault_point(f"train-step:{self.stage}:{self.step}")
         bar.close()
-        if self.recal is not None:
-            self._log({"stage": self.stage, "step": self.step, **self.student_reliance()})
         final = self.dir / "final"
-        tmp = _atomic_dir(final)
-        self._save_models(tmp)
-        _commit_dir(tmp, final)
+        if self.main:
+            if self.recal is not None:
+                self._log({"stage": self.stage, "step": self.step, **self.student_reliance()})
+            tmp = _atomic_dir(final)
+            self._save_models(tmp)
+            _commit_dir(tmp, final)
         self.save_checkpoint()
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         return final
 
     def _log(self, record: dict[str, Any]) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
 
     @torch.no_grad()
     def student_reliance(self, limit: int = 64) -> dict[str, float]:
@@ -413,12 +435,16 @@ class Trainer:
             self.recal.save(out / "recalibrator")
 
     def save_checkpoint(self) -> None:
-        """Student, Recalibrator, optimizer, data position and RNG states, written atomically."""
+        """Student, Recalibrator, optimizer, every rank's data position and the RNG state, written atomically
+        (by rank 0; every rank must call it)."""
+        streams = dist.gather(asdict(self.stream.state))
+        if not self.main:
+            return
         tmp = _atomic_dir(self.ckpt)
         self._save_models(tmp)
         torch.save({
-            "step": self.step, "total_steps": self.total_steps, "stage": self.stage,
-            "stream": asdict(self.stream.state), "optimizer": self.opt.state_dict(),
+            "step": self.step, "total_steps": self.total_steps, "stage": self.stage, "world": self.world,
+            "streams": streams, "optimizer": self.opt.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "config": {k: str(v) for k, v in asdict(self.cfg).items() if k != "command"},
         }, tmp / "trainer_state.pt")
@@ -426,8 +452,12 @@ class Trainer:
 
     def _load_state(self) -> None:
         state = torch.load(self.ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
+        if state["world"] != self.world:
+            raise ConfigError(f"the checkpoint in {self.ckpt} was written by {state['world']} processes, this run "
+                              f"has {self.world}: resume with the same number of processes")
         self.step, self.total_steps = state["step"], state["total_steps"]
-        self.stream.state.epoch, self.stream.state.consumed = state["stream"]["epoch"], state["stream"]["consumed"]
+        mine = state["streams"][self.rank]
+        self.stream.state.epoch, self.stream.state.consumed = mine["epoch"], mine["consumed"]
         self.opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
 
