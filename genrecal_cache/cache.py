@@ -57,6 +57,8 @@ class CacheConfig:
     commit_every: int = _flag("Commit after this many manifest rows (a crash loses at most this much work).", 256)
     strict: bool = _flag("Stop at the first bad row instead of recording it as a reject.", False)
     image_refs: bool = _flag("Keep image paths + digests in the sample table instead of the image bytes (for very large datasets).", False)
+    allow_outside_root: bool = _flag("Let image paths point outside the manifest's folder (trusted manifests only).",
+                                     False)
     trust_remote_code: bool = _flag("Allow the teacher's own modelling code (only for checkpoints you trust).", False)
     progress: bool = _flag("Show a progress bar.", True)
     command: list[str] = field(default_factory=lambda: list(sys.argv))
@@ -208,7 +210,7 @@ class CacheJob:
             try:
                 if row.index in duplicates:
                     raise RejectError(f"duplicate sample id {sample_id!r} (first at row {duplicates[row.index]})")
-                sample = parse_row(row, cfg.manifest.parent)
+                sample = parse_row(row, cfg.manifest.parent, cfg.allow_outside_root)
                 rendered = self.renderer.render(sample)
                 pending.append((sample, rendered))
             except RejectError as e:

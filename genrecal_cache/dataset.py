@@ -147,8 +147,11 @@ def row_sample_id(row: Row) -> str:
     return str(rec["id"]) if rec.get("id") is not None else f"row-{row.index}"
 
 
-def parse_row(row: Row, root: Path) -> Sample:
-    """Turn a manifest row into a `Sample`; images are read and decoded now so bad ones are rejected early."""
+def parse_row(row: Row, root: Path, allow_outside_root: bool = False) -> Sample:
+    """Turn a manifest row into a `Sample`; images are read and decoded now so bad ones are rejected early.
+
+    Image paths resolve against `root` (the manifest's folder) and may not leave it (`..`, absolute paths or
+    links elsewhere) unless `allow_outside_root`: a manifest from elsewhere cannot make the job read any file."""
     if row.error is not None:
         raise RejectError(row.error)
     rec = row.record
@@ -163,7 +166,8 @@ def parse_row(row: Row, root: Path) -> Sample:
     else:
         raise RejectError("row has neither 'messages' (transformers format) nor 'conversations' (LLaVA format)")
     listed = _image_list(rec)
-    images = [_load_image(src, root, i) for i, src in enumerate(_assign_images(inline, listed, fmt))]
+    images = [_load_image(src, root, i, allow_outside_root)
+              for i, src in enumerate(_assign_images(inline, listed, fmt))]
     _check_turns(messages)
     return Sample(sample_id, row.index, messages, images)
 
@@ -265,7 +269,7 @@ def _assign_images(inline: list[Any], listed: list[Any], fmt: str) -> list[Any]:
     return sources
 
 
-def _load_image(src: Any, root: Path, i: int) -> ImageRef:
+def _load_image(src: Any, root: Path, i: int, allow_outside_root: bool = False) -> ImageRef:
     """An image from a path (relative to the manifest or absolute), raw bytes, base64 or a data URI."""
     path: str | None = None
     if isinstance(src, dict):  # Parquet/HF datasets style {"bytes": ..., "path": ...}
@@ -276,6 +280,9 @@ def _load_image(src: Any, root: Path, i: int) -> ImageRef:
         data = _b64(src.split(",", 1)[-1], i)
     elif isinstance(src, str) and src:
         p = Path(src) if Path(src).is_absolute() else root / src
+        if not allow_outside_root and _is_file(p) and not p.resolve().is_relative_to(root.resolve()):
+            raise RejectError(f"image {i} ({src}) is outside the dataset root {root}; pass --allow-outside-root "
+                              "if the manifest is trusted")
         if _is_file(p):
             try:
                 data, path = p.read_bytes(), str(p.resolve())

@@ -137,3 +137,16 @@ def test_wrapped_and_unpadded_base64(tmp_path, png):
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
             {"role": "assistant", "content": "one"}]}), tmp_path)
         assert s.images[0].data == png
+
+
+def test_image_paths_cannot_leave_the_dataset_root_unless_allowed(tmp_path, png):
+    root = tmp_path / "data"
+    root.mkdir()
+    (tmp_path / "secret.png").write_bytes(png)
+    for src in ("../secret.png", str(tmp_path / "secret.png")):
+        rec = {"images": [src], "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+            {"role": "assistant", "content": "one"}]}
+        with pytest.raises(RejectError, match="outside the dataset root.*--allow-outside-root"):
+            parse_row(Row(0, rec), root)
+        assert parse_row(Row(0, rec), root, allow_outside_root=True).images[0].data == png
