@@ -146,7 +146,10 @@ class Trainer:
         self.rank, self.world, local = dist.init(torch.device(cfg.device).type)
         self.main = self.rank == 0
         self.device = torch.device(f"cuda:{local}" if cfg.device == "cuda" and self.world > 1 else cfg.device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        # fp32 master weights everywhere; on GPU the forward runs under bf16 autocast (and the frozen teacher
+        # head is kept in bf16), on CPU everything is fp32.
+        self.amp = self.device.type == "cuda"
+        self.dtype = torch.bfloat16 if self.amp else torch.float32  # compute dtype
         torch.manual_seed(cfg.seed)
         self.store = TeacherStore(cfg.store)
         if len(self.store) == 0:
@@ -194,7 +197,7 @@ class Trainer:
         self.processor = load_processor(path)
         multimodal = hasattr(self.processor, "image_processor")
         cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
-        self.student = cls.from_pretrained(path, dtype=self.dtype).to(self.device)
+        self.student = cls.from_pretrained(path, dtype=torch.float32).to(self.device)
         if self.cfg.gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
         self.renderer = Renderer(self.processor)
@@ -222,7 +225,7 @@ class Trainer:
         if recal.cfg.student_hidden != text.hidden_size:
             raise ConfigError(f"the Recalibrator expects student width {recal.cfg.student_hidden}, the student has "
                               f"{text.hidden_size}")
-        return recal.to(self.device, self.dtype)
+        return recal.to(self.device, torch.float32)
 
     def _freeze(self) -> None:
         train_student = self.stage in (2, 3)
@@ -272,9 +275,7 @@ class Trainer:
         for run in compatible_runs([s.student for s in batch]):
             group = [batch[i].student for i in run]
             inputs = {k: v.to(self.device) for k, v in self.renderer.collate(group).items()}
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-            with torch.set_grad_enabled(self.stage in (2, 3)):
+            with torch.set_grad_enabled(self.stage in (2, 3)), self._autocast():
                 hidden = self.student.base_model(**inputs, use_cache=False).last_hidden_state  # (b, L, D_s)
             feats += [hidden[i, : len(r.input_ids)] for i, r in enumerate(group)]
             if self.stage in (2, 3):
@@ -286,7 +287,14 @@ class Trainer:
                 loss = part if loss is None else loss + part
         return feats, loss
 
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
     def _forward(self, batch: list[TrainSample], n_teacher: int, n_student: int) -> dict[str, torch.Tensor]:
+        with self._autocast():
+            return self._losses(batch, n_teacher, n_student)
+
+    def _losses(self, batch: list[TrainSample], n_teacher: int, n_student: int) -> dict[str, torch.Tensor]:
         feats, s_loss = self._student(batch, n_student)
         parts: dict[str, torch.Tensor] = {}
         if s_loss is not None:
@@ -416,7 +424,9 @@ class Trainer:
                 j = (i + shift) % len(samples)
                 q = student_question_inputs(feats[j], samples[j].student.segments)[:1]  # the first answer only
                 slot = SlotSample(q, [teacher_answer_inputs(s.teacher, self.cfg.answer_inputs, self.embed)[0]])
-                r = self.recal(build_batch([slot], feats[j].shape[-1], self.device, self.dtype), impl=self.cfg.impl)
+                with self._autocast():
+                    r = self.recal(build_batch([slot], feats[j].shape[-1], self.device, self.dtype),
+                                   impl=self.cfg.impl)
                 pred = self.head.logits(r[:1]).argmax(-1)
                 correct += int(pred.item() == s.teacher.targets[0].item())
                 total += 1

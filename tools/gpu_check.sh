@@ -28,8 +28,8 @@ import genrecal_cache, torch, transformers, zarr
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-",
       "| transformers", transformers.__version__, "| zarr", zarr.__version__)
 PY
-timeout 150 python3 -m pytest -q -m "gpu or not slow" -p no:cacheprovider tests/test_gpu.py tests/kernels \
-    2>&1 | tee "$OUT/gpu-tests.log" | tail -15
+{ timeout 150 python3 -m pytest -q -m "gpu or not slow" -p no:cacheprovider tests/test_gpu.py tests/kernels
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/train; } 2>&1 | tee "$OUT/gpu-tests.log" | tail -20
 timeout 240 python3 tools/bench_kernels.py --n 1024 4096 --v 32000 152064 --d 3584 --repeats 5 --timeout 60 \
     --out "$OUT/bench-kernels-gpu.csv" > "$OUT/bench-kernels.log" 2>&1
 timeout 120 python3 tools/bench_cache.py --model llava --scale 8 16 --rows 128 --dtype bfloat16 \

@@ -145,3 +145,13 @@ def test_clear_errors(store, zoo, tmp_path):
         _cfg(store, zoo, tmp_path, stage="4")
     with pytest.raises(ConfigError, match="--student ./nope: no model there"):
         Trainer(_cfg(store, zoo, tmp_path / "y", student="./nope"), 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_stages_run_on_a_gpu_with_bf16_autocast(store, zoo, tmp_path):
+    outs = train(_cfg(store, zoo, tmp_path, device="cuda", max_steps=3, epochs=1))
+    assert len(outs) == 3
+    for stage in (1, 2, 3):
+        losses = _losses(tmp_path, stage)
+        assert losses and all(l == l and l < 1e4 for l in losses), losses  # finite, no NaN
