@@ -8,7 +8,7 @@ very next batch.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,12 +48,13 @@ class StoreStream:
     """Batches of `TrainSample` from a store, one epoch at a time, resumable at a batch boundary."""
 
     def __init__(self, store: TeacherStore | Path | str, renderer: Renderer, batch_size: int, seed: int = 0,
-                 block_size: int = 64, rank: int = 0, world: int = 1):
+                 block_size: int = 64, rank: int = 0, world: int = 1, keep: Callable[[str], bool] | None = None):
         self.store = store if isinstance(store, TeacherStore) else TeacherStore(store)
         if len(self.store) == 0:
             raise ValueError(f"teacher store {self.store.path} has no committed samples; run cache-teacher first")
         self.renderer, self.batch_size, self.seed = renderer, batch_size, seed
         self.block_size, self.rank, self.world = block_size, rank, world
+        self.keep = keep  # sample ids to train on (the rest, e.g. held out, are skipped unread)
         self.state = StreamState()
         self.rejected: dict[str, str] = {}  # sample id -> why the student side could not be rendered
 
@@ -68,6 +69,8 @@ class StoreStream:
                 continue
             for t in self.store.parts[k].read(start + skip, stop):
                 consumed += 1
+                if self.keep is not None and not self.keep(t.sample_id):
+                    continue
                 item = self._pair(t)
                 if item is not None:
                     batch.append(item)

@@ -5,6 +5,7 @@ sum, not a mean, is the right reduction). Works under `torchrun` with gloo (CPU)
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -14,10 +15,14 @@ import torch.distributed as dist
 def init(device_type: str) -> tuple[int, int, int]:
     """(rank, world size, local rank); starts the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and device_type == "cuda":
+        torch.cuda.set_device(local)  # collectives and Triton launches use the current device
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        # Rank 0 saves checkpoints while the others wait: allow more than the default 10 minutes.
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(hours=2))
     if world > 1:
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+        return dist.get_rank(), dist.get_world_size(), local
     return 0, 1, 0
 
 
@@ -59,3 +64,8 @@ def gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()

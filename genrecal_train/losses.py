@@ -25,12 +25,11 @@ def recalibrator_loss(recal: Recalibrator, batch: RecalBatch, teacher_features: 
                               ce_weight=ce_weight, kl_weight=kl_weight, normalizer=normalizer, impl=impl)
 
 
-def student_loss(logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor,
+def student_loss(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor,
                  normalizer: float) -> torch.Tensor:
-    """L_s: the student's CE at its own label positions (label_mask[p]: token p+1 is an answer token),
-    summed and divided by `normalizer`; 0 (not NaN) when there is none."""
-    logits = logits[:, :-1]  # (B, L-1, V)
-    targets = input_ids[:, 1:].masked_fill(~label_mask[:, :-1], -100)
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                           ignore_index=-100, reduction="sum")
-    return ce / max(float(normalizer), 1.0)
+    """L_s: the student's CE at its own label positions (label_mask[b, p]: token p+1 is an answer token),
+    summed and divided by `normalizer`. Logits exist only at the label positions (n, V_s), never (B, L, V_s)."""
+    selected = hidden[label_mask]  # (n, D_s)
+    targets = input_ids.roll(-1, dims=1)[label_mask]  # (n,): the token after each label position
+    logits = head(selected).float()  # (n, V_s)
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / max(float(normalizer), 1.0)

@@ -28,7 +28,7 @@ from genrecal_cache.inspect import load_head
 from genrecal_cache.store import TeacherStore
 
 from . import dist
-from .data import StoreStream, TrainSample
+from .data import StoreStream, TrainSample, block_order
 from .losses import recalibrator_loss, student_loss
 from .recalibrator import ANSWER_INPUTS, Recalibrator, RecalibratorConfig
 from .sequence import (
@@ -42,6 +42,7 @@ from .sequence import (
 
 VISION_MODULES = ("vision_tower", "vision_model", "visual", "image_encoder")
 STAGES = ("1", "2", "3", "all")
+LOSS_KEYS = ("student", "recal", "reg", "ar", "kl", "reg_ar", "reg_kl")
 
 
 @dataclass
@@ -111,6 +112,14 @@ class TrainConfig:
         return [1, 2, 3] if self.stage == "all" else [int(self.stage)]
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a crash counts as after any checkpoint."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
+
+
 def is_heldout(sample_id: str, fraction: float) -> bool:
     return zlib.crc32(sample_id.encode()) % 10_000 < fraction * 10_000
 
@@ -128,12 +137,21 @@ def _atomic_dir(final: Path) -> Path:
 
 
 def _commit_dir(tmp: Path, final: Path) -> None:
+    """Replace `final` by `tmp`: final -> final.old, tmp -> final, drop final.old (see `_committed`)."""
     old = final.with_name(final.name + ".old")
     if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
         final.rename(old)
     tmp.rename(final)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _committed(final: Path) -> Path:
+    """`final`, or `final.old` when a crash fell between `_commit_dir`'s two renames."""
+    old = final.with_name(final.name + ".old")
+    return old if not final.exists() and old.exists() else final
 
 
 class Trainer:
@@ -143,6 +161,7 @@ class Trainer:
         self.cfg, self.stage = cfg, stage
         self.dir = cfg.output / f"stage{stage}"
         self.ckpt = self.dir / "checkpoint"
+        saved = _committed(self.ckpt)  # where the last checkpoint is read from
         self.rank, self.world, local = dist.init(torch.device(cfg.device).type)
         self.main = self.rank == 0
         self.device = torch.device(f"cuda:{local}" if cfg.device == "cuda" and self.world > 1 else cfg.device)
@@ -163,25 +182,28 @@ class Trainer:
             self.head.bias = self.head.bias.to(self.device, self.dtype)
         self.embed = self.store.head("embed").to(self.device) if cfg.answer_inputs == "embeddings" else None
         self.use_regularizer = cfg.regularizer and self.store.meta["question_features"] and stage in (1, 2)
-        resume = cfg.resume and (self.ckpt / "trainer_state.pt").exists()
-        self._load_student(str(self.ckpt / "student") if resume else (student_from or cfg.student))
-        self.recal = self._load_recalibrator(resume) if stage in (1, 2) else None
+        resume = cfg.resume and (saved / "trainer_state.pt").exists()
+        self._load_student(str(saved / "student") if resume else (student_from or cfg.student))
+        self.recal = self._load_recalibrator(saved if resume else None) if stage in (1, 2) else None
+        self.student.train()  # from_pretrained returns eval mode (no dropout, no gradient checkpointing)
+        if self.recal is not None:
+            self.recal.train()
         self._freeze()
         params = [p for m in (self.student, self.recal) if m is not None for p in m.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.stream = StoreStream(self.store, self.renderer, cfg.batch_size, cfg.seed + stage, cfg.block_size,
-                                  self.rank, self.world)
+                                  self.rank, self.world, keep=self._trains_on)
         self.total_steps = self._count_steps()
         self.step = 0
         self.dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            self._load_state()
+            self._load_state(saved)
         self.metrics = None
         if self.main:  # one writer of metrics and checkpoints
             log = self.dir / "metrics.jsonl"
             kept = []
             if resume and log.exists():  # drop what was logged after the checkpoint: those steps run again
-                kept = [ln for ln in log.read_text().splitlines() if json.loads(ln).get("step", 0) <= self.step]
+                kept = [ln for ln in log.read_text().splitlines() if _step_of(ln) <= self.step]
             log.write_text("".join(ln + "\n" for ln in kept))
             self.metrics = log.open("a")
         if resume:
@@ -202,12 +224,14 @@ class Trainer:
             self.student.gradient_checkpointing_enable()
         self.renderer = Renderer(self.processor)
 
-    def _load_recalibrator(self, resume: bool) -> Recalibrator:
+    def _load_recalibrator(self, saved: Path | None) -> Recalibrator:
+        """From the checkpoint being resumed (`saved`), from stage 1 (stage 2), or new (stage 1)."""
         teacher = self.store.meta["teacher"]
-        if resume:
-            recal = Recalibrator.load(self.ckpt / "recalibrator")
+        if saved is not None:
+            recal = Recalibrator.load(saved / "recalibrator")
         elif self.stage == 2:
-            src = self.cfg.recalibrator or self.cfg.output / "stage1" / "final"
+            own = self.cfg.output / "stage1" / "final"  # --stage all: the Recalibrator stage 1 just trained
+            src = own if self.cfg.stage == "all" else (self.cfg.recalibrator or own)
             if (src / "recalibrator" / "recalibrator.json").exists():
                 src = src / "recalibrator"
             if not (src / "recalibrator.json").exists():
@@ -218,6 +242,10 @@ class Trainer:
             recal = Recalibrator(RecalibratorConfig.from_student(
                 self.student.config, teacher["hidden_size"], num_layers=self.cfg.recalibrator_layers,
                 new_positions=self.cfg.new_positions, answer_inputs=self.cfg.answer_inputs))
+        if recal.cfg.answer_inputs != self.cfg.answer_inputs:
+            raise ConfigError(f"the Recalibrator was trained with --answer-inputs {recal.cfg.answer_inputs}, this "
+                              f"run asks for {self.cfg.answer_inputs}: pass --answer-inputs "
+                              f"{recal.cfg.answer_inputs}")
         if recal.cfg.teacher_hidden != teacher["hidden_size"]:
             raise ConfigError(f"the Recalibrator maps to width {recal.cfg.teacher_hidden}, the store's teacher "
                               f"has {teacher['hidden_size']}: it was trained for another teacher")
@@ -236,10 +264,17 @@ class Trainer:
             for p in self.recal.parameters():
                 p.requires_grad_(not (self.stage == 2 and self.cfg.freeze_recalibrator))
 
+    def _trains_on(self, sample_id: str) -> bool:
+        return not is_heldout(sample_id, self.cfg.heldout_fraction)
+
     def _count_steps(self) -> int:
-        n = sum(1 for p in self.store.parts for sid in p.samples.column("sample_id").to_pylist()
-                if not is_heldout(sid, self.cfg.heldout_fraction))
-        per_epoch = max(1, math.ceil(n / (self.cfg.batch_size * self.cfg.grad_accum * self.world)))
+        """Optimizer steps of the stage, for the LR schedule: the busiest rank's kept samples per epoch
+        (samples the student cannot render, found only while training, make the real count a little lower)."""
+        ids = [p.samples.column("sample_id").to_pylist() for p in self.store.parts]
+        per_rank = [sum(self._trains_on(sid) for k, a, b in block_order(self.store, self.cfg.block_size, 0, 0, r,
+                                                                          self.world) for sid in ids[k][a:b])
+                    for r in range(self.world)]
+        per_epoch = max(1, math.ceil(max(per_rank) / (self.cfg.batch_size * self.cfg.grad_accum)))
         steps = per_epoch * self.cfg.epochs
         return min(steps, self.cfg.max_steps) if self.cfg.max_steps else steps
 
@@ -262,9 +297,7 @@ class Trainer:
                     break
                 self._batches = self.stream.epoch_batches()
                 continue
-            batch = [s for s in batch if not is_heldout(s.teacher.sample_id, self.cfg.heldout_fraction)]
-            if batch:
-                out.append(batch)
+            out.append(batch)
         return out or None
 
     def _student(self, batch: list[TrainSample], n_student: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -281,9 +314,9 @@ class Trainer:
             if self.stage in (2, 3):
                 mask = torch.stack([torch.nn.functional.pad(torch.from_numpy(r.label_mask),
                                                             (0, hidden.shape[1] - len(r.input_ids)))
-                                    for r in group]).to(self.device)  # (b, L)
-                logits = self.student.get_output_embeddings()(hidden)  # (b, L, V_s)
-                part = student_loss(logits, inputs["input_ids"], mask, n_student)
+                                    for r in group]).to(self.device).bool()  # (b, L)
+                part = student_loss(self.student.get_output_embeddings(), hidden, inputs["input_ids"], mask,
+                                    n_student)
                 loss = part if loss is None else loss + part
         return feats, loss
 
@@ -342,10 +375,9 @@ class Trainer:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         dist.sum_gradients(params)
-        keys = sorted(totals)
-        if dist.active():
-            summed = dist.sum_(torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.device))
-            totals = dict(zip(keys, summed.tolist()))
+        if dist.active():  # the same keys on every rank, also on one whose data ran out
+            vals = torch.tensor([totals.get(k, 0.0) for k in LOSS_KEYS], dtype=torch.float64, device=self.device)
+            totals = {k: v for k, v in zip(LOSS_KEYS, dist.sum_(vals).tolist()) if k in totals or v != 0.0}
         if self.cfg.max_grad_norm > 0:
             totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
         self.opt.step()
@@ -364,7 +396,7 @@ class Trainer:
                    dynamic_ncols=True,
                    desc=f"train-student stage {self.stage}")
         t0, tokens = time.perf_counter(), 0
-        while self.step < self.total_steps:
+        while self.cfg.max_steps is None or self.step < self.cfg.max_steps:
             micro = self._micro_batches()
             if not dist.any_(micro is not None, self.device):  # every rank is out of data
                 break
@@ -373,12 +405,12 @@ class Trainer:
             rate = tokens / max(time.perf_counter() - t0, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rate:.0f}", refresh=False)
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            if self.step % cfg.log_every == 0:
                 self._log({"stage": self.stage, "step": self.step, "lr": self.lr_at(self.step - 1),
                            "tokens_per_s": round(rate, 1), **{k: round(v, 6) for k, v in m.items()}})
             if cfg.reliance_every and self.recal is not None and self.step % cfg.reliance_every == 0 and self.main:
                 self._log({"stage": self.stage, "step": self.step, **self.student_reliance()})
-            if self.step % cfg.save_every == 0 and self.step < self.total_steps:
+            if self.step % cfg.save_every == 0:
                 self.save_checkpoint()
             fault_point(f"train-step:{self.stage}:{self.step}")
         bar.close()
@@ -448,8 +480,11 @@ class Trainer:
         """Student, Recalibrator, optimizer, every rank's data position and the RNG state, written atomically
         (by rank 0; every rank must call it)."""
         streams = dist.gather(asdict(self.stream.state))
-        if not self.main:
-            return
+        if self.main:
+            self._write_checkpoint(streams)
+        dist.barrier()  # nobody moves on (or reads it) before it is complete
+
+    def _write_checkpoint(self, streams: list[dict]) -> None:
         tmp = _atomic_dir(self.ckpt)
         self._save_models(tmp)
         torch.save({
@@ -460,8 +495,8 @@ class Trainer:
         }, tmp / "trainer_state.pt")
         _commit_dir(tmp, self.ckpt)
 
-    def _load_state(self) -> None:
-        state = torch.load(self.ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
+    def _load_state(self, saved: Path) -> None:
+        state = torch.load(saved / "trainer_state.pt", weights_only=True, map_location="cpu")
         if state["world"] != self.world:
             raise ConfigError(f"the checkpoint in {self.ckpt} was written by {state['world']} processes, this run "
                               f"has {self.world}: resume with the same number of processes")

@@ -110,7 +110,7 @@ if HAS_TRITON:
             w = tl.exp(ap - new_m)
             r = tl.exp(m_p - new_m)
             s_p = s_p * r + tl.sum(w)
-            acc = acc * r + tl.sum(w * d)
+            acc = acc * r + tl.sum(tl.where(w > 0.0, w * d, 0.0))  # p = 0 adds nothing, even at -inf logits
             m_p = new_m
         lse_a = m_a + tl.log(s_a)
         lse_q = m_q + tl.log(s_q)
@@ -174,7 +174,7 @@ def _rows_torch(xr: torch.Tensor, xz: torch.Tensor, targets: torch.Tensor, row_s
     log_p = torch.log_softmax(az / temperature, dim=-1)
     del az
     p = log_p.exp()
-    kl = (p * (log_p - log_q)).sum(-1)
+    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # p = 0 adds nothing, even at -inf logits
     del log_p
     g = log_sm.exp_().mul_(w_ce)  # softmax(a) * w_ce, reusing log_sm's memory
     g.scatter_add_(1, safe_t, torch.full_like(safe_t, -w_ce, dtype=g.dtype))
@@ -305,8 +305,11 @@ def fused_linear_ce_kl(r: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, t
     if r.shape != z.shape or r.shape[1] != weight.shape[1] or targets.shape != r.shape[:1]:
         raise ValueError(f"shapes disagree: r {tuple(r.shape)}, z {tuple(z.shape)}, weight "
                          f"{tuple(weight.shape)}, targets {tuple(targets.shape)}")
+    active = targets != ignore_index
+    if bool(((targets[active] < 0) | (targets[active] >= weight.shape[0])).any()):
+        raise ValueError(f"targets must be in [0, {weight.shape[0]}) or ignore_index ({ignore_index})")
     if normalizer is None:
-        normalizer = max(1, int((targets != ignore_index).sum()))
+        normalizer = max(1, int(active.sum()))
     normalizer = float(normalizer)
     if not normalizer > 0 or not math.isfinite(normalizer):
         raise ValueError(f"normalizer must be a positive count, got {normalizer}")

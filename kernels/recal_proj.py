@@ -65,9 +65,9 @@ if HAS_TRITON:
         """C (M, N) = A (M, K) @ B (K, N) + bias (N,), converting A and B to fp32 (or bf16) on load."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: offsets can pass 2^31
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rk = tl.arange(0, BLOCK_K).to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
@@ -191,8 +191,7 @@ def _ln_forward_torch(u: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: fl
     uf = u.float()
     mean = uf.mean(-1)
     rstd = torch.rsqrt(uf.var(-1, unbiased=False) + eps)
-    y = ((uf - mean[:, None]) * rstd[:, None] * w.float() + b.float()).to(u.dtype)
-    return y, mean, rstd
+    return (uf - mean[:, None]) * rstd[:, None] * w.float() + b.float(), mean, rstd
 
 
 def _ln_backward_torch(u: torch.Tensor, dy: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
@@ -215,12 +214,12 @@ class ProjPostLNFunction(torch.autograd.Function):
         for s in range(0, n, _CHUNK_ROWS):
             e = min(s + _CHUNK_ROWS, n)
             if use_triton:
-                u = _mm_triton(_bits(h[s:e]), _bits(weight.T), bias, h.dtype)  # (C, D_l)
+                u = _mm_triton(_bits(h[s:e]), _bits(weight.T), bias, torch.float32)  # (C, D_l), as in backward
                 _ln_forward_kernel[(e - s,)](u, y[s:e], ln_weight, ln_bias, mean[s:e], rstd[s:e], d, eps,
                                              BLOCK=triton.next_power_of_2(d))
             else:
-                y[s:e], mean[s:e], rstd[s:e] = _ln_forward_torch(F.linear(h[s:e], weight, bias), ln_weight,
-                                                                 ln_bias, eps)
+                u = F.linear(h[s:e].float(), weight.float(), None if bias is None else bias.float())  # as in backward
+                y[s:e], mean[s:e], rstd[s:e] = _ln_forward_torch(u, ln_weight, ln_bias, eps)
         ctx.save_for_backward(h, weight, bias, ln_weight, mean, rstd)
         ctx.use_triton = use_triton
         return y

@@ -147,3 +147,25 @@ def test_triton_on_gpu_at_a_realistic_size(dtype):
     atol, rtol = TOLERANCES[dtype]
     assert_close(out.loss, ref_loss, atol, rtol, "loss")
     assert_close(x.grad, ref_grad, atol, rtol * 3, "grad")
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "naive"])
+def test_minus_infinity_logits_masked_vocabulary_stay_finite(impl):
+    """A -inf bias masks part of the vocabulary on both sides: p = q = 0 there must add nothing to the KL."""
+    r, z, w, t = make(n=9, ignored=())
+    bias = torch.zeros(w.shape[0], device=DEVICE)
+    bias[500:] = float("-inf")
+    t = t % 500
+    x = r.clone().requires_grad_()
+    out = fused_linear_ce_kl(x, z, w, t, bias=bias, impl=impl)
+    out.loss.backward()
+    ref_loss, ref_grad = reference(r, z, w[:500], t, bias=bias[:500])
+    assert_close(out.loss, ref_loss, 1e-5, 1e-4, "loss")
+    assert_close(x.grad, ref_grad, 1e-5, 3e-4, "grad")
+
+
+def test_targets_out_of_range_are_refused():
+    r, z, w, t = make(n=5, ignored=())
+    t[0] = w.shape[0]
+    with pytest.raises(ValueError, match="targets must be in"):
+        fused_linear_ce_kl(r, z, w, t)
