@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class RecalibratorConfig:
     new_positions: bool = True  # fresh rotary positions 0..L-1 over the Recalibrator sequence; False: none
     answer_inputs: str = "features"
     init_std: float = 0.02
+    teacher: dict = field(default_factory=dict)  # the store's teacher it was trained for (name, vocab, head digest)
 
     def __post_init__(self) -> None:
         if self.answer_inputs not in ANSWER_INPUTS:

@@ -241,7 +241,14 @@ class Trainer:
         else:
             recal = Recalibrator(RecalibratorConfig.from_student(
                 self.student.config, teacher["hidden_size"], num_layers=self.cfg.recalibrator_layers,
-                new_positions=self.cfg.new_positions, answer_inputs=self.cfg.answer_inputs))
+                new_positions=self.cfg.new_positions, answer_inputs=self.cfg.answer_inputs,
+                teacher={k: teacher.get(k) for k in ("name_or_path", "vocab_size", "head_digest")}))
+        trained_for = recal.cfg.teacher
+        for key in ("vocab_size", "head_digest"):
+            if trained_for.get(key) is not None and trained_for[key] != teacher.get(key):
+                raise ConfigError(f"the Recalibrator was trained for teacher {trained_for.get('name_or_path')!r} "
+                                  f"({key} differs from this store's teacher {teacher.get('name_or_path')!r}); "
+                                  "train stage 1 on this store")
         if recal.cfg.answer_inputs != self.cfg.answer_inputs:
             raise ConfigError(f"the Recalibrator was trained with --answer-inputs {recal.cfg.answer_inputs}, this "
                               f"run asks for {self.cfg.answer_inputs}: pass --answer-inputs "
@@ -407,7 +414,8 @@ class Trainer:
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rate:.0f}", refresh=False)
             if self.step % cfg.log_every == 0:
                 self._log({"stage": self.stage, "step": self.step, "lr": self.lr_at(self.step - 1),
-                           "tokens_per_s": round(rate, 1), **{k: round(v, 6) for k, v in m.items()}})
+                           "tokens_per_s": round(rate, 1), "student_rejects": len(self.stream.rejected),
+                           **{k: round(v, 6) for k, v in m.items()}})
             if cfg.reliance_every and self.recal is not None and self.step % cfg.reliance_every == 0 and self.main:
                 self._log({"stage": self.stage, "step": self.step, **self.student_reliance()})
             if self.step % cfg.save_every == 0:

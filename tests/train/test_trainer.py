@@ -155,3 +155,12 @@ def test_stages_run_on_a_gpu_with_bf16_autocast(store, zoo, tmp_path):
     for stage in (1, 2, 3):
         losses = _losses(tmp_path, stage)
         assert losses and all(l == l and l < 1e4 for l in losses), losses  # finite, no NaN
+
+
+def test_a_recalibrator_for_another_teacher_is_refused(store, zoo, demo_manifest, trained, tmp_path):
+    other = tmp_path / "other"
+    run_cache(CacheConfig(teacher=str(zoo["qwen2vl"]), manifest=demo_manifest, output=other, dtype="bfloat16",
+                          device="cpu", progress=False, command=["t"]))  # same teacher, other head digest (bf16)
+    with pytest.raises(ConfigError, match="trained for teacher .*head_digest differs"):
+        Trainer(_cfg(other, zoo, tmp_path / "o", stage="2",
+                     recalibrator=trained / "stage1" / "final"), 2)
