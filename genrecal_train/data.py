@@ -7,7 +7,9 @@ very next batch.
 
 from __future__ import annotations
 
+import queue
 import random
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,14 @@ class StoreStream:
         self.state = StreamState()
         self.rejected: dict[str, str] = {}  # sample id -> why the student side could not be rendered
 
+    def batches(self, epochs: int) -> Iterator[tuple[list[TrainSample], StreamState]]:
+        """Every remaining batch until `epochs` epochs are done, each with the stream position after it (what a
+        checkpoint must record once that batch is trained on)."""
+        while self.state.epoch < epochs:
+            for batch in self.epoch_batches():
+                yield batch, StreamState(self.state.epoch, self.state.consumed)
+        return
+
     def epoch_batches(self) -> Iterator[list[TrainSample]]:
         """The rest of the current epoch's batches; advances `state` as batches are taken."""
         consumed = skip = self.state.consumed
@@ -97,3 +107,34 @@ class StoreStream:
         except (RejectError, ValueError, OSError) as e:
             self.rejected[t.sample_id] = getattr(e, "reason", str(e))
             return None
+
+
+class Prefetcher:
+    """Runs an iterator in a background thread, `depth` items ahead, so reading the store and rendering the
+    student's side overlap the training step. Items come out in order; an exception is re-raised here."""
+
+    _END = object()
+
+    def __init__(self, it: Iterator, depth: int = 4):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, args=(it,), daemon=True)
+        self._thread.start()
+
+    def _run(self, it: Iterator) -> None:
+        try:
+            for item in it:
+                self._q.put(item)
+            self._q.put(self._END)
+        except BaseException as e:  # handed to the consumer
+            self._q.put(e)
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self):
+        item = self._q.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item

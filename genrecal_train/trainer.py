@@ -7,12 +7,15 @@ student through it, stage 3 fine-tunes the student alone (DESIGN.md, "Stages").
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import shutil
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +31,8 @@ from genrecal_cache.inspect import load_head
 from genrecal_cache.store import TeacherStore
 
 from . import dist
-from .data import StoreStream, TrainSample, block_order
-from .losses import recalibrator_loss, student_loss
+from .data import Prefetcher, StoreStream, StreamState, TrainSample, block_order
+from .losses import student_loss, teacher_head_loss
 from .recalibrator import ANSWER_INPUTS, Recalibrator, RecalibratorConfig
 from .sequence import (
     SlotSample,
@@ -80,6 +83,7 @@ class TrainConfig:
     heldout_fraction: float = flag("Fraction of samples (by id) held out for the student-reliance check.", 0.05)
     reliance_every: int = flag("Run the student-reliance check every this many steps (0: never).", 200)
     save_every: int = flag("Save a resumable checkpoint every this many steps.", 200)
+    prefetch: bool = flag("Prepare the next batches in a background thread while the current one trains.", True)
     log_every: int = flag("Write metrics every this many steps.", 10)
     resume: bool = flag("Continue each stage from its last checkpoint, exactly.", False)
     seed: int = flag("Seed for data order and initialisation.", 0)
@@ -194,10 +198,16 @@ class Trainer:
         self.stream = StoreStream(self.store, self.renderer, cfg.batch_size, cfg.seed + stage, cfg.block_size,
                                   self.rank, self.world, keep=self._trains_on)
         self.total_steps = self._count_steps()
+        # The prefetch thread renders with self.renderer; the reliance check renders in the main thread, so it
+        # gets its own copy of the processor (fast tokenizers are not safe to share between threads).
+        self._reliance_stream = StoreStream(self.store, Renderer(copy.deepcopy(self.processor)), 1)
         self.step = 0
+        self.data_state = StreamState()
+        self.times: dict[str, float] | None = None  # set to {} to time the phases of each step (tools/bench_train.py)
         self.dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self._load_state(saved)
+            self.data_state = self.stream.state
         self.metrics = None
         if self.main:  # one writer of metrics and checkpoints
             log = self.dir / "metrics.jsonl"
@@ -296,15 +306,13 @@ class Trainer:
     # --- one step -----------------------------------------------------------------------------------------------
 
     def _micro_batches(self) -> list[list[TrainSample]] | None:
+        """The next `grad_accum` batches of this rank (fewer at the very end; None when its data is done)."""
         out = []
-        while len(out) < self.cfg.grad_accum:
-            batch = next(self._batches, None)
-            if batch is None:
-                if self.stream.state.epoch >= self.cfg.epochs:
-                    break
-                self._batches = self.stream.epoch_batches()
-                continue
+        for batch, state in self._batches:
             out.append(batch)
+            self.data_state = state  # the position a checkpoint after this step resumes from
+            if len(out) == self.cfg.grad_accum:
+                break
         return out or None
 
     def _student(self, batch: list[TrainSample], n_student: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -315,7 +323,7 @@ class Trainer:
         for run in compatible_runs([s.student for s in batch]):
             group = [batch[i].student for i in run]
             inputs = {k: v.to(self.device) for k, v in self.renderer.collate(group).items()}
-            with torch.set_grad_enabled(self.stage in (2, 3)), self._autocast():
+            with torch.set_grad_enabled(self.stage in (2, 3)), self._autocast(), self.timer("student_forward"):
                 hidden = self.student.base_model(**inputs, use_cache=False).last_hidden_state  # (b, L, D_s)
             feats += [hidden[i, : len(r.input_ids)] for i, r in enumerate(group)]
             if self.stage in (2, 3):
@@ -349,17 +357,36 @@ class Trainer:
         d_s = feats[0].shape[-1]
         kw = dict(head=self.head, normalizer=n_teacher, temperature=self.cfg.temperature,
                   ce_weight=self.cfg.ce_weight, kl_weight=self.cfg.kl_weight, impl=self.cfg.impl)
-        out = recalibrator_loss(self.recal, build_batch(slots, d_s, self.device, self.dtype), z, targets, **kw)
+        with self.timer("recalibrator"):
+            r = self.recal(build_batch(slots, d_s, self.device, self.dtype), impl=self.cfg.impl)
+        with self.timer("loss"):
+            out = teacher_head_loss(r, z, targets, **kw)
         parts["ar"], parts["kl"] = out.ce, out.kl
         parts["recal"] = out.loss
         if self.use_regularizer:
             reg = [SlotSample([q.to(self.device) for q in teacher_question_inputs(s.teacher)],
                               [a.to(self.device) for a in answers[i]], teacher_question=True)
                    for i, s in enumerate(batch)]
-            out = recalibrator_loss(self.recal, build_batch(reg, d_s, self.device, self.dtype), z, targets, **kw)
+            with self.timer("recalibrator"):
+                r = self.recal(build_batch(reg, d_s, self.device, self.dtype), impl=self.cfg.impl)
+            with self.timer("loss"):
+                out = teacher_head_loss(r, z, targets, **kw)
             parts["reg_ar"], parts["reg_kl"] = out.ce, out.kl
             parts["reg"] = out.loss
         return parts
+
+    @contextlib.contextmanager
+    def timer(self, name: str) -> Iterator[None]:
+        """Accumulate wall time of a phase into `self.times` (synchronising the GPU, so only when asked)."""
+        if self.times is None:
+            yield
+            return
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        yield
+        sync()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
     def train_step(self, micro: list[list[TrainSample]]) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches (possibly none, when its data ran out first)."""
@@ -374,7 +401,8 @@ class Trainer:
             parts = self._forward(batch, n_teacher, n_student)
             loss = sum(v for k, v in parts.items() if k in ("student", "recal", "reg"))
             if loss.requires_grad:
-                loss.backward()
+                with self.timer("backward"):
+                    loss.backward()
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach())
         params = [p for group in self.opt.param_groups for p in group["params"]]
@@ -398,13 +426,15 @@ class Trainer:
     def run(self) -> Path:
         """Train the stage to its end; returns the directory of the final student/Recalibrator."""
         cfg = self.cfg
-        self._batches = self.stream.epoch_batches()
+        self._batches = Prefetcher(self.stream.batches(cfg.epochs)) if cfg.prefetch else \
+            self.stream.batches(cfg.epochs)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and self.main),
                    dynamic_ncols=True,
                    desc=f"train-student stage {self.stage}")
         t0, tokens = time.perf_counter(), 0
         while self.cfg.max_steps is None or self.step < self.cfg.max_steps:
-            micro = self._micro_batches()
+            with self.timer("data_wait"):
+                micro = self._micro_batches()
             if not dist.any_(micro is not None, self.device):  # every rank is out of data
                 break
             m = self.train_step(micro or [])
@@ -447,7 +477,7 @@ class Trainer:
         for p in self.store.parts:
             for i, sid in enumerate(p.samples.column("sample_id").to_pylist()):
                 if is_heldout(sid, self.cfg.heldout_fraction) and len(samples) < limit:
-                    item = self.stream._pair(p.read(i, i + 1)[0])
+                    item = self._reliance_stream._pair(p.read(i, i + 1)[0])
                     if item is not None:
                         samples.append(item)
         if len(samples) < 2:
@@ -487,7 +517,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Student, Recalibrator, optimizer, every rank's data position and the RNG state, written atomically
         (by rank 0; every rank must call it)."""
-        streams = dist.gather(asdict(self.stream.state))
+        streams = dist.gather(asdict(self.data_state))
         if self.main:
             self._write_checkpoint(streams)
         dist.barrier()  # nobody moves on (or reads it) before it is complete
@@ -509,8 +539,7 @@ class Trainer:
             raise ConfigError(f"the checkpoint in {self.ckpt} was written by {state['world']} processes, this run "
                               f"has {self.world}: resume with the same number of processes")
         self.step, self.total_steps = state["step"], state["total_steps"]
-        mine = state["streams"][self.rank]
-        self.stream.state.epoch, self.stream.state.consumed = mine["epoch"], mine["consumed"]
+        self.stream.state = StreamState(**state["streams"][self.rank])
         self.opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
 
