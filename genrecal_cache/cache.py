@@ -39,7 +39,8 @@ from .teacher_hf import HFTeacher, check_teacher_path, resolve_dtype
 
 @dataclass
 class CacheConfig:
-    """Settings of one `cache-teacher` run; each field is the CLI flag of the same name."""
+    """Run the teacher once over a dataset, teacher-forced, and write its features at the answer positions,
+    targets and top-k log-probabilities into a teacher store. Re-running the same command resumes."""
 
     teacher: str = _flag("Teacher model: a local directory (or a hub id where the hub is reachable).")
     manifest: Path = _flag("Dataset manifest: .jsonl or .parquet, messages or LLaVA format.")

@@ -23,7 +23,7 @@ from genrecal_cache.errors import ConfigError, DatasetError, RejectError
 
 @dataclass
 class EvalConfig:
-    """Settings of one `eval-student` run; each field is the CLI flag of the same name."""
+    """Score a student's greedy answers on a held-out manifest (exact and normalised match)."""
 
     student: str = flag("Model directory to evaluate (a base student or any stage's final/student).")
     manifest: Path = flag("Held-out manifest; each row's last assistant turn is the gold answer.")

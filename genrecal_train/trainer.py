@@ -50,7 +50,8 @@ LOSS_KEYS = ("student", "recal", "reg", "ar", "kl", "reg_ar", "reg_kl")
 
 @dataclass
 class TrainConfig:
-    """Settings of one `train-student` run; each field is the CLI flag of the same name."""
+    """Train a student from a teacher store: stage 1 aligns the Recalibrator (student frozen), stage 2 distils
+    through it, stage 3 fine-tunes the student alone. Re-run with --resume to continue after a crash."""
 
     store: Path = flag("Teacher store written by cache-teacher.")
     student: str = flag("Student model directory (transformers), loaded with its processor.")
@@ -114,6 +115,15 @@ class TrainConfig:
     @property
     def stages(self) -> list[int]:
         return [1, 2, 3] if self.stage == "all" else [int(self.stage)]
+
+
+def _tensorboard(path: Path) -> Any:
+    """A TensorBoard writer when tensorboard is installed, else None (metrics.jsonl has everything)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
 
 
 def _step_of(line: str) -> float:
@@ -208,7 +218,7 @@ class Trainer:
         if resume:
             self._load_state(saved)
             self.data_state = self.stream.state
-        self.metrics = None
+        self.metrics = self.tensorboard = None
         if self.main:  # one writer of metrics and checkpoints
             log = self.dir / "metrics.jsonl"
             kept = []
@@ -216,6 +226,7 @@ class Trainer:
                 kept = [ln for ln in log.read_text().splitlines() if _step_of(ln) <= self.step]
             log.write_text("".join(ln + "\n" for ln in kept))
             self.metrics = log.open("a")
+            self.tensorboard = _tensorboard(self.dir / "tensorboard")
         if resume:
             self._log({"stage": stage, "step": self.step, "resumed_from": self.step})
 
@@ -462,12 +473,18 @@ class Trainer:
         self.save_checkpoint()
         if self.metrics is not None:
             self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         return final
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
+        if self.tensorboard is not None:
+            for k, v in record.items():
+                if k not in ("stage", "step") and isinstance(v, (int, float)):
+                    self.tensorboard.add_scalar(f"stage{self.stage}/{k}", v, record.get("step", 0))
 
     @torch.no_grad()
     def student_reliance(self, limit: int = 64) -> dict[str, float]:
