@@ -143,7 +143,7 @@ def scan_ids(path: Path | str) -> tuple[int, dict[int, int]]:
 
 def row_sample_id(row: Row) -> str:
     """The row's own `id`, or `row-<index>` when it has none (or could not be decoded)."""
-    rec = row.record or {}
+    rec = row.record if isinstance(row.record, dict) else {}
     return str(rec["id"]) if rec.get("id") is not None else f"row-{row.index}"
 
 
@@ -155,7 +155,8 @@ def parse_row(row: Row, root: Path, allow_outside_root: bool = False) -> Sample:
     if row.error is not None:
         raise RejectError(row.error)
     rec = row.record
-    assert rec is not None
+    if not isinstance(rec, dict):
+        raise RejectError(f"row is a {type(rec).__name__}, not an object")
     sample_id = row_sample_id(row)
     if "messages" in rec and rec["messages"] is not None:
         messages, inline = _parse_messages(_maybe_json(rec["messages"], "messages"))
