@@ -6,6 +6,7 @@ Re-running the same command resumes after the last commit; every manifest row en
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import platform
@@ -23,7 +24,7 @@ from . import FORMAT_VERSION
 from .chat import Rendered, compatible_runs
 from .config import flag as _flag
 from .dataset import Sample, parse_row, read_manifest, row_sample_id, scan_ids
-from .errors import ConfigError, DatasetError, RejectError
+from .errors import ConfigError, DatasetError, RejectError, StoreError
 from .store import (
     FEATURE_DTYPES,
     PartWriter,
@@ -190,6 +191,17 @@ class CacheJob:
         }
 
     def run(self) -> CacheResult:
+        try:
+            return self._run()
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise StoreError(
+                f"out of disk space writing {self.cfg.output} ({e.strerror}); everything up to commit "
+                f"{self.writer.seq - 1} is kept (manifest rows < {self.writer.rows_end}). Free space and re-run "
+                "the same command to continue.") from None
+
+    def _run(self) -> CacheResult:
         cfg, w = self.cfg, self.writer
         res, t0 = CacheResult(), time.perf_counter()
         total, duplicates = scan_ids(cfg.manifest)

@@ -269,10 +269,6 @@ def _fold_runs(rows: list[dict[str, Any]], min_run: int = 4) -> list[dict[str, A
             i += 1
     return out
 
-    return {"sample_id": smp.sample_id, "part": smp.part, "source_row": smp.source_row,
-            "messages": smp.messages, "segments": smp.segments, "num_tokens": len(smp.token_ids),
-            "num_labels": len(smp.targets), "tokens": rows}
-
 
 def load_store_tokenizer(store: TeacherStore) -> Any:
     path = store.path / TOKENIZER_DIR

@@ -399,6 +399,7 @@ class PartWriter:
             arr.resize(spec.shape(new_n))
             for s in range(start, new_n, spec.shard_rows):  # whole shards, never two writes into one
                 e = min(s + spec.shard_rows, new_n)
+                fault_point(f"array-write:{self.seq}:{spec.name}")
                 arr[s:e] = data[s - start : e - start]
                 _fsync_shard(self.dir / spec.name, s // spec.shard_rows, spec.width is not None)
             keep = new_n - new_n % spec.shard_rows
@@ -530,13 +531,14 @@ class Part:
                 blocks[name] = self.array(name)[lo:hi]
             except Exception as e:
                 raise StoreError(f"part {self.name}, array {name!r}, samples {start}..{stop - 1}: read failed "
-                                 f"({type(e).__name__}: {e}); the store is damaged, run `inspect-cache --verify`")
+                                 f"({type(e).__name__}: {e}); the store is damaged, run `inspect-cache --verify`"
+                                 ) from e
         rows = self.samples.slice(start, stop - start).to_pylist()
         fd, out = self.meta["feature_dtype"], []
         for i, row in enumerate(rows):
             j = start + i
 
-            def cut(name: str) -> np.ndarray:
+            def cut(name: str, j: int = j) -> np.ndarray:  # sample j's rows of the block read above
                 unit = self.specs[name].unit
                 lo = self._starts[unit][j] - self.span(unit, start, stop)[0]
                 return blocks[name][lo : lo + self._counts[unit][j]]

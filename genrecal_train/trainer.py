@@ -36,7 +36,6 @@ from .losses import student_loss, teacher_head_loss
 from .recalibrator import ANSWER_INPUTS, Recalibrator, RecalibratorConfig
 from .sequence import (
     SlotSample,
-    answer_spans,
     build_batch,
     student_question_inputs,
     teacher_answer_inputs,

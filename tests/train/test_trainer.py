@@ -154,7 +154,7 @@ def test_stages_run_on_a_gpu_with_bf16_autocast(store, zoo, tmp_path):
     assert len(outs) == 3
     for stage in (1, 2, 3):
         losses = _losses(tmp_path, stage)
-        assert losses and all(l == l and l < 1e4 for l in losses), losses  # finite, no NaN
+        assert losses and all(x == x and x < 1e4 for x in losses), losses  # finite, no NaN
 
 
 def test_a_recalibrator_for_another_teacher_is_refused(store, zoo, demo_manifest, trained, tmp_path):
