@@ -27,7 +27,7 @@ from genrecal_cache.chat import Renderer, compatible_runs, load_processor
 from genrecal_cache.config import flag
 from genrecal_cache.errors import ConfigError, StoreError
 from genrecal_cache.faults import fault_point
-from genrecal_cache.inspect import load_head
+from genrecal_cache.inspect import format_verify, load_head, verify
 from genrecal_cache.store import TeacherStore
 
 from . import dist
@@ -86,6 +86,9 @@ class TrainConfig:
     prefetch: bool = flag("Prepare the next batches in a background thread while the current one trains.", True)
     log_every: int = flag("Write metrics every this many steps.", 10)
     resume: bool = flag("Continue each stage from its last checkpoint, exactly.", False)
+    verify_store: bool = flag("Read the whole store through its checksums before training (without it, only the "
+                              "checks that cost no array reads; damaged chunks still stop training when read).",
+                              False)
     seed: int = flag("Seed for data order and initialisation.", 0)
     device: str = flag("auto, cpu, cuda, cuda:1, ...", "auto")
     impl: str = flag("Kernel paths: auto (Triton on CUDA), chunked or naive.", "auto")
@@ -186,9 +189,10 @@ class Trainer:
         self.store = TeacherStore(cfg.store)
         if len(self.store) == 0:
             raise StoreError(f"{cfg.store} has no committed samples; run cache-teacher first")
-        for p in self.store.parts:
-            if p.problems:
-                raise StoreError(f"{cfg.store}: part {p.name}: {p.problems[0]}; run `inspect-cache --verify`")
+        report = verify(self.store, full=cfg.verify_store)  # never train on a damaged store
+        if not report.ok:
+            raise StoreError(f"{cfg.store} is damaged; not training on it.\n{format_verify(report)}\n"
+                             "Re-create the damaged part with cache-teacher (or restore it from a copy).")
         self.head = load_head(self.store)
         self.head.weight = self.head.weight.to(self.device, self.dtype)
         if self.head.bias is not None:

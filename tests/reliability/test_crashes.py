@@ -79,3 +79,80 @@ def test_out_of_disk_stops_cleanly_keeps_the_store_and_resumes(zoo, demo_manifes
     rc, err = _done(_run(zoo, demo_manifest, out))
     assert rc == 0, err[-2000:]
     assert_same_store(reference, out)
+
+
+CORRUPTIONS = {
+    "truncated chunk": lambda d: _truncate(d / "parts/shard-00000-of-00001/features/c/0/0"),
+    "flipped byte": lambda d: _flip(d / "parts/shard-00000-of-00001/topk_ids/c/0/0"),
+    "deleted shard": lambda d: (d / "parts/shard-00000-of-00001/targets/c/0").unlink(),
+    "removed samples file": lambda d: sorted((d / "parts/shard-00000-of-00001/samples").glob("*.parquet"))[1].unlink(),
+    "removed rejects file": lambda d: _remove_nonempty_rejects(d),
+    "attributes of another teacher": lambda d: _edit_teacher(d),
+}
+
+
+def _truncate(f):
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip(f):
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 0x10
+    f.write_bytes(bytes(b))
+
+
+def _remove_nonempty_rejects(d):
+    import pyarrow.parquet as pq
+
+    files = sorted((d / "parts/shard-00000-of-00001/rejects").glob("*.parquet"))
+    next(f for f in files if pq.read_table(f).num_rows).unlink()
+
+
+def _edit_teacher(d):
+    import json
+
+    meta = json.loads((d / "zarr.json").read_text())
+    meta["attributes"]["genrecal"]["teacher"]["head_digest"] = "0" * 64
+    meta["attributes"]["genrecal"]["teacher"]["name_or_path"] = "another/teacher"
+    (d / "zarr.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage", list(CORRUPTIONS))
+def test_corruption_is_named_by_verify_and_refused_by_train_student(zoo, reference, tmp_path, damage):
+    import shutil
+
+    from genrecal_cache.errors import StoreError
+    from genrecal_cache.inspect import format_verify
+    from genrecal_train.trainer import TrainConfig, Trainer
+
+    store = tmp_path / "s"
+    shutil.copytree(reference, store)
+    CORRUPTIONS[damage](store)
+    report = verify(TeacherStore(store))
+    assert not report.ok, damage
+    where = report.failures[0]
+    assert where["part"] and where["array"] and where["message"]
+    text = format_verify(report)
+    cfg = TrainConfig(store=store, student=str(zoo["idefics3"]), output=tmp_path / "o", progress=False,
+                      device="cpu", verify_store=True, command=["t"])
+    with pytest.raises(StoreError) as err:
+        Trainer(cfg, 1)
+    assert "not training on it" in str(err.value) and text.splitlines()[1] in str(err.value)
+
+
+@pytest.mark.parametrize("damage", list(CORRUPTIONS))
+def test_without_full_verification_damage_is_refused_at_start_or_stops_the_first_read(zoo, reference, tmp_path,
+                                                                                     damage):
+    import shutil
+
+    from genrecal_cache.errors import StoreError
+    from genrecal_train.trainer import TrainConfig, Trainer
+
+    store = tmp_path / "s"
+    shutil.copytree(reference, store)
+    CORRUPTIONS[damage](store)
+    cfg = TrainConfig(store=store, student=str(zoo["idefics3"]), output=tmp_path / "o", progress=False,
+                      device="cpu", heldout_fraction=0.0, reliance_every=0, block_size=64, command=["t"])
+    with pytest.raises(StoreError, match="damaged"):
+        Trainer(cfg, 1).run()  # the quick check at start, or the checksum at the first read of the chunk
+    assert not (tmp_path / "o" / "stage1" / "final").exists()
