@@ -18,6 +18,8 @@ from ..test_cache_teacher import assert_same_store
 KILL_POINTS = ["array-write:0:token_ids", "array-write:1:features", "array-write:2:question_features",
                "arrays-written:1", "rejects-written:2", "committed:0", "committed:3"]
 
+pytestmark = pytest.mark.reliability
+
 
 def _run(zoo, manifest, out, shard="0/1", **faults) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -21,6 +21,8 @@ from genrecal_cache.errors import RejectError
 from genrecal_cache.store import TeacherStore
 from genrecal_cache.teacher_hf import HFTeacher
 
+pytestmark = pytest.mark.reliability
+
 
 def _png(seed: int) -> bytes:
     buf = io.BytesIO()
