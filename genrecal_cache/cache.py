@@ -48,7 +48,8 @@ class CacheConfig:
     output: Path = _flag("Teacher store directory (a Zarr v3 group); created, or resumed when it exists.")
     backend: str = _flag("Teacher backend: 'hf' (transformers, runs anywhere) or 'vllm' (fast; needs vLLM).", "hf")
     tensor_parallel_size: int = _flag("vLLM: GPUs per engine (tensor parallelism).", 1)
-    gpu_memory_utilization: float = _flag("vLLM: fraction of GPU memory the engine may take.", 0.9)
+    gpu_memory_utilization: float | None = _flag("vLLM: fraction of device memory the engine reserves (on the CPU "
+                                                 "backend, of RAM). Default 0.9 on GPU, 0.25 on CPU.", None)
     max_model_len: int | None = _flag("vLLM: longest sequence the engine plans for (default: --max-length).", None)
     topk: int = _flag("Top-k teacher log-probabilities stored per label token (0: none).", 20)
     question_features: bool = _flag("Also store features at every non-label position (the trainer's regularizer needs them).", False)
@@ -311,7 +312,8 @@ def load_teacher(cfg: CacheConfig) -> TeacherIdentity:
 
         return VLLMTeacher(cfg.teacher, cfg.dtype, cfg.trust_remote_code,
                            tensor_parallel_size=cfg.tensor_parallel_size,
-                           gpu_memory_utilization=cfg.gpu_memory_utilization,
+                           gpu_memory_utilization=cfg.gpu_memory_utilization
+                           or (0.9 if cfg.device.startswith("cuda") else 0.25),
                            max_model_len=cfg.max_model_len or cfg.max_length)
     return HFTeacher(cfg.teacher, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
 
