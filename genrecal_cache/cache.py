@@ -32,7 +32,6 @@ from .store import (
     check_settings,
     from_storage,
     open_or_create,
-    remove_store,
     to_storage,
 )
 from .teacher_hf import HFTeacher, TeacherIdentity, check_teacher_path, resolve_dtype
@@ -321,7 +320,3 @@ def load_teacher(cfg: CacheConfig) -> TeacherIdentity:
 def run_cache(cfg: CacheConfig, teacher: TeacherIdentity | None = None) -> CacheResult:
     return CacheJob(cfg, teacher).run()
 
-
-def fresh_output(path: Path) -> None:
-    """Remove an existing store so the run starts over (`--overwrite`)."""
-    remove_store(path)

@@ -9,7 +9,6 @@ import dataclasses
 import inspect
 import typing
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -38,11 +37,9 @@ def command_from(cls: type, run: Callable[[Any], None], skip: tuple[str, ...] = 
                                   help=f.metadata["help"])
         else:
             option = typer.Option(f.default, help=f.metadata["help"])
-        if annotation is Path or annotation == Path | None:
-            annotation = typing.Optional[Path] if annotation != Path else Path  # noqa: UP007, UP045 (typer reads it)
-        elif typing.get_origin(annotation) is typing.Union or type(annotation).__name__ == "UnionType":
+        if typing.get_origin(annotation) is typing.Union or type(annotation).__name__ == "UnionType":
             inner = [a for a in typing.get_args(annotation) if a is not type(None)][0]
-            annotation = typing.Optional[inner]  # noqa: UP007, UP045
+            annotation = typing.Optional[inner]  # noqa: UP007, UP045 (typer reads Optional, not X | None)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                         annotation=annotation))
 

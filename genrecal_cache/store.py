@@ -11,7 +11,6 @@ import fcntl
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -616,8 +615,3 @@ class TeacherStore:
         tables = [p.rejects for p in self.parts]
         return pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()
 
-
-def remove_store(path: Path) -> None:
-    """Delete a store directory (used by `--overwrite`)."""
-    if (path / "zarr.json").exists():
-        shutil.rmtree(path)

@@ -371,22 +371,19 @@ class Trainer:
         d_s = feats[0].shape[-1]
         kw = dict(head=self.head, normalizer=n_teacher, temperature=self.cfg.temperature,
                   ce_weight=self.cfg.ce_weight, kl_weight=self.cfg.kl_weight, impl=self.cfg.impl)
-        with self.timer("recalibrator"):
-            r = self.recal(build_batch(slots, d_s, self.device, self.dtype), impl=self.cfg.impl)
-        with self.timer("loss"):
-            out = teacher_head_loss(r, z, targets, **kw)
-        parts["ar"], parts["kl"] = out.ce, out.kl
-        parts["recal"] = out.loss
+        # (loss key, its CE/KL keys, slots): the student path, and the teacher-only regularizer when it is on
+        paths = [("recal", "ar", "kl", slots)]
         if self.use_regularizer:
             reg = [SlotSample([q.to(self.device) for q in teacher_question_inputs(s.teacher)],
                               [a.to(self.device) for a in answers[i]], teacher_question=True)
                    for i, s in enumerate(batch)]
+            paths.append(("reg", "reg_ar", "reg_kl", reg))
+        for key, ce_key, kl_key, path in paths:
             with self.timer("recalibrator"):
-                r = self.recal(build_batch(reg, d_s, self.device, self.dtype), impl=self.cfg.impl)
+                r = self.recal(build_batch(path, d_s, self.device, self.dtype), impl=self.cfg.impl)
             with self.timer("loss"):
                 out = teacher_head_loss(r, z, targets, **kw)
-            parts["reg_ar"], parts["reg_kl"] = out.ce, out.kl
-            parts["reg"] = out.loss
+            parts[key], parts[ce_key], parts[kl_key] = out.loss, out.ce, out.kl
         return parts
 
     @contextlib.contextmanager
