@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from . import FORMAT_VERSION
-from .chat import Rendered, compatible_runs
+from .chat import GenerationSettings, Rendered, compatible_runs
 from .config import flag as _flag
 from .dataset import Sample, parse_row, read_manifest, row_sample_id, scan_ids
 from .errors import ConfigError, DatasetError, RejectError, StoreError
@@ -52,6 +52,17 @@ class CacheConfig:
     max_model_len: int | None = _flag("vLLM: longest sequence the engine plans for (default: --max-length).", None)
     topk: int = _flag("Top-k teacher log-probabilities stored per label token (0: none).", 20)
     question_features: bool = _flag("Also store features at every non-label position (the trainer's regularizer needs them).", False)
+    layers: str = _flag("Also store intermediate layers' hidden states at the label positions, comma-separated, e.g. "
+                        "'8,16': layer k is the residual stream after decoder layer k (transformers' "
+                        "hidden_states[k]; 0: the input embeddings). Default: the final features only.", "")
+    answers: str = _flag("Where answers come from: 'dataset' (teacher-forced on the manifest's answers) or "
+                         "'generate' (the teacher first writes each conversation's last answer, replacing it or "
+                         "answering a final user turn, then is teacher-forced on it).", "dataset")
+    max_new_tokens: int = _flag("--answers generate: longest answer the teacher may write, in tokens.", 256)
+    gen_temperature: float = _flag("--answers generate: sampling temperature (0: greedy).", 0.0)
+    gen_top_p: float = _flag("--answers generate: nucleus sampling threshold (with a temperature > 0).", 1.0)
+    gen_seed: int = _flag("--answers generate: sampling seed (each sample draws from its own seed and row, so a "
+                          "resumed job writes the same answers).", 0)
     shard: str = _flag("This job's share 'i/n' of the manifest rows (row r belongs to shard r % n); each writes its own part.", "0/1")
     max_samples: int | None = _flag("Use only the first N manifest rows (before sharding).", None)
     max_length: int | None = _flag("Reject conversations longer than this many teacher tokens.", 4096)
@@ -70,6 +81,16 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         self.manifest, self.output = Path(self.manifest), Path(self.output)
+        if self.answers not in ("dataset", "generate"):
+            raise ConfigError(f"--answers must be dataset or generate, got {self.answers!r}")
+        if self.max_new_tokens < 1 or self.gen_temperature < 0 or not 0 < self.gen_top_p <= 1:
+            raise ConfigError("--max-new-tokens must be >= 1, --gen-temperature >= 0 and --gen-top-p in (0, 1]")
+        try:
+            self.layer_ids = tuple(sorted({int(x) for x in self.layers.split(",") if x.strip()}))
+        except ValueError:
+            raise ConfigError(f"--layers must be comma-separated layer numbers like 8,16; got {self.layers!r}") from None
+        if any(k < 0 for k in self.layer_ids):
+            raise ConfigError(f"--layers must be >= 0 (0: the input embeddings); got {self.layers!r}")
         if self.backend not in ("hf", "vllm"):
             raise ConfigError(f"--backend must be hf or vllm, got {self.backend!r}")
         if self.topk < 0:
@@ -94,6 +115,12 @@ class CacheConfig:
             raise ConfigError(f"--dtype must be one of auto, {', '.join(FEATURE_DTYPES)}; got {self.dtype!r}")
 
     @property
+    def generation(self) -> GenerationSettings | None:
+        if self.answers != "generate":
+            return None
+        return GenerationSettings(self.max_new_tokens, self.gen_temperature, self.gen_top_p, self.gen_seed)
+
+    @property
     def part_name(self) -> str:
         return f"shard-{self.shard_index:05d}-of-{self.num_shards:05d}"
 
@@ -105,8 +132,10 @@ class CacheResult:
     label_tokens: int = 0
     tokens: int = 0
     skipped: int = 0  # rows already committed by an earlier run
+    retokenized: int = 0  # generated answers whose text renders to other token ids than were generated
     seconds: float = 0.0
     forward_seconds: float = 0.0
+    generate_seconds: float = 0.0
 
 
 def _file_digest(path: Path) -> str:
@@ -159,6 +188,10 @@ class CacheJob:
         self.teacher = teacher or load_teacher(cfg)
         self.renderer = self.teacher.renderer(cfg.max_length)
         t = self.teacher
+        n_layers = t.config.get_text_config().num_hidden_layers
+        if cfg.layer_ids and cfg.layer_ids[-1] >= n_layers:
+            raise ConfigError(f"--layers {cfg.layers}: the teacher has {n_layers} decoder layers, choose among "
+                              f"0..{n_layers - 1} (after the last one come the final features, always stored)")
         if cfg.topk >= t.head.weight.shape[0]:
             raise ConfigError(f"--topk {cfg.topk} must be smaller than the teacher's vocabulary "
                               f"({t.head.weight.shape[0]})")
@@ -181,10 +214,11 @@ class CacheJob:
             "feature_dtype": cfg.dtype,
             "topk": cfg.topk,
             "question_features": cfg.question_features,
-            "layers": [],
+            "layers": list(cfg.layer_ids),
             "max_length": cfg.max_length,
             "num_shards": cfg.num_shards,
-            "answers": "dataset",
+            "answers": cfg.answers,
+            "generation": asdict(cfg.generation) if cfg.generation else None,
             "manifest": cfg.manifest.name,
             "manifest_digest": _file_digest(cfg.manifest),
             "backend": cfg.backend,
@@ -223,8 +257,9 @@ class CacheJob:
             try:
                 if row.index in duplicates:
                     raise RejectError(f"duplicate sample id {sample_id!r} (first at row {duplicates[row.index]})")
-                sample = parse_row(row, cfg.manifest.parent, cfg.allow_outside_root)
-                rendered = self.renderer.render(sample)
+                sample = parse_row(row, cfg.manifest.parent, cfg.allow_outside_root, need_answer=not cfg.generation)
+                # With --answers generate, the prompt now (early rejects), the whole conversation once answered.
+                rendered = self.renderer.render_prompt(sample) if cfg.generation else self.renderer.render(sample)
                 pending.append((sample, rendered))
             except RejectError as e:
                 if cfg.strict:
@@ -253,6 +288,8 @@ class CacheJob:
 
     def _flush(self, pending: list[tuple[Sample, Rendered]], res: CacheResult) -> None:
         """Run the teacher over pending samples in token-budget batches and hand the results to the writer."""
+        if self.cfg.generation:
+            pending = self._write_answers(pending, res)
         for run in compatible_runs([r for _, r in pending], self.cfg.batch_tokens):
             self._forward([pending[i] for i in run], res)
 
@@ -260,7 +297,7 @@ class CacheJob:
         t0 = time.perf_counter()
         try:
             outs = self.teacher.forward(self.renderer, [r for _, r in batch], self.cfg.question_features,
-                                        [[im.load() for im in s.images] for s, _ in batch])
+                                        [[im.load() for im in s.images] for s, _ in batch], self.cfg.layer_ids)
         except Exception as e:  # e.g. out of memory, or a model that refuses this input
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -284,7 +321,8 @@ class CacheJob:
                 sample_id=sample.sample_id, source_row=sample.source_row, messages=sample.messages,
                 images=sample.images, token_ids=r.input_ids, label_mask=r.label_mask, features=feats,
                 targets=r.targets, segments=[s.to_dict() for s in r.segments],
-                question_features=out.get("question"),
+                question_features=out.get("question"), layers=out.get("layers", {}),
+                answers_generated=self.cfg.generation is not None,
             )
             if self.cfg.topk:
                 ids, lps = head.topk(feats.to(head.weight.device), self.cfg.topk)
@@ -294,6 +332,41 @@ class CacheJob:
             res.tokens += len(r.input_ids)
             res.label_tokens += len(r.targets)
         res.forward_seconds += time.perf_counter() - t0
+
+    def _write_answers(self, pending: list[tuple[Sample, Rendered]], res: CacheResult
+                       ) -> list[tuple[Sample, Rendered]]:
+        """Let the teacher write each sample's last answer; returns the answered samples, rendered whole."""
+        if not pending:
+            return []
+        gen, t0 = self.cfg.generation, time.perf_counter()
+        try:
+            outs = self.teacher.generate(self.renderer, [r for _, r in pending],
+                                         [[im.load() for im in s.images] for s, _ in pending], gen,
+                                         [gen.seed * 1_000_003 + s.source_row for s, _ in pending])
+        except Exception as e:  # as in _forward: find the sample at fault
+            if len(pending) > 1:
+                return [item for p in pending for item in self._write_answers([p], res)]
+            self._reject(pending[0][0], f"teacher generation failed: {type(e).__name__}: {str(e)[:200]}", res)
+            return []
+        answered = []
+        for (sample, _), g in zip(pending, outs):
+            text = self.renderer.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+            msgs = sample.messages[:-1] if sample.messages[-1]["role"] == "assistant" else sample.messages
+            new = Sample(sample.sample_id, sample.source_row,
+                         [*msgs, {"role": "assistant", "content": [{"type": "text", "text": text}]}], sample.images)
+            try:
+                if not text.strip():
+                    raise RejectError("it is empty (the teacher ended its answer at once)")
+                r = self.renderer.render(new)
+            except RejectError as e:
+                self._reject(sample, f"the teacher's generated answer cannot be used: {e.reason}", res)
+                continue
+            start = r.answer_spans[-1][0]
+            if r.input_ids[start : start + len(g.token_ids)].tolist() != g.token_ids:
+                res.retokenized += 1  # still teacher-forced on its own text, tokenised canonically
+            answered.append((new, r))
+        res.generate_seconds += time.perf_counter() - t0
+        return answered
 
 
     def _reject(self, sample: Sample, reason: str, res: CacheResult) -> None:

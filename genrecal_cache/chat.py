@@ -62,6 +62,30 @@ class Rendered:
         return self.input_ids[self.label_positions + 1]
 
 
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How the teacher writes answers (`--answers generate`): greedy when temperature is 0."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Generated:
+    """A written answer: its token ids (without the token that ended it) and each one's log-probability."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+
+    @classmethod
+    def cut(cls, ids: list[int], logprobs: list[float], stop: list[int]) -> Generated:
+        """Keep what comes before the first stop token (and nothing of the padding after it)."""
+        n = next((i for i, t in enumerate(ids) if t in stop), len(ids))
+        return cls(ids[:n], logprobs[:n])
+
+
 def load_processor(path: str | Path, trust_remote_code: bool = False) -> Any:
     """The model's processor (vision-language) or tokenizer (text-only), as transformers loads it."""
     from transformers import AutoProcessor, AutoTokenizer
@@ -112,6 +136,36 @@ class Renderer:
             segments.append(Segment(turn, m["role"], start, end, answer_start))
             start = end
         return Rendered(ids, segments, dict(inputs), text)
+
+    def stop_ids(self) -> list[int]:
+        """Tokens that end an answer: EOS, and the special tokens the chat template closes an answer with."""
+        tok = self.tokenizer
+        ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        probe = Sample("probe", 0, [{"role": "user", "content": [{"type": "text", "text": "x"}]},
+                                    {"role": "assistant", "content": [{"type": "text", "text": "y"}]}])
+        try:
+            r = self.render(probe)
+        except RejectError:
+            return sorted(ids)
+        start, end = r.answer_spans[-1]
+        special = set(tok.all_special_ids)
+        ids |= {int(t) for t in r.input_ids[start:end] if int(t) in special}
+        return sorted(ids)
+
+    def render_prompt(self, sample: Sample) -> Rendered:
+        """What the model continues to write the conversation's last answer: every turn before it (all of them
+        when the conversation ends with a user turn), then the generation prompt. No segments, no labels."""
+        msgs = sample.messages[:-1] if sample.messages[-1]["role"] == "assistant" else sample.messages
+        if not msgs or msgs[-1]["role"] == "assistant":
+            raise RejectError("nothing to answer: the conversation has no user turn before its last answer")
+        n_images = sum(p["type"] == "image" for m in msgs for p in m["content"])
+        text = self._text(msgs, generation_prompt=True)
+        inputs = self._encode(text, [im.load() for im in sample.images[:n_images]])
+        ids = inputs["input_ids"][0].numpy().astype(np.int64)
+        if self.max_length is not None and len(ids) >= self.max_length:
+            raise RejectError(f"prompt has {len(ids)} tokens, no room for an answer within --max-length "
+                              f"{self.max_length}")
+        return Rendered(ids, [], dict(inputs), text)
 
     def _text(self, msgs: list[dict], generation_prompt: bool) -> str:
         if not self.multimodal:  # text-only templates expect string content

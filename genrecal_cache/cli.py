@@ -26,6 +26,9 @@ def _cache(cfg: Any) -> None:
     print(f"cache-teacher: {res.samples} samples committed, {res.rejects} rejected, {res.label_tokens} label tokens, "
           f"{res.skipped} rows already done; {res.seconds:.1f}s ({res.forward_seconds:.1f}s teacher forward) "
           f"-> {cfg.output}")
+    if cfg.generation:
+        print(f"cache-teacher: answers written by the teacher in {res.generate_seconds:.1f}s; {res.retokenized} of "
+              "them render to other token ids than generated (their text was re-tokenised canonically)")
 
 
 def _config_class() -> type:

@@ -147,11 +147,12 @@ def row_sample_id(row: Row) -> str:
     return str(rec["id"]) if rec.get("id") is not None else f"row-{row.index}"
 
 
-def parse_row(row: Row, root: Path, allow_outside_root: bool = False) -> Sample:
+def parse_row(row: Row, root: Path, allow_outside_root: bool = False, need_answer: bool = True) -> Sample:
     """Turn a manifest row into a `Sample`; images are read and decoded now so bad ones are rejected early.
 
     Image paths resolve against `root` (the manifest's folder) and may not leave it (`..`, absolute paths or
-    links elsewhere) unless `allow_outside_root`: a manifest from elsewhere cannot make the job read any file."""
+    links elsewhere) unless `allow_outside_root`: a manifest from elsewhere cannot make the job read any file.
+    Without `need_answer` (the teacher writes the answer) a conversation may end with a user turn."""
     if row.error is not None:
         raise RejectError(row.error)
     rec = row.record
@@ -169,7 +170,7 @@ def parse_row(row: Row, root: Path, allow_outside_root: bool = False) -> Sample:
     listed = _image_list(rec)
     images = [_load_image(src, root, i, allow_outside_root)
               for i, src in enumerate(_assign_images(inline, listed, fmt))]
-    _check_turns(messages)
+    _check_turns(messages, need_answer)
     return Sample(sample_id, row.index, messages, images)
 
 
@@ -319,9 +320,9 @@ def _b64(text: str, i: int) -> bytes:
         raise RejectError(f"image {i} is neither an existing file nor valid base64") from None
 
 
-def _check_turns(messages: list[dict]) -> None:
+def _check_turns(messages: list[dict], need_answer: bool = True) -> None:
     answers = [m for m in messages if m["role"] == "assistant"]
-    if not answers:
+    if not answers and need_answer:
         raise RejectError("conversation has no assistant turn (nothing to distil)")
     for turn, m in enumerate(messages):
         if m["role"] == "assistant":

@@ -76,6 +76,8 @@ def summary(store: TeacherStore) -> dict[str, Any]:
         "topk": store.meta["topk"],
         "question_features": store.meta["question_features"],
         "layers": store.meta.get("layers", []),
+        "answers": store.meta.get("answers", "dataset"),
+        "generation": store.meta.get("generation"),
         "provenance": store.meta["provenance"],
     }
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .chat import Rendered, Renderer, load_processor
+from .chat import Generated, GenerationSettings, Rendered, Renderer, load_processor
 from .errors import ConfigError
 from .head import TeacherHead
 
@@ -124,19 +124,44 @@ class HFTeacher(TeacherIdentity):
 
     @torch.no_grad()
     def forward(self, renderer: Renderer, batch: list[Rendered], question: bool,
-                images: list[list[Any]] | None = None) -> list[dict[str, torch.Tensor]]:
-        """Per sample: `features` (A, D) at the label positions, and `question` (P, D) at every other
-        position when asked. (`images` is for backends that take raw images; here they are in `batch`.)"""
+                images: list[list[Any]] | None = None, layers: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+        """Per sample: `features` (A, D) at the label positions, `question` (P, D) at every other position when
+        asked, and `layers` {k: (A, D)}: the residual stream after decoder layer k (`hidden_states[k]`) at the
+        label positions. (`images` is for backends that take raw images; here they are in `batch`.)"""
         inputs = {k: v.to(self.device) for k, v in renderer.collate(batch).items()}
-        hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, L, D)
+        out = self.model.base_model(**inputs, use_cache=False, output_hidden_states=bool(layers))
+        hidden = out.last_hidden_state  # (B, L, D)
         outs = []
         for i, r in enumerate(batch):
             mask = torch.from_numpy(r.label_mask).to(hidden.device)  # (L_i,)
             h = hidden[i, : len(mask)]  # (L_i, D)
-            out = {"features": h[mask].float().cpu()}
+            item: dict[str, Any] = {"features": h[mask].float().cpu()}
             if question:
-                out["question"] = h[~mask].float().cpu()
-            outs.append(out)
+                item["question"] = h[~mask].float().cpu()
+            if layers:
+                item["layers"] = {k: out.hidden_states[k][i, : len(mask)][mask].float().cpu() for k in layers}
+            outs.append(item)
+        return outs
+
+    @torch.no_grad()
+    def generate(self, renderer: Renderer, prompts: list[Rendered], images: list[list[Any]],
+                 gen: GenerationSettings, seeds: list[int]) -> list[Generated]:
+        """The teacher's answer to each prompt (one at a time: this backend is the portable one, not the fast
+        one), with the log-probability of every chosen token under the model's raw logits."""
+        stop = renderer.stop_ids()
+        outs = []
+        for r, seed in zip(prompts, seeds):
+            torch.manual_seed(seed)  # per sample: a resumed job writes the same answers
+            inputs = {k: v.to(self.device) for k, v in r.inputs.items()}
+            g = self.model.generate(
+                **inputs, max_new_tokens=gen.max_new_tokens, do_sample=gen.temperature > 0,
+                temperature=gen.temperature if gen.temperature > 0 else None, top_p=gen.top_p if gen.temperature > 0
+                else None, top_k=None, eos_token_id=stop, pad_token_id=renderer.pad_id, output_logits=True,
+                return_dict_in_generate=True)
+            new = g.sequences[0, len(r.input_ids):].cpu()  # (n,)
+            logprobs = torch.stack(g.logits, 1)[0].float().log_softmax(-1).cpu()  # (n, V)
+            chosen = logprobs.gather(-1, new[:, None])[:, 0]
+            outs.append(Generated.cut(new.tolist(), chosen.tolist(), stop))
         return outs
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,22 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def demo_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_demo_manifest(tmp_path_factory.mktemp("demo"), n=16, seed=0)
+
+
+@pytest.fixture(scope="session")
+def text_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Text-only conversations for the text LM: one turn, two turns with a system prompt, LLaVA format."""
+    rows = [
+        {"id": "t0", "messages": [{"role": "user", "content": "What is seven?"},
+                                  {"role": "assistant", "content": "A digit."}]},
+        {"id": "t1", "messages": [{"role": "system", "content": "Be brief."},
+                                  {"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+                                  {"role": "user", "content": "three"}, {"role": "assistant", "content": "four five"}]},
+        {"id": "t2", "conversations": [{"from": "human", "value": "Say nine."}, {"from": "gpt", "value": "nine"}]},
+    ]
+    p = tmp_path_factory.mktemp("text") / "text.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
 
 
 @pytest.fixture(scope="session")

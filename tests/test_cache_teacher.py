@@ -29,29 +29,15 @@ def _cfg(zoo_model: Path, manifest: Path, out: Path, **kw) -> CacheConfig:
 
 
 @pytest.fixture(scope="module")
-def stores(zoo, clean_manifest, tmp_path_factory) -> dict[str, Path]:
+def stores(zoo, clean_manifest, text_manifest, tmp_path_factory) -> dict[str, Path]:
     """One float32 store per zoo model over the clean demo rows (question features on, small batches)."""
     out = {}
     for name, path in zoo.items():
-        manifest = clean_manifest if name != "textlm" else _text_manifest(tmp_path_factory.mktemp("text"))
+        manifest = clean_manifest if name != "textlm" else text_manifest
         store = tmp_path_factory.mktemp(name) / "store"
         run_cache(_cfg(path, manifest, store, question_features=True, batch_tokens=300, commit_every=5))
         out[name] = store
     return out
-
-
-def _text_manifest(d: Path) -> Path:
-    rows = [
-        {"id": "t0", "messages": [{"role": "user", "content": "What is seven?"},
-                                  {"role": "assistant", "content": "A digit."}]},
-        {"id": "t1", "messages": [{"role": "system", "content": "Be brief."},
-                                  {"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
-                                  {"role": "user", "content": "three"}, {"role": "assistant", "content": "four five"}]},
-        {"id": "t2", "conversations": [{"from": "human", "value": "Say nine."}, {"from": "gpt", "value": "nine"}]},
-    ]
-    p = d / "text.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return p
 
 
 @pytest.mark.parametrize("name", ["llava", "idefics3", "qwen2vl", "textlm"])
