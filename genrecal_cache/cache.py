@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ from tqdm import tqdm
 from . import FORMAT_VERSION
 from .chat import GenerationSettings, Rendered, compatible_runs
 from .config import flag as _flag
+from .config import to_argv
 from .dataset import Sample, parse_row, read_manifest, row_sample_id, scan_ids
 from .errors import ConfigError, DatasetError, RejectError, StoreError
 from .store import (
@@ -47,8 +52,12 @@ class CacheConfig:
     output: Path = _flag("Teacher store directory (a Zarr v3 group); created, or resumed when it exists.")
     backend: str = _flag("Teacher backend: 'hf' (transformers, runs anywhere) or 'vllm' (fast; needs vLLM).", "hf")
     tensor_parallel_size: int = _flag("vLLM: GPUs per engine (tensor parallelism).", 1)
+    pipeline_parallel_size: int = _flag("vLLM: pipeline stages per engine (GPUs per engine: tensor x pipeline).", 1)
+    data_parallel_size: int = _flag("Engines (or transformers teachers) run at once on this machine, each on its "
+                                    "own GPUs and writing its own part: job --shard i/n runs parts i*d+j of n*d.", 1)
     gpu_memory_utilization: float | None = _flag("vLLM: fraction of device memory the engine reserves (on the CPU "
-                                                 "backend, of RAM). Default 0.9 on GPU, 0.25 on CPU.", None)
+                                                 "backend, of RAM). Default 0.9 on GPU, 0.25 on CPU. With --answers generate, two engines (one "
+                                                 "writes, one reads features) share it half and half.", None)
     max_model_len: int | None = _flag("vLLM: longest sequence the engine plans for (default: --max-length).", None)
     topk: int = _flag("Top-k teacher log-probabilities stored per label token (0: none).", 20)
     question_features: bool = _flag("Also store features at every non-label position (the trainer's regularizer needs them).", False)
@@ -77,10 +86,13 @@ class CacheConfig:
                                      False)
     trust_remote_code: bool = _flag("Allow the teacher's own modelling code (only for checkpoints you trust).", False)
     progress: bool = _flag("Show a progress bar.", True)
+    result_json: Path | None = _flag("Also write the job's counts and timings to this JSON file.", None)
     command: list[str] = field(default_factory=lambda: list(sys.argv))
 
     def __post_init__(self) -> None:
         self.manifest, self.output = Path(self.manifest), Path(self.output)
+        if self.result_json is not None:
+            self.result_json = Path(self.result_json)
         if self.answers not in ("dataset", "generate"):
             raise ConfigError(f"--answers must be dataset or generate, got {self.answers!r}")
         if self.max_new_tokens < 1 or self.gen_temperature < 0 or not 0 < self.gen_top_p <= 1:
@@ -95,8 +107,10 @@ class CacheConfig:
             raise ConfigError(f"--backend must be hf or vllm, got {self.backend!r}")
         if self.topk < 0:
             raise ConfigError(f"--topk must be >= 0, got {self.topk}")
-        if self.batch_tokens < 1 or self.commit_every < 1:
-            raise ConfigError("--batch-tokens and --commit-every must be >= 1")
+        for name in ("batch_tokens", "commit_every", "tensor_parallel_size", "pipeline_parallel_size",
+                     "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_samples is not None and self.max_samples < 0:
             raise ConfigError(f"--max-samples must be >= 0, got {self.max_samples}")
         if self.max_length is not None and self.max_length < 2:
@@ -382,14 +396,52 @@ def load_teacher(cfg: CacheConfig) -> TeacherIdentity:
     if cfg.backend == "vllm":
         from .teacher_vllm import VLLMTeacher
 
-        return VLLMTeacher(cfg.teacher, cfg.dtype, cfg.trust_remote_code,
+        util = cfg.gpu_memory_utilization or (0.9 if cfg.device.startswith("cuda") else 0.25)
+
+        return VLLMTeacher(cfg.teacher, cfg.dtype, cfg.trust_remote_code, cfg.layer_ids,
                            tensor_parallel_size=cfg.tensor_parallel_size,
-                           gpu_memory_utilization=cfg.gpu_memory_utilization
-                           or (0.9 if cfg.device.startswith("cuda") else 0.25),
+                           pipeline_parallel_size=cfg.pipeline_parallel_size,
+                           gpu_memory_utilization=util / 2 if cfg.generation else util,
                            max_model_len=cfg.max_model_len or cfg.max_length)
     return HFTeacher(cfg.teacher, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
 
 
 def run_cache(cfg: CacheConfig, teacher: TeacherIdentity | None = None) -> CacheResult:
+    if cfg.data_parallel_size > 1:
+        return run_data_parallel(cfg)
     return CacheJob(cfg, teacher).run()
+
+
+def run_data_parallel(cfg: CacheConfig) -> CacheResult:
+    """`--data-parallel-size d`: d copies of this job in subprocesses, copy j on its own GPUs, writing part
+    i*d+j of n*d. Each copy resumes on its own; the result sums theirs."""
+    d, per = cfg.data_parallel_size, cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+    gpus: list[str] = []
+    if cfg.device.startswith("cuda"):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        if len(gpus) < d * per:
+            raise ConfigError(f"--data-parallel-size {d} x {per} GPUs per engine needs {d * per} GPUs, "
+                              f"{len(gpus)} are visible")
+    procs, tmp = [], Path(tempfile.mkdtemp(prefix="genrecal-dp-"))
+    for j in range(d):
+        child = replace(cfg, shard=f"{cfg.shard_index * d + j}/{cfg.num_shards * d}", data_parallel_size=1,
+                        progress=cfg.progress and j == 0, result_json=tmp / f"{j}.json")  # one bar: copy 0's
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[j * per : (j + 1) * per])
+        argv = [sys.executable, "-m", "genrecal_cache.cli", "cache-teacher", *to_argv(child)]
+        procs.append((child, subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)))
+    res, failed = CacheResult(), []
+    for child, p in procs:
+        if p.wait() != 0:
+            failed.append(f"part {child.shard} (exit status {p.returncode})")
+            continue
+        for k, v in json.loads(child.result_json.read_text()).items():
+            setattr(res, k, max(getattr(res, k), v) if k == "seconds" else getattr(res, k) + v)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if failed:
+        raise StoreError(f"{', '.join(failed)} failed (their errors are above); the other parts are complete. "
+                         "Re-run the same command: every part resumes after its last commit.")
+    return res
 

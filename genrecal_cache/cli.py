@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ def _cache(cfg: Any) -> None:
     from .cache import run_cache
 
     res = run_cache(cfg)
+    if cfg.result_json is not None:
+        cfg.result_json.write_text(json.dumps(asdict(res)))
     print(f"cache-teacher: {res.samples} samples committed, {res.rejects} rejected, {res.label_tokens} label tokens, "
           f"{res.skipped} rows already done; {res.seconds:.1f}s ({res.forward_seconds:.1f}s teacher forward) "
           f"-> {cfg.output}")

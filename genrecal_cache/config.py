@@ -53,3 +53,18 @@ def command_from(cls: type, run: Callable[[Any], None], skip: tuple[str, ...] = 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = cls.__doc__
     return command
+
+
+def to_argv(cfg: Any, skip: tuple[str, ...] = ("command",)) -> list[str]:
+    """The command-line options that rebuild `cfg` (the inverse of `command_from`), e.g. to start a copy of a
+    job in a subprocess."""
+    argv = []
+    for f in dataclasses.fields(cfg):
+        if f.name in skip or "help" not in f.metadata:
+            continue
+        value, name = getattr(cfg, f.name), f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(f"--{name}" if value else f"--no-{name}")
+        elif value is not None:
+            argv += [f"--{name}", str(value)]
+    return argv

