@@ -402,8 +402,17 @@ def load_teacher(cfg: CacheConfig) -> TeacherIdentity:
                            tensor_parallel_size=cfg.tensor_parallel_size,
                            pipeline_parallel_size=cfg.pipeline_parallel_size,
                            gpu_memory_utilization=util / 2 if cfg.generation else util,
-                           max_model_len=cfg.max_model_len or cfg.max_length)
+                           max_model_len=cfg.max_model_len or _engine_len(cfg))
     return HFTeacher(cfg.teacher, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
+
+
+def _engine_len(cfg: CacheConfig) -> int | None:
+    """--max-length, within what the model's positions allow (vLLM refuses a longer max_model_len)."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code).get_text_config()
+    limit = getattr(text, "max_position_embeddings", None)
+    return min(x for x in (cfg.max_length, limit) if x is not None) if cfg.max_length or limit else None
 
 
 def run_cache(cfg: CacheConfig, teacher: TeacherIdentity | None = None) -> CacheResult:
