@@ -81,7 +81,7 @@ class Models(nn.Module):
         return fn(*args, **kwargs)
 
 
-def _sum_hook(_, bucket):  # noqa: ANN001, ANN202 (DDP rejects the string annotations of `from __future__`)
+def _sum_hook(_, bucket):  # unannotated: DDP rejects the string annotations of `from __future__`
     """DDP communication hook: sum the gradient bucket over ranks (DDP's default divides by the world size)."""
     return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
 

@@ -26,7 +26,8 @@ class _FailsOn(Renderer):
 
 @pytest.fixture(scope="module")
 def store(zoo, clean_manifest, tmp_path_factory) -> Path:
-    from .test_trainer import _store  # here, not at the top: workers import this module to unpickle _FailsOn
+    # Imported here, not at the top: workers import this module to unpickle _FailsOn.
+    from .test_trainer import _store
 
     return _store(zoo, clean_manifest, tmp_path_factory.mktemp("data") / "store")
 
