@@ -208,6 +208,7 @@ class Prefetcher:
 
     def __init__(self, it: Iterator, depth: int = 4):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._done = False
         self._thread = threading.Thread(target=self._run, args=(it,), daemon=True)
         self._thread.start()
 
@@ -223,8 +224,11 @@ class Prefetcher:
         return self
 
     def __next__(self):
+        if self._done:  # asked again after the end (a rank out of data keeps asking while others train)
+            raise StopIteration
         item = self._q.get()
         if item is self._END:
+            self._done = True
             raise StopIteration
         if isinstance(item, BaseException):
             raise item

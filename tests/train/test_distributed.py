@@ -85,3 +85,12 @@ def test_fsdp_needs_torchrun(store, zoo, tmp_path):
         pytest.skip("running under torchrun")
     with pytest.raises(ConfigError, match="--fsdp .*torchrun --nproc-per-node"):
         TrainConfig(store=store, student=str(zoo["idefics3"]), output=tmp_path, fsdp=True)
+
+
+def test_a_rank_whose_data_runs_out_first_still_takes_part(store, zoo, tmp_path):
+    """Blocks of 5 (5, 5, 2 samples): rank 0 gets 7 samples, rank 1 five. With batches of 3 and two micro-batches
+    per step, step 2 has one micro-batch on rank 0 and none on rank 1, which runs a pass with weight 0."""
+    out = _run(store, zoo, tmp_path / "two", 2, 3, "--grad-accum", "2", "--block-size", "5", stage="1")
+    recs = [json.loads(x) for x in (out / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2]
+    assert (out / "stage1" / "final" / "student" / "model.safetensors").exists()
