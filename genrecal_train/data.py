@@ -1,22 +1,27 @@
 """Stream a teacher store for training: blocks of consecutive samples, shuffled per epoch from a seed, split
-disjointly across ranks, each sample paired with the student's own rendering of the same conversation.
+disjointly across ranks (and across DataLoader workers within a rank), each sample paired with the student's own
+rendering of the same conversation.
 
-The stream's position (epoch, batches taken) is part of the trainer state, so a resumed run continues with the
-very next batch.
+The stream's position (epoch, samples consumed) is part of the trainer state, so a resumed run continues with the
+very next batch, whatever the number of workers.
 """
 
 from __future__ import annotations
 
+import pickle
 import queue
 import random
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from torch.utils.data import IterableDataset
 
 from genrecal_cache.chat import Rendered, Renderer
 from genrecal_cache.dataset import Row, parse_row
-from genrecal_cache.errors import RejectError
+from genrecal_cache.errors import RejectError, StoreError
 from genrecal_cache.store import TeacherSample, TeacherStore
 
 from .sequence import answer_spans
@@ -46,67 +51,153 @@ def block_order(store: TeacherStore, block_size: int, seed: int, epoch: int, ran
     return blocks[rank::world]
 
 
+@dataclass
+class Block:
+    """One block of the stream, loaded: the samples kept, each with its position in the block, and the rejects."""
+
+    index: int  # position in the stream's plan: blocks are assembled into batches in this order
+    epoch: int
+    read: int  # samples of the block read (skipped and rejected ones included)
+    samples: list[tuple[int, TrainSample]]
+    rejected: dict[str, str]
+
+
+def load_block(store: TeacherStore, renderer: Renderer, keep: Callable[[str], bool] | None, index: int,
+               epoch: int, k: int, start: int, stop: int) -> Block:
+    """Read samples [start, stop) of part k and render the student's side of those kept. A sample the student
+    cannot take is a reject; any other failure is raised naming the sample."""
+    part = store.parts[k]
+    try:
+        teachers = part.read(start, stop)
+    except Exception as e:
+        ids = part.samples.column("sample_id")
+        raise StoreError(f"{e} (samples {ids[start]} to {ids[stop - 1]})") from e
+    block = Block(index, epoch, stop - start, [], {})
+    for i, t in enumerate(teachers):
+        if keep is not None and not keep(t.sample_id):
+            continue
+        try:
+            item = pair(t, renderer, store.path)
+        except (RejectError, ValueError, OSError) as e:
+            block.rejected[t.sample_id] = getattr(e, "reason", str(e))
+            continue
+        except Exception as e:
+            raise RuntimeError(f"preparing sample {t.sample_id!r} (part {part.name}, row {start + i}) failed: "
+                               f"{type(e).__name__}: {e}") from e
+        block.samples.append((i, item))
+    return block
+
+
+def pair(t: TeacherSample, renderer: Renderer, root: Path) -> TrainSample:
+    """The student's rendering of a stored sample; RejectError (or ValueError/OSError) if it cannot take it."""
+    images = [img if img is not None else Path(p).read_bytes() for img, p in zip(t.images, t.image_paths)]
+    sample = parse_row(Row(t.source_row, {"id": t.sample_id, "messages": t.messages, "images": images}), root)
+    rendered = renderer.render(sample)
+    if len(answer_spans(rendered.segments)) != len(answer_spans(t.segments)):
+        raise RejectError("the student and the teacher split the conversation into different turns")
+    return TrainSample(t, rendered)
+
+
 class StoreStream:
-    """Batches of `TrainSample` from a store, one epoch at a time, resumable at a batch boundary."""
+    """Batches of `TrainSample` from a store, one epoch at a time, resumable at a batch boundary. With
+    `num_workers` > 0, blocks are read and rendered in DataLoader worker processes (see `_BlockDataset`); the
+    batches are the same as with none."""
 
     def __init__(self, store: TeacherStore | Path | str, renderer: Renderer, batch_size: int, seed: int = 0,
-                 block_size: int = 64, rank: int = 0, world: int = 1, keep: Callable[[str], bool] | None = None):
+                 block_size: int = 64, rank: int = 0, world: int = 1, keep: Callable[[str], bool] | None = None,
+                 num_workers: int = 0):
         self.store = store if isinstance(store, TeacherStore) else TeacherStore(store)
         if len(self.store) == 0:
             raise ValueError(f"teacher store {self.store.path} has no committed samples; run cache-teacher first")
         self.renderer, self.batch_size, self.seed = renderer, batch_size, seed
         self.block_size, self.rank, self.world = block_size, rank, world
-        self.keep = keep  # sample ids to train on (the rest, e.g. held out, are skipped unread)
+        self.keep = keep  # sample ids to train on (the rest, e.g. held out, are skipped unrendered)
+        self.num_workers = num_workers
         self.state = StreamState()
         self.rejected: dict[str, str] = {}  # sample id -> why the student side could not be rendered
 
+    def plan(self, epochs: int) -> list[tuple[int, int, int, int]]:
+        """The blocks (epoch, part, start, stop) still to read, from `state` to the end of `epochs`."""
+        out, skip = [], self.state.consumed
+        for epoch in range(self.state.epoch, epochs):
+            for k, start, stop in block_order(self.store, self.block_size, self.seed, epoch, self.rank, self.world):
+                if skip >= stop - start:  # whole block already consumed: no read at all
+                    skip -= stop - start
+                    continue
+                out.append((epoch, k, start + skip, stop))
+                skip = 0
+            skip = 0
+        return out
+
+    def blocks(self, epochs: int) -> Iterator[Block]:
+        """The planned blocks, loaded, in plan order."""
+        plan = self.plan(epochs)
+        if self.num_workers == 0:
+            return (load_block(self.store, self.renderer, self.keep, i, *p) for i, p in enumerate(plan))
+        from torch.utils.data import DataLoader
+
+        # Workers hand back pickled bytes, not objects holding tensors: tensors would travel as shared-memory
+        # file descriptors, one per tensor of every sample in flight (thousands; past the open-files limit).
+        # prefetch_factor 1: a block already holds many batches, and each block in flight costs its memory.
+        loader = DataLoader(_BlockDataset(self.store.path, self.renderer, self.keep, plan, self.num_workers),
+                            batch_size=None, num_workers=self.num_workers, multiprocessing_context="spawn",
+                            prefetch_factor=1, collate_fn=_identity)
+        return (pickle.loads(b) for b in loader)
+
     def batches(self, epochs: int) -> Iterator[tuple[list[TrainSample], StreamState]]:
         """Every remaining batch until `epochs` epochs are done, each with the stream position after it (what a
-        checkpoint must record once that batch is trained on)."""
-        while self.state.epoch < epochs:
-            for batch in self.epoch_batches():
-                yield batch, StreamState(self.state.epoch, self.state.consumed)
-        return
-
-    def epoch_batches(self) -> Iterator[list[TrainSample]]:
-        """The rest of the current epoch's batches; advances `state` as batches are taken."""
-        consumed = skip = self.state.consumed
+        checkpoint must record once that batch is trained on); a batch never spans two epochs."""
         batch: list[TrainSample] = []
-        for k, start, stop in block_order(self.store, self.block_size, self.seed, self.state.epoch, self.rank,
-                                          self.world):
-            if skip >= stop - start:  # whole block already consumed: no read at all
-                skip -= stop - start
-                continue
-            for t in self.store.parts[k].read(start + skip, stop):
-                consumed += 1
-                if self.keep is not None and not self.keep(t.sample_id):
-                    continue
-                item = self._pair(t)
-                if item is not None:
-                    batch.append(item)
+        epoch, consumed = self.state.epoch, self.state.consumed
+        for n, block in enumerate(self.blocks(epochs)):
+            # DataLoader returns its workers' items round-robin, so in plan order: check it, resume relies on it
+            assert block.index == n, f"block {block.index} arrived in place of block {n}"
+            if block.epoch != epoch:  # the previous epoch is done: its last, partial batch
+                if batch:
+                    yield batch, StreamState(epoch, consumed)
+                batch, epoch, consumed = [], block.epoch, 0
+            self.rejected.update(block.rejected)
+            for i, item in block.samples:
+                batch.append(item)
                 if len(batch) == self.batch_size:
-                    self.state.consumed = consumed
-                    yield batch
+                    yield batch, StreamState(epoch, consumed + i + 1)
                     batch = []
-            skip = 0
+            consumed += block.read
         if batch:
-            self.state.consumed = consumed
-            yield batch
-        self.state = StreamState(self.state.epoch + 1, 0)
+            yield batch, StreamState(epoch, consumed)
+        self.state = StreamState(epochs, 0)
 
     def _pair(self, t: TeacherSample) -> TrainSample | None:
-        """Render the student's side; a sample the student cannot take is counted and skipped, not fatal."""
+        """The student's side of one sample, or None (counted in `rejected`) when it cannot take it."""
         try:
-            images = [img if img is not None else Path(p).read_bytes() for img, p in zip(t.images, t.image_paths)]
-            sample = parse_row(Row(t.source_row, {"id": t.sample_id, "messages": t.messages, "images": images}),
-                               self.store.path)
-            rendered = self.renderer.render(sample)
-            if len(answer_spans(rendered.segments)) != len(answer_spans(t.segments)):
-                raise RejectError("the student and the teacher split the conversation into different turns")
-            return TrainSample(t, rendered)
+            return pair(t, self.renderer, self.store.path)
         except (RejectError, ValueError, OSError) as e:
             self.rejected[t.sample_id] = getattr(e, "reason", str(e))
             return None
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _BlockDataset(IterableDataset):
+    """The plan's blocks for DataLoader workers: worker w loads blocks w, w+N, w+2N, ... (disjoint, and handed
+    back round-robin, i.e. in plan order). Each worker opens the store itself (an open store holds zarr's event
+    loop thread, which must not cross a process boundary); the renderer is pickled into it."""
+
+    def __init__(self, path: Path, renderer: Renderer, keep: Callable[[str], bool] | None,
+                 plan: list[tuple[int, int, int, int]], num_workers: int):
+        self.path, self.renderer, self.keep, self.plan, self.num_workers = path, renderer, keep, plan, num_workers
+
+    def __iter__(self) -> Iterator[bytes]:
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        assert info is not None and info.num_workers == self.num_workers, "use through a DataLoader's workers"
+        store = TeacherStore(self.path)
+        for i in range(info.id, len(self.plan), info.num_workers):
+            block = load_block(store, self.renderer, self.keep, i, *self.plan[i])
+            yield pickle.dumps(block, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class Prefetcher:
@@ -117,6 +208,7 @@ class Prefetcher:
 
     def __init__(self, it: Iterator, depth: int = 4):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._done = False
         self._thread = threading.Thread(target=self._run, args=(it,), daemon=True)
         self._thread.start()
 
@@ -132,8 +224,11 @@ class Prefetcher:
         return self
 
     def __next__(self):
+        if self._done:  # asked again after the end (a rank out of data keeps asking while others train)
+            raise StopIteration
         item = self._q.get()
         if item is self._END:
+            self._done = True
             raise StopIteration
         if isinstance(item, BaseException):
             raise item

@@ -178,14 +178,15 @@ class Recalibrator(nn.Module):
         return proj_post_ln(h, self.proj_post.weight, self.proj_post.bias, self.out_norm.weight,
                             self.out_norm.bias, self.out_norm.eps, impl=impl)
 
-    def save(self, out: Path | str) -> None:
-        """`recalibrator.safetensors` + `recalibrator.json` (the config) in `out`."""
+    def save(self, out: Path | str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """`recalibrator.safetensors` + `recalibrator.json` (the config) in `out`; `state_dict` in place of the
+        module's own (a full one gathered from FSDP shards)."""
         from safetensors.torch import save_file
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  out / "recalibrator.safetensors")
+        state = self.state_dict() if state_dict is None else state_dict
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, out / "recalibrator.safetensors")
         (out / "recalibrator.json").write_text(json.dumps(asdict(self.cfg), indent=2))
 
     @classmethod

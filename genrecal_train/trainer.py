@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -83,7 +85,13 @@ class TrainConfig:
     heldout_fraction: float = flag("Fraction of samples (by id) held out for the student-reliance check.", 0.05)
     reliance_every: int = flag("Run the student-reliance check every this many steps (0: never).", 200)
     save_every: int = flag("Save a resumable checkpoint every this many steps.", 200)
-    prefetch: bool = flag("Prepare the next batches in a background thread while the current one trains.", True)
+    prefetch: bool = flag("Prepare the next batches in a background thread while the current one trains "
+                          "(with --num-workers 0).", True)
+    num_workers: int = flag("DataLoader worker processes per rank that read and render blocks of samples (0: "
+                            "the main process, with --prefetch in a thread). The batches are the same either way.",
+                            0)
+    fsdp: bool = flag("Under torchrun, shard the student's decoder layers and the Recalibrator across ranks "
+                      "(FSDP2) instead of replicating them (DDP).", False)
     log_every: int = flag("Write metrics every this many steps.", 10)
     resume: bool = flag("Continue each stage from its last checkpoint, exactly.", False)
     verify_store: bool = flag("Read the whole store through its checksums before training (without it, only the "
@@ -107,6 +115,11 @@ class TrainConfig:
                      "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.num_workers < 0:
+            raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise ConfigError("--fsdp shards the models across processes, and this is one process: launch with "
+                              "`torchrun --nproc-per-node N -m genrecal_train.cli ...` (N >= 2), or drop --fsdp")
         if self.temperature <= 0:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
         if not 0 <= self.heldout_fraction < 1:
@@ -138,6 +151,11 @@ def _step_of(line: str) -> float:
 
 def is_heldout(sample_id: str, fraction: float) -> bool:
     return zlib.crc32(sample_id.encode()) % 10_000 < fraction * 10_000
+
+
+def trains_on(sample_id: str, heldout_fraction: float) -> bool:
+    """Not held out (a plain function: the stream's filter is pickled into DataLoader workers)."""
+    return not is_heldout(sample_id, heldout_fraction)
 
 
 def vision_parameter_names(model: torch.nn.Module) -> set[str]:
@@ -206,16 +224,25 @@ class Trainer:
         if self.recal is not None:
             self.recal.train()
         self._freeze()
-        params = [p for m in (self.student, self.recal) if m is not None for p in m.parameters() if p.requires_grad]
+        # Every pass over the student or the Recalibrator runs as `self.model(fn, ...)`, through DDP or FSDP under
+        # torchrun; `self.models` is the bare root (state dicts, optimizer state), its keys those of one process.
+        self.models = dist.Models(student=self.student, recal=self.recal)
+        # Second names of tied weights (the LM head tied to the embeddings): save_pretrained leaves them out.
+        self._tied = ({n for n, _ in self.student.named_parameters(remove_duplicate=False)}
+                      - {n for n, _ in self.student.named_parameters()})
+        self.model = dist.wrap(self.models, cfg.fsdp, self._fsdp_units() if cfg.fsdp else [])
+        params = [p for p in self.models.parameters() if p.requires_grad]  # after FSDP swapped in its shards
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self._keep = functools.partial(trains_on, heldout_fraction=cfg.heldout_fraction)
         self.stream = StoreStream(self.store, self.renderer, cfg.batch_size, cfg.seed + stage, cfg.block_size,
-                                  self.rank, self.world, keep=self._trains_on)
+                                  self.rank, self.world, keep=self._keep, num_workers=cfg.num_workers)
         self.total_steps = self._count_steps()
         # The prefetch thread renders with self.renderer; the reliance check renders in the main thread, so it
         # gets its own copy of the processor (fast tokenizers are not safe to share between threads).
         self._reliance_stream = StoreStream(self.store, Renderer(copy.deepcopy(self.processor)), 1)
         self.step = 0
         self.data_state = StreamState()
+        self._last: list[TrainSample] | None = None  # a batch to re-run with weight 0 (see train_step)
         self.times: dict[str, float] | None = None  # set to {} to time the phases of each step (tools/bench_train.py)
         self.dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -295,14 +322,19 @@ class Trainer:
             for p in self.recal.parameters():
                 p.requires_grad_(not (self.stage == 2 and self.cfg.freeze_recalibrator))
 
-    def _trains_on(self, sample_id: str) -> bool:
-        return not is_heldout(sample_id, self.cfg.heldout_fraction)
+    def _fsdp_units(self) -> list[torch.nn.Module]:
+        """What FSDP shards on its own: the student's decoder layers (the blocks transformers never splits,
+        `_no_split_modules`, outside the vision tower, which some batches skip) and the Recalibrator's blocks."""
+        names = {n for m in self.student.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
+        units = [m for n, m in self.student.named_modules()
+                 if type(m).__name__ in names and not any(f".{v}." in f".{n}." for v in VISION_MODULES)]
+        return units + ([*self.recal.blocks, self.recal] if self.recal is not None else [])
 
     def _count_steps(self) -> int:
         """Optimizer steps of the stage, for the LR schedule: the busiest rank's kept samples per epoch
         (samples the student cannot render, found only while training, make the real count a little lower)."""
         ids = [p.samples.column("sample_id").to_pylist() for p in self.store.parts]
-        per_rank = [sum(self._trains_on(sid) for k, a, b in block_order(self.store, self.cfg.block_size, 0, 0, r,
+        per_rank = [sum(self._keep(sid) for k, a, b in block_order(self.store, self.cfg.block_size, 0, 0, r,
                                                                           self.world) for sid in ids[k][a:b])
                     for r in range(self.world)]
         per_epoch = max(1, math.ceil(max(per_rank) / (self.cfg.batch_size * self.cfg.grad_accum)))
@@ -319,26 +351,34 @@ class Trainer:
 
     # --- one step -----------------------------------------------------------------------------------------------
 
-    def _micro_batches(self) -> list[list[TrainSample]] | None:
-        """The next `grad_accum` batches of this rank (fewer at the very end; None when its data is done)."""
+    def _micro_batches(self) -> list[list[TrainSample]]:
+        """The next `grad_accum` batches of this rank (fewer at the very end, none when its data is done)."""
         out = []
         for batch, state in self._batches:
             out.append(batch)
             self.data_state = state  # the position a checkpoint after this step resumes from
             if len(out) == self.cfg.grad_accum:
                 break
-        return out or None
+        return out
 
     def _student(self, batch: list[TrainSample], n_student: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The student's final features per sample (L_i, D_s) and, in stages 2-3, its own loss L_s. Samples
         whose inputs do not batch together (e.g. different image layouts) run in separate forwards."""
         feats: list[torch.Tensor] = []
         loss = None
-        for run in compatible_runs([s.student for s in batch]):
+        runs = compatible_runs([s.student for s in batch])
+        real = len(runs)
+        if self.cfg.fsdp:  # each run gathers every decoder layer from all ranks: all ranks run as many
+            runs += [runs[0][:1]] * (dist.max_(real, self.device) - real)
+        for j, run in enumerate(runs):
             group = [batch[i].student for i in run]
             inputs = {k: v.to(self.device) for k, v in self.renderer.collate(group).items()}
             with torch.set_grad_enabled(self.stage in (2, 3)), self._autocast(), self.timer("student_forward"):
                 hidden = self.student.base_model(**inputs, use_cache=False).last_hidden_state  # (b, L, D_s)
+            if j >= real:  # a padding run: in the graph with weight 0, so its backward gathers the layers too
+                if hidden.requires_grad:
+                    loss = loss + 0.0 * hidden.sum()
+                continue
             feats += [hidden[i, : len(r.input_ids)] for i, r in enumerate(group)]
             if self.stage in (2, 3):
                 mask = torch.stack([torch.nn.functional.pad(torch.from_numpy(r.label_mask),
@@ -399,8 +439,25 @@ class Trainer:
         sync()
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
-    def train_step(self, micro: list[list[TrainSample]]) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches (possibly none, when its data ran out first)."""
+    def _filler(self) -> list[TrainSample]:
+        """A batch for a pass with weight 0: the last one trained on, or (a rank that never had data) the first
+        sample of the store the student can take."""
+        if self._last is None:
+            for p in self.store.parts:
+                for t in p.read(0, min(len(p), self.cfg.block_size)):
+                    item = self._reliance_stream._pair(t)
+                    if item is not None:
+                        self._last = [item]
+                        return self._last
+            raise StoreError(f"the student can take none of the first samples of {self.cfg.store}")
+        return self._last
+
+    def train_step(self, micro: list[list[TrainSample]], passes: int | None = None) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches (possibly none, when its data ran out first).
+        Every rank runs `passes` (the most any rank has) forward/backward passes, the missing ones on a batch with
+        weight 0: DDP reduces gradients in the backward of the last pass, FSDP gathers parameters in every pass,
+        so a rank that skipped one would leave the others waiting."""
+        passes = len(micro) if passes is None else passes
         counts = torch.tensor([sum(len(s.teacher.targets) for b in micro for s in b),
                                sum(int(s.student.label_mask.sum()) for b in micro for s in b)], dtype=torch.float64)
         n_teacher, n_student = (max(1, int(c)) for c in dist.sum_(counts.to(self.device)).tolist())
@@ -408,24 +465,29 @@ class Trainer:
             g["lr"] = self.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        for batch in micro:
-            parts = self._forward(batch, n_teacher, n_student)
-            loss = sum(v for k, v in parts.items() if k in ("student", "recal", "reg"))
-            if loss.requires_grad:
-                with self.timer("backward"):
-                    loss.backward()
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach())
+        for i in range(passes):
+            real = i < len(micro)
+            batch = micro[i] if real else self._filler()
+            with dist.no_sync(self.model, sync=i == passes - 1):
+                parts = self.model(self._forward, batch, n_teacher, n_student)
+                loss = sum(v for k, v in parts.items() if k in ("student", "recal", "reg"))
+                if loss.requires_grad:
+                    with self.timer("backward"):
+                        (loss if real else loss * 0.0).backward()
+            if real:
+                self._last = batch
+                for k, v in parts.items():
+                    totals[k] = totals.get(k, 0.0) + float(v.detach())
         params = [p for group in self.opt.param_groups for p in group["params"]]
         for p in params:  # a parameter this step did not reach has gradient 0, whatever the number of ranks
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        dist.sum_gradients(params)
         if dist.active():  # the same keys on every rank, also on one whose data ran out
             vals = torch.tensor([totals.get(k, 0.0) for k in LOSS_KEYS], dtype=torch.float64, device=self.device)
             totals = {k: v for k, v in zip(LOSS_KEYS, dist.sum_(vals).tolist()) if k in totals or v != 0.0}
         if self.cfg.max_grad_norm > 0:
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            totals["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: DTensor
         self.opt.step()
         self.step += 1
         totals["loss"] = sum(totals.get(k, 0.0) for k in ("student", "recal", "reg"))
@@ -437,8 +499,9 @@ class Trainer:
     def run(self) -> Path:
         """Train the stage to its end; returns the directory of the final student/Recalibrator."""
         cfg = self.cfg
-        self._batches = Prefetcher(self.stream.batches(cfg.epochs)) if cfg.prefetch else \
-            self.stream.batches(cfg.epochs)
+        self._batches = self.stream.batches(cfg.epochs)
+        if cfg.prefetch and cfg.num_workers == 0:  # workers already prepare blocks ahead
+            self._batches = Prefetcher(self._batches)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and self.main),
                    dynamic_ncols=True,
                    desc=f"train-student stage {self.stage}")
@@ -446,9 +509,10 @@ class Trainer:
         while self.cfg.max_steps is None or self.step < self.cfg.max_steps:
             with self.timer("data_wait"):
                 micro = self._micro_batches()
-            if not dist.any_(micro is not None, self.device):  # every rank is out of data
+            passes = dist.max_(len(micro), self.device)
+            if passes == 0:  # every rank is out of data
                 break
-            m = self.train_step(micro or [])
+            m = self.train_step(micro, passes)
             tokens += m["tokens"]
             rate = tokens / max(time.perf_counter() - t0, 1e-9)
             bar.update(1)
@@ -457,18 +521,21 @@ class Trainer:
                 self._log({"stage": self.stage, "step": self.step, "lr": self.lr_at(self.step - 1),
                            "tokens_per_s": round(rate, 1), "student_rejects": len(self.stream.rejected),
                            **{k: round(v, 6) for k, v in m.items()}})
-            if cfg.reliance_every and self.recal is not None and self.step % cfg.reliance_every == 0 and self.main:
+            if cfg.reliance_every and self.recal is not None and self.step % cfg.reliance_every == 0:
                 self._log({"stage": self.stage, "step": self.step, **self.student_reliance()})
             if self.step % cfg.save_every == 0:
                 self.save_checkpoint()
             fault_point(f"train-step:{self.stage}:{self.step}")
         bar.close()
+        if hasattr(self._batches, "close"):
+            self._batches.close()  # stops DataLoader workers now, not when garbage collected
         final = self.dir / "final"
+        if self.recal is not None:
+            self._log({"stage": self.stage, "step": self.step, **self.student_reliance()})
+        states = self._model_states()
         if self.main:
-            if self.recal is not None:
-                self._log({"stage": self.stage, "step": self.step, **self.student_reliance()})
             tmp = _atomic_dir(final)
-            self._save_models(tmp)
+            self._save_models(tmp, states)
             _commit_dir(tmp, final)
         self.save_checkpoint()
         if self.metrics is not None:
@@ -489,7 +556,11 @@ class Trainer:
     @torch.no_grad()
     def student_reliance(self, limit: int = 64) -> dict[str, float]:
         """First-answer-token accuracy of the Recalibrator on held-out samples with each sample's own student
-        features and with another sample's: equal accuracies mean the student's features carry no signal."""
+        features and with another sample's: equal accuracies mean the student's features carry no signal. Every
+        rank runs it (under FSDP each forward gathers parameters from all ranks)."""
+        return self.model(self._reliance, limit)
+
+    def _reliance(self, limit: int) -> dict[str, float]:
         samples = []
         for p in self.store.parts:
             for i, sid in enumerate(p.samples.column("sample_id").to_pylist()):
@@ -525,26 +596,38 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------------------------
 
-    def _save_models(self, out: Path) -> None:
-        self.student.save_pretrained(out / "student")
+    def _model_states(self) -> dict[str, dict[str, torch.Tensor] | None]:
+        """Under FSDP, the student's and the Recalibrator's full state dicts gathered on rank 0 (every rank must
+        call it); without, None for each (the modules hold every weight: they are saved as they are)."""
+        if not self.cfg.fsdp:
+            return {"student": None, "recal": None}
+        full = dist.full_state_dict(self.models)
+        return {name: {k[len(name) + 1 :]: v for k, v in full.items()
+                       if k.startswith(name + ".") and k[len(name) + 1 :] not in self._tied}
+                for name in ("student", "recal")}
+
+    def _save_models(self, out: Path, states: dict[str, dict[str, torch.Tensor] | None]) -> None:
+        self.student.save_pretrained(out / "student", state_dict=states["student"])
         self.processor.save_pretrained(out / "student")
         if self.recal is not None:
-            self.recal.save(out / "recalibrator")
+            self.recal.save(out / "recalibrator", states["recal"])
 
     def save_checkpoint(self) -> None:
         """Student, Recalibrator, optimizer, every rank's data position and the RNG state, written atomically
         (by rank 0; every rank must call it)."""
         streams = dist.gather(asdict(self.data_state))
+        states, optimizer = self._model_states(), dist.optimizer_state(self.models, self.opt)
         if self.main:
-            self._write_checkpoint(streams)
+            self._write_checkpoint(streams, states, optimizer)
         dist.barrier()  # nobody moves on (or reads it) before it is complete
 
-    def _write_checkpoint(self, streams: list[dict]) -> None:
+    def _write_checkpoint(self, streams: list[dict], states: dict[str, dict[str, torch.Tensor]],
+                          optimizer: dict[str, Any]) -> None:
         tmp = _atomic_dir(self.ckpt)
-        self._save_models(tmp)
+        self._save_models(tmp, states)
         torch.save({
             "step": self.step, "total_steps": self.total_steps, "stage": self.stage, "world": self.world,
-            "streams": streams, "optimizer": self.opt.state_dict(),
+            "streams": streams, "optimizer": optimizer,  # keyed by parameter name, with or without FSDP
             "torch_rng": torch.get_rng_state(),
             "config": {k: str(v) for k, v in asdict(self.cfg).items() if k != "command"},
         }, tmp / "trainer_state.pt")
@@ -557,7 +640,7 @@ class Trainer:
                               f"has {self.world}: resume with the same number of processes")
         self.step, self.total_steps = state["step"], state["total_steps"]
         self.stream.state = StreamState(**state["streams"][self.rank])
-        self.opt.load_state_dict(state["optimizer"])
+        dist.load_optimizer_state(self.models, self.opt, state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
 
 

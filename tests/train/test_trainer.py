@@ -99,7 +99,7 @@ def test_regularizer_is_on_with_question_features_and_absent_without(store, zoo,
     assert not Trainer(_cfg(bare, zoo, tmp_path / "c", max_steps=1), 1).use_regularizer
 
 
-def _cli(store, zoo, out, kill_at=None) -> subprocess.CompletedProcess:
+def _cli(store, zoo, out, kill_at=None, workers: int = 0) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("GENRECAL_KILL_AT", None)
     if kill_at:
@@ -107,19 +107,28 @@ def _cli(store, zoo, out, kill_at=None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "genrecal_train.cli", "--store", str(store), "--student", str(zoo["idefics3"]),
            "--output", str(out), "--stage", "1", "--batch-size", "3", "--epochs", "2", "--lr", "1e-3",
            "--save-every", "3", "--log-every", "1", "--reliance-every", "0", "--device", "cpu", "--no-progress",
-           "--resume"]
+           "--resume", "--num-workers", str(workers)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
-def test_sigkill_then_resume_gives_the_same_losses(store, zoo, tmp_path):
-    ref = _cli(store, zoo, tmp_path / "ref")
+@pytest.fixture(scope="module")
+def uninterrupted(store, zoo, tmp_path_factory) -> list[float]:
+    out = tmp_path_factory.mktemp("ref")
+    ref = _cli(store, zoo, out)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    killed = _cli(store, zoo, tmp_path / "run", kill_at="train-step:1:5")
+    return _losses(out, 1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_then_resume_gives_the_same_losses(store, zoo, uninterrupted, tmp_path, workers):
+    """Killed at step 5 and resumed from the step-3 checkpoint: the losses of one uninterrupted run without
+    workers, also when DataLoader workers read the store (the batches do not depend on their number)."""
+    killed = _cli(store, zoo, tmp_path / "run", kill_at="train-step:1:5", workers=workers)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert len(_losses(tmp_path / "run", 1)) == 5
-    again = _cli(store, zoo, tmp_path / "run")
+    again = _cli(store, zoo, tmp_path / "run", workers=workers)
     assert again.returncode == 0, again.stderr[-2000:]
-    a, b = _losses(tmp_path / "ref", 1), _losses(tmp_path / "run", 1)
+    a, b = uninterrupted, _losses(tmp_path / "run", 1)
     assert _losses(tmp_path / "run", 1, "resumed_from") == [3], "did not resume from the step-3 checkpoint"
     assert len(a) == len(b) > 5 and a == b, (a, b)
 
