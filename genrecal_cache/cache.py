@@ -74,7 +74,7 @@ class CacheConfig:
                           "resumed job writes the same answers).", 0)
     shard: str = _flag("This job's share 'i/n' of the manifest rows (row r belongs to shard r % n); each writes its own part.", "0/1")
     max_samples: int | None = _flag("Use only the first N manifest rows (before sharding).", None)
-    max_length: int | None = _flag("Reject conversations longer than this many teacher tokens.", 4096)
+    max_length: int = _flag("Reject conversations longer than this many teacher tokens (0: no limit).", 4096)
     batch_tokens: int = _flag("Token budget of one forward batch (padded tokens).", 16384)
     dtype: str = _flag("Teacher compute and storage dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.", "auto")
     device: str = _flag("Device for the teacher: auto, cpu, cuda, cuda:1, ...", "auto")
@@ -113,8 +113,8 @@ class CacheConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_samples is not None and self.max_samples < 0:
             raise ConfigError(f"--max-samples must be >= 0, got {self.max_samples}")
-        if self.max_length is not None and self.max_length < 2:
-            raise ConfigError(f"--max-length must be >= 2, got {self.max_length}")
+        if self.max_length == 1 or self.max_length < 0:
+            raise ConfigError(f"--max-length must be >= 2 (or 0: no limit), got {self.max_length}")
         try:
             i, n = (int(x) for x in self.shard.split("/"))
         except ValueError:
@@ -200,7 +200,7 @@ class CacheJob:
         settings = self._settings()
         check_settings(cfg.output, settings)  # before loading a teacher that may take minutes to load
         self.teacher = teacher or load_teacher(cfg)
-        self.renderer = self.teacher.renderer(cfg.max_length)
+        self.renderer = self.teacher.renderer(cfg.max_length or None)
         t = self.teacher
         n_layers = t.config.get_text_config().num_hidden_layers
         if cfg.layer_ids and cfg.layer_ids[-1] >= n_layers:
@@ -412,13 +412,19 @@ def _engine_len(cfg: CacheConfig) -> int | None:
 
     text = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code).get_text_config()
     limit = getattr(text, "max_position_embeddings", None)
-    return min(x for x in (cfg.max_length, limit) if x is not None) if cfg.max_length or limit else None
+    return min(x for x in (cfg.max_length, limit) if x) if cfg.max_length or limit else None
 
 
 def run_cache(cfg: CacheConfig, teacher: TeacherIdentity | None = None) -> CacheResult:
+    """Run the job; a teacher it loads itself (none given) is closed at the end (a vLLM engine's processes)."""
     if cfg.data_parallel_size > 1:
         return run_data_parallel(cfg)
-    return CacheJob(cfg, teacher).run()
+    job = CacheJob(cfg, teacher)
+    try:
+        return job.run()
+    finally:
+        if teacher is None and hasattr(job.teacher, "close"):
+            job.teacher.close()
 
 
 def run_data_parallel(cfg: CacheConfig) -> CacheResult:

@@ -49,6 +49,14 @@ class InspectConfig:
     sample: str | None = flag("Show this sample's teacher tokens with targets and top-k predictions.", None)
     topk: int = flag("How many of the stored top-k to show per token with --sample.", 3)
     json: bool = flag("Print machine-readable JSON instead of text.", False)
+    plot: Path | None = flag("Write the feature-space picture here (PNG): t-SNE of the student's features, their "
+                             "recalibrated version, the teacher's and the teacher's recalibrated features, for "
+                             "held-out samples. Needs --student and --recalibrator.", None)
+    student: str | None = flag("--plot: the student model directory.", None)
+    recalibrator: list[str] | None = flag("--plot: one or more train-student Recalibrator directories (e.g. "
+                                          "run/stage1/init/recalibrator and run/stage1/final/recalibrator), one "
+                                          "row each.", None)
+    plot_samples: int = flag("--plot: at most this many samples.", 300)
 
 
 def _inspect(cfg: InspectConfig) -> None:
@@ -56,6 +64,17 @@ def _inspect(cfg: InspectConfig) -> None:
     from .store import TeacherStore
 
     store = TeacherStore(cfg.store)
+    if cfg.plot is not None:
+        if not cfg.student or not cfg.recalibrator:
+            raise typer.BadParameter("--plot needs --student DIR and --recalibrator DIR", param_hint="--plot")
+        # The one use of genrecal_train from here, for an optional picture: the Recalibrator lives there.
+        from genrecal_train.plot import feature_picture
+        from genrecal_train.recalibrator import Recalibrator
+
+        recals = {str(Path(r).parent.name if Path(r).name == "recalibrator" else Path(r).name): Recalibrator.load(r)
+                  for r in cfg.recalibrator}
+        print(f"inspect-cache: wrote {feature_picture(store, cfg.student, recals, cfg.plot, cfg.plot_samples)}")
+        return
     out: dict[str, Any] = {}
     if cfg.sample is not None:
         try:

@@ -55,14 +55,16 @@ def command_from(cls: type, run: Callable[[Any], None], skip: tuple[str, ...] = 
     return command
 
 
-def to_argv(cfg: Any, skip: tuple[str, ...] = ("command",)) -> list[str]:
+def to_argv(cfg: Any, skip: tuple[str, ...] = ("command",), changed_only: bool = False) -> list[str]:
     """The command-line options that rebuild `cfg` (the inverse of `command_from`), e.g. to start a copy of a
-    job in a subprocess."""
+    job in a subprocess; `changed_only` leaves out options at their default (to show a command)."""
     argv = []
     for f in dataclasses.fields(cfg):
         if f.name in skip or "help" not in f.metadata:
             continue
         value, name = getattr(cfg, f.name), f.name.replace("_", "-")
+        if changed_only and f.default is not dataclasses.MISSING and str(value) == str(f.default):
+            continue
         if isinstance(value, bool):
             argv.append(f"--{name}" if value else f"--no-{name}")
         elif value is not None:

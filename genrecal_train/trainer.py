@@ -499,6 +499,8 @@ class Trainer:
     def run(self) -> Path:
         """Train the stage to its end; returns the directory of the final student/Recalibrator."""
         cfg = self.cfg
+        if self.stage == 1 and self.step == 0 and self.main:  # the starting point, for inspect-cache --plot
+            self.recal.save(self.dir / "init" / "recalibrator")
         self._batches = self.stream.batches(cfg.epochs)
         if cfg.prefetch and cfg.num_workers == 0:  # workers already prepare blocks ahead
             self._batches = Prefetcher(self._batches)

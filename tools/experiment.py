@@ -1,0 +1,144 @@
+"""The demo's comparison over seeds, training-set sizes, arms and controls (issue: the miniature of the paper's
+experiment). Each (size, arm, seed) trains one student and scores it on the held-out images; rows go to a CSV
+as they finish (re-running skips the done ones), then a summary: mean ± std per arm and the per-seed delta
+against the fair baseline (SFT on the same teacher answers).
+
+Arms: SFT on the gold labels; SFT on the teacher's answers; GenRecal with the paper's defaults (answer inputs
+= teacher features, regularizer, fresh positions, T=1) and one change each (embeddings, no regularizer, no
+fresh positions, T=2, L_ar only: no KL); the untrained-teacher control (the same answers, features and head of
+a random teacher); and an exact repeat of the default arm (run-to-run noise).
+Run: python tools/experiment.py exp-out --seeds 5 --sizes 300 1400 --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import multiprocessing as mp
+import os
+import statistics
+import time
+from pathlib import Path
+
+from digits_demo import (
+    Arm,
+    accuracy,
+    export_manifest,
+    make_data,
+    make_store,
+    make_teacher,
+    reliance,
+    train_student,
+)
+
+ARMS = [
+    Arm("sft-gold", "gold", False),
+    Arm("sft-teacher", "teacher", False),
+    Arm("genrecal", "teacher", True),
+    Arm("genrecal-embeddings", "teacher", True, {"answer_inputs": "embeddings"}),
+    Arm("genrecal-no-reg", "teacher", True, {"regularizer": False}),
+    Arm("genrecal-no-new-pos", "teacher", True, {"new_positions": False}),
+    Arm("genrecal-T2", "teacher", True, {"temperature": 2.0}),
+    Arm("genrecal-ar-only", "teacher", True, {"kl_weight": 0.0}),
+    Arm("control-random-teacher", "random", True),
+    Arm("genrecal-repeat", "teacher", True),
+]
+FIELDS = ["size", "arm", "seed", "accuracy", "s1_own", "s1_shuffled", "s2_own", "s2_shuffled", "seconds"]
+
+
+def _job(args: tuple) -> dict:
+    work, stores, heldout, size, arm, seed, steps = args
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    tag = f"{size}-{arm.name}-seed{seed}"
+    final = train_student(work, stores[arm.store], arm, seed, steps, tag)
+    return {"size": size, "arm": arm.name, "seed": seed, "accuracy": accuracy(final, heldout), **reliance(final),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean ± std per (size, arm), and the per-seed delta against SFT on the teacher's answers."""
+    out = []
+    for size in sorted({int(r["size"]) for r in rows}):
+        by = {}
+        for r in rows:
+            if int(r["size"]) == size:
+                by.setdefault(r["arm"], {})[int(r["seed"])] = float(r["accuracy"])
+        base = by.get("sft-teacher", {})
+        for arm in [a.name for a in ARMS if a.name in by]:
+            accs = by[arm]
+            deltas = [accs[s] - base[s] for s in accs if s in base]
+            rel = [r for r in rows if int(r["size"]) == size and r["arm"] == arm and r.get("s1_own") not in ("", None)]
+            out.append({
+                "size": size, "arm": arm, "seeds": len(accs),
+                "mean": statistics.mean(accs.values()), "std": statistics.pstdev(accs.values()),
+                "delta_vs_sft_teacher": statistics.mean(deltas) if deltas else None,
+                "delta_std": statistics.pstdev(deltas) if deltas else None,
+                "seeds_better": sum(d > 0 for d in deltas), "per_seed_delta": " ".join(f"{d:+.3f}" for d in deltas),
+                "reliance_s1_own": statistics.mean(float(r["s1_own"]) for r in rel) if rel else None,
+                "reliance_s1_shuffled": statistics.mean(float(r["s1_shuffled"]) for r in rel) if rel else None,
+            })
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[300, 1400], help="training images the teacher answers")
+    ap.add_argument("--gold", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=150, help="student optimizer steps per stage")
+    ap.add_argument("--arms", nargs="*", default=None, help="only these arms (default: all)")
+    ap.add_argument("--jobs", type=int, default=2, help="students trained at once (one core each)")
+    ap.add_argument("--csv", type=Path, default=Path("tools/results/experiment.csv"))
+    args = ap.parse_args()
+    work = args.out
+    data = make_data(work, args.gold)
+    teacher, acc = make_teacher(work, data)
+    random_teacher, racc = make_teacher(work, data, "random")
+    print(f"teacher held-out accuracy {acc:.1%}; untrained teacher {racc:.1%}", flush=True)
+    stores = {}
+    for size in args.sizes:
+        t = make_store(work, f"teacher-{size}", teacher, data["train"], "generate", size)
+        answered = export_manifest(t, work / "stores" / f"answers-{size}.jsonl")
+        stores[size] = {"gold": make_store(work, "gold", teacher, data["gold"], "dataset"), "teacher": t,
+                        "random": make_store(work, f"random-{size}", random_teacher, answered, "dataset")}
+    arms = [a for a in ARMS if args.arms is None or a.name in args.arms]
+    done = set()
+    if args.csv.exists():
+        done = {(int(r["size"]), r["arm"], int(r["seed"])) for r in csv.DictReader(args.csv.open())}
+    jobs = [(work, stores[size], data["heldout"], size, arm, seed, args.steps)
+            for seed in range(args.seeds) for size in args.sizes for arm in arms if (size, arm.name, seed) not in done]
+    print(f"{len(jobs)} students to train ({len(done)} done before)", flush=True)
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    new = not args.csv.exists()
+    with args.csv.open("a", newline="") as f, mp.get_context("spawn").Pool(args.jobs) as pool:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        for row in pool.imap_unordered(_job, jobs):
+            w.writerow(row)
+            f.flush()
+            print(row, flush=True)
+    summary = summarise(list(csv.DictReader(args.csv.open())))
+    path = args.csv.with_name(args.csv.stem + "-summary.csv")
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(summary[0]))
+        w.writeheader()
+        w.writerows(summary)
+    print(f"\n| size | arm | seeds | accuracy | Δ vs SFT on teacher answers (per seed) | reliance own / shuffled |")
+    print("|---|---|---|---|---|---|")
+    for s in summary:
+        d = "" if s["delta_vs_sft_teacher"] is None else (
+            f"{100 * s['delta_vs_sft_teacher']:+.1f} ± {100 * s['delta_std']:.1f} ({s['seeds_better']}/{s['seeds']} "
+            "better)")
+        r = "" if s["reliance_s1_own"] is None else f"{s['reliance_s1_own']:.2f} / {s['reliance_s1_shuffled']:.2f}"
+        print(f"| {s['size']} | {s['arm']} | {s['seeds']} | {100 * s['mean']:.1f} ± {100 * s['std']:.1f} | {d} | {r} |")
+    print(f"wrote {args.csv} and {path}")
+
+
+if __name__ == "__main__":
+    main()
