@@ -292,6 +292,11 @@ def load_store_tokenizer(store: TeacherStore) -> Any:
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def _generation(g: dict[str, Any]) -> str:
+    how = "greedy" if not g["temperature"] else f"temperature {g['temperature']}, top-p {g['top_p']}, seed {g['seed']}"
+    return f"{how}, at most {g['max_new_tokens']} tokens"
+
+
 def format_summary(s: dict[str, Any]) -> str:
     t = s["teacher"]
     ratio = f"{s['compression_ratio']:.2f}x" if s["compression_ratio"] else "n/a"
@@ -301,6 +306,9 @@ def format_summary(s: dict[str, Any]) -> str:
         f"teacher          {t['name_or_path']} ({t['architecture']}, hidden {t['hidden_size']}, vocab {t['vocab_size']})",
         f"features         {s['feature_dtype']}, top-k {s['topk']}, question features "
         f"{'yes' if s['question_features'] else 'no'}",
+        f"layers           {', '.join(map(str, s['layers'])) or 'none (final features only)'}",
+        f"answers          " + ("from the dataset" if s["answers"] == "dataset" else
+                                f"written by the teacher ({_generation(s['generation'])})"),
         f"samples          {s['samples']}  (rejects {s['rejects']})",
         f"tokens           {s['tokens']}  label {s['label_tokens']}  question {s['question_tokens']}",
         f"on disk          {s['bytes_on_disk'] / 2**20:.2f} MiB  ({per_tok} per label token), "

@@ -13,7 +13,7 @@ from genrecal_cache.cache import CacheConfig, run_cache
 from genrecal_cache.chat import GenerationSettings
 from genrecal_cache.dataset import Row, parse_row
 from genrecal_cache.errors import ConfigError, IncompatibleStoreError
-from genrecal_cache.inspect import load_head, summary
+from genrecal_cache.inspect import format_summary, load_head, summary
 from genrecal_cache.store import TeacherStore
 from genrecal_cache.teacher_hf import HFTeacher
 
@@ -111,6 +111,8 @@ def test_generated_answers_reproduce_their_logprobs(name, zoo, clean_manifest, t
     compared = check_generated(tmp_path / "s", teacher, manifest, generated)
     assert compared >= 1 and compared == res.samples - res.retokenized
     assert TeacherStore(tmp_path / "s").meta["generation"]["max_new_tokens"] == 6
+    text = format_summary(summary(TeacherStore(tmp_path / "s")))
+    assert "written by the teacher (greedy, at most 6 tokens)" in text
 
 
 def test_generate_answers_a_final_user_turn_and_resumes_identically(zoo, text_manifest, tmp_path):

@@ -129,7 +129,7 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=list(summary[0]))
         w.writeheader()
         w.writerows(summary)
-    print(f"\n| size | arm | seeds | accuracy | Δ vs SFT on teacher answers (per seed) | reliance own / shuffled |")
+    print("\n| size | arm | seeds | accuracy | Δ vs SFT on teacher answers (per seed) | reliance own / shuffled |")
     print("|---|---|---|---|---|---|")
     for s in summary:
         d = "" if s["delta_vs_sft_teacher"] is None else (
