@@ -53,11 +53,12 @@ def _show(tool: str, cfg: Any) -> None:
     print(f"$ {tool} " + " ".join(to_argv(cfg, skip=("command", "progress"), changed_only=True)), flush=True)
 
 
-def make_data(work: Path, gold: int, seed: int = 0) -> dict[str, Path]:
+def make_data(work: Path, gold: int, seed: int = 0, noise: float = 0.0, rotate: float = 0.0) -> dict[str, Path]:
     d = work / "data"
     if not (d / "train.jsonl").exists():
-        print(f"$ python tools/digits_vqa.py {d} --gold {gold} --seed {seed}", flush=True)
-        write_digits(d, gold=gold, seed=seed)
+        print(f"$ python tools/digits_vqa.py {d} --gold {gold} --seed {seed} --noise {noise} --rotate {rotate}",
+              flush=True)
+        write_digits(d, gold=gold, seed=seed, noise=noise, rotate=rotate)
     return {k: d / f"{k}.jsonl" for k in ("heldout", "gold", "pool", "train")}
 
 

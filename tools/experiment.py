@@ -93,10 +93,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150, help="student optimizer steps per stage")
     ap.add_argument("--arms", nargs="*", default=None, help="only these arms (default: all)")
     ap.add_argument("--jobs", type=int, default=2, help="students trained at once (one core each)")
+    ap.add_argument("--noise", type=float, default=0.0, help="image noise (a harder task, a less sure teacher)")
+    ap.add_argument("--rotate", type=float, default=0.0, help="random rotation of the images, in degrees")
     ap.add_argument("--csv", type=Path, default=Path("tools/results/experiment.csv"))
     args = ap.parse_args()
     work = args.out
-    data = make_data(work, args.gold)
+    data = make_data(work, args.gold, noise=args.noise, rotate=args.rotate)
     teacher, acc = make_teacher(work, data)
     random_teacher, racc = make_teacher(work, data, "random")
     print(f"teacher held-out accuracy {acc:.1%}; untrained teacher {racc:.1%}", flush=True)
