@@ -184,10 +184,10 @@ def test_a_sample_the_teacher_cannot_run_is_rejected_and_the_batch_goes_on(zoo, 
     from genrecal_cache.teacher_hf import HFTeacher
 
     class FailsOnEight(HFTeacher):
-        def forward(self, renderer, batch, question, images=None):
+        def forward(self, renderer, batch, question, images=None, layers=()):
             if any("eight" in renderer.tokenizer.decode(r.input_ids) for r in batch):
                 raise RuntimeError("CUDA out of memory (injected)")
-            return super().forward(renderer, batch, question, images)
+            return super().forward(renderer, batch, question, images, layers)
 
     rows = [_ok(i) for i in range(4)]
     rows[2]["messages"][1]["content"] = "eight"
