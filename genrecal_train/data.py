@@ -8,9 +8,13 @@ very next batch, whatever the number of workers.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import pickle
 import queue
 import random
+import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -141,7 +145,7 @@ class StoreStream:
         # prefetch_factor 1: a block already holds many batches, and each block in flight costs its memory.
         loader = DataLoader(_BlockDataset(self.store.path, self.renderer, self.keep, plan, self.num_workers),
                             batch_size=None, num_workers=self.num_workers, multiprocessing_context="spawn",
-                            prefetch_factor=1, collate_fn=_identity)
+                            prefetch_factor=1, collate_fn=_identity, worker_init_fn=_die_with_parent)
         return (pickle.loads(b) for b in loader)
 
     def batches(self, epochs: int) -> Iterator[tuple[list[TrainSample], StreamState]]:
@@ -178,6 +182,15 @@ class StoreStream:
 
 def _identity(x: Any) -> Any:
     return x
+
+
+def _die_with_parent(_: int) -> None:
+    """Linux: end this worker when its trainer dies. A trainer killed with SIGKILL (or by the OOM killer) would
+    otherwise leave its workers behind, blocked writing to a pipe nobody reads, holding memory and its stdio."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the trainer died before the line above
+        os._exit(1)
 
 
 class _BlockDataset(IterableDataset):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,7 +110,30 @@ def _cli(store, zoo, out, kill_at=None, workers: int = 0) -> subprocess.Complete
            "--output", str(out), "--stage", "1", "--batch-size", "3", "--epochs", "2", "--lr", "1e-3",
            "--save-every", "3", "--log-every", "1", "--reliance-every", "0", "--device", "cpu", "--no-progress",
            "--resume", "--num-workers", str(workers)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if not kill_at:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    # Killed: its output goes to a file, not a pipe (a leftover worker would keep a pipe open), and nothing of
+    # its process group may outlive it for long: DataLoader workers end with their trainer.
+    log = out.parent / f"{out.name}-killed.log"
+    with log.open("w") as f:
+        p = subprocess.Popen(cmd, env=env, stdout=f, stderr=f, text=True, cwd=ROOT, start_new_session=True)
+        p.wait(timeout=600)
+    deadline = time.monotonic() + 20
+    while _group_alive(p.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _group_alive(p.pid)
+    if left:
+        os.killpg(p.pid, signal.SIGKILL)
+    assert not left, "DataLoader workers outlived their killed trainer"
+    return subprocess.CompletedProcess(cmd, p.returncode, "", log.read_text())
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 @pytest.fixture(scope="module")
