@@ -307,7 +307,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"features         {s['feature_dtype']}, top-k {s['topk']}, question features "
         f"{'yes' if s['question_features'] else 'no'}",
         f"layers           {', '.join(map(str, s['layers'])) or 'none (final features only)'}",
-        f"answers          " + ("from the dataset" if s["answers"] == "dataset" else
+        "answers          " + ("from the dataset" if s["answers"] == "dataset" else
                                 f"written by the teacher ({_generation(s['generation'])})"),
         f"samples          {s['samples']}  (rejects {s['rejects']})",
         f"tokens           {s['tokens']}  label {s['label_tokens']}  question {s['question_tokens']}",

@@ -64,11 +64,12 @@ def feature_points(store: TeacherStore, student_dir: str, recal: Recalibrator, l
     student = AutoModelForImageTextToText.from_pretrained(student_dir, dtype=torch.float32).eval()
     stream = StoreStream(store, Renderer(processor), 1)
     embed = store.head("embed") if recal.cfg.answer_inputs == "embeddings" else None
-    pairs = []
-    for keep in (lambda sid: is_heldout(sid, heldout_fraction), lambda sid: True):
+    pairs, seen = [], set()
+    for keep in (lambda sid: is_heldout(sid, heldout_fraction), lambda sid: True):  # held out first, then any
         for p in store.parts:
             for i, sid in enumerate(p.samples.column("sample_id").to_pylist()):
-                if keep(sid) and len(pairs) < limit:
+                if keep(sid) and sid not in seen and len(pairs) < limit:
+                    seen.add(sid)
                     item = stream._pair(p.read(i, i + 1)[0])
                     if item is not None:
                         pairs.append(item)

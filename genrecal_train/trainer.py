@@ -220,6 +220,8 @@ class Trainer:
         resume = cfg.resume and (saved / "trainer_state.pt").exists()
         self._load_student(str(saved / "student") if resume else (student_from or cfg.student))
         self.recal = self._load_recalibrator(saved if resume else None) if stage in (1, 2) else None
+        if stage == 1 and not resume and self.main:  # the starting point, for inspect-cache --plot (before FSDP)
+            self.recal.save(self.dir / "init" / "recalibrator")
         self.student.train()  # from_pretrained returns eval mode (no dropout, no gradient checkpointing)
         if self.recal is not None:
             self.recal.train()
@@ -499,8 +501,6 @@ class Trainer:
     def run(self) -> Path:
         """Train the stage to its end; returns the directory of the final student/Recalibrator."""
         cfg = self.cfg
-        if self.stage == 1 and self.step == 0 and self.main:  # the starting point, for inspect-cache --plot
-            self.recal.save(self.dir / "init" / "recalibrator")
         self._batches = self.stream.batches(cfg.epochs)
         if cfg.prefetch and cfg.num_workers == 0:  # workers already prepare blocks ahead
             self._batches = Prefetcher(self._batches)

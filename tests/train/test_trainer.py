@@ -198,3 +198,30 @@ def test_a_recalibrator_for_another_teacher_is_refused(store, zoo, demo_manifest
     with pytest.raises(ConfigError, match="trained for teacher .*head_digest differs"):
         Trainer(_cfg(other, zoo, tmp_path / "o", stage="2",
                      recalibrator=trained / "stage1" / "final"), 2)
+
+
+def test_pictures_of_a_run(trained, store, tmp_path):
+    """Stage 1 keeps its starting Recalibrator; `inspect-cache --plot` draws start and end, and the loss curves
+    draw every stage."""
+    pytest.importorskip("sklearn")
+    from genrecal_cache.store import TeacherStore
+    from genrecal_train.plot import feature_points, loss_curves
+    from genrecal_train.recalibrator import Recalibrator
+
+    start = Recalibrator.load(trained / "stage1" / "init" / "recalibrator")
+    end = Recalibrator.load(trained / "stage1" / "final" / "recalibrator")
+    assert any(not torch.equal(a, b) for a, b in zip(start.state_dict().values(), end.state_dict().values()))
+    pts = feature_points(TeacherStore(store), str(trained / "stage1" / "final" / "student"), end, limit=8)
+    assert pts["student"].shape[0] == pts["teacher"].shape[0] == pts["recal_student"].shape[0] == 8
+    assert pts["recal_student"].shape[1] == pts["teacher"].shape[1]
+    assert len({tuple(x) for x in pts["teacher"].tolist()}) == 8, "a sample drawn twice"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    png = tmp_path / "f.png"
+    done = subprocess.run([sys.executable, "-m", "genrecal_cache.cli", "inspect-cache", "--store", str(store), "--plot",
+                           str(png), "--student", str(trained / "stage1" / "final" / "student"), "--recalibrator",
+                           str(trained / "stage1" / "init" / "recalibrator"), "--recalibrator",
+                           str(trained / "stage1" / "final" / "recalibrator"), "--plot-samples", "12"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert loss_curves(trained, tmp_path / "c.png").stat().st_size > 1000
