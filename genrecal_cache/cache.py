@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import FORMAT_VERSION
-from .chat import GenerationSettings, Rendered, compatible_runs
+from .chat import GenerationSettings, Rendered, compatible_runs, prompt_turns
 from .config import flag as _flag
 from .config import to_argv
 from .dataset import Sample, parse_row, read_manifest, row_sample_id, scan_ids
@@ -365,9 +365,9 @@ class CacheJob:
         answered = []
         for (sample, _), g in zip(pending, outs):
             text = self.renderer.tokenizer.decode(g.token_ids, skip_special_tokens=True)
-            msgs = sample.messages[:-1] if sample.messages[-1]["role"] == "assistant" else sample.messages
             new = Sample(sample.sample_id, sample.source_row,
-                         [*msgs, {"role": "assistant", "content": [{"type": "text", "text": text}]}], sample.images)
+                         [*prompt_turns(sample.messages), {"role": "assistant", "content": [{"type": "text", "text": text}]}],
+                         sample.images)
             try:
                 if not text.strip():
                     raise RejectError("it is empty (the teacher ended its answer at once)")

@@ -7,6 +7,7 @@ prefixes of the whole (in tokens) cannot be split into turns, and the sample is 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,11 @@ class Generated:
         return cls(ids[:n], logprobs[:n])
 
 
+def prompt_turns(messages: list[dict]) -> list[dict]:
+    """The turns before the conversation's last answer (all of them when it ends with a user turn)."""
+    return messages[:-1] if messages[-1]["role"] == "assistant" else messages
+
+
 def load_processor(path: str | Path, trust_remote_code: bool = False) -> Any:
     """The model's processor (vision-language) or tokenizer (text-only), as transformers loads it."""
     from transformers import AutoProcessor, AutoTokenizer
@@ -137,6 +143,7 @@ class Renderer:
             start = end
         return Rendered(ids, segments, dict(inputs), text)
 
+    @functools.cached_property
     def stop_ids(self) -> list[int]:
         """Tokens that end an answer: EOS, and the special tokens the chat template closes an answer with."""
         tok = self.tokenizer
@@ -155,7 +162,7 @@ class Renderer:
     def render_prompt(self, sample: Sample) -> Rendered:
         """What the model continues to write the conversation's last answer: every turn before it (all of them
         when the conversation ends with a user turn), then the generation prompt. No segments, no labels."""
-        msgs = sample.messages[:-1] if sample.messages[-1]["role"] == "assistant" else sample.messages
+        msgs = prompt_turns(sample.messages)
         if not msgs or msgs[-1]["role"] == "assistant":
             raise RejectError("nothing to answer: the conversation has no user turn before its last answer")
         n_images = sum(p["type"] == "image" for m in msgs for p in m["content"])

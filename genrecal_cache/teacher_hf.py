@@ -148,7 +148,7 @@ class HFTeacher(TeacherIdentity):
                  gen: GenerationSettings, seeds: list[int]) -> list[Generated]:
         """The teacher's answer to each prompt (one at a time: this backend is the portable one, not the fast
         one), with the log-probability of every chosen token under the model's raw logits."""
-        stop = renderer.stop_ids()
+        stop = renderer.stop_ids
         outs = []
         for r, seed in zip(prompts, seeds):
             torch.manual_seed(seed)  # per sample: a resumed job writes the same answers

@@ -140,7 +140,7 @@ class VLLMTeacher(TeacherIdentity):
 
         if self.generator is None:
             self.generator = LLM(model=self.path, runner="generate", **self.engine_args)
-        stop = renderer.stop_ids()
+        stop = renderer.stop_ids
         params = [SamplingParams(max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                                  seed=seed, logprobs=0, stop_token_ids=stop, detokenize=False) for seed in seeds]
         outs = self.generator.generate(_prompts(prompts, images), params, use_tqdm=False)

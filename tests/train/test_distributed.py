@@ -44,7 +44,7 @@ def one(store, zoo, tmp_path_factory) -> Path:
     return _run(store, zoo, tmp_path_factory.mktemp("one") / "out", 1, 6)
 
 
-def _same_losses(one: Path, two: Path, stages: tuple[int, ...] = (1, 2, 3)) -> None:
+def assert_same_losses(one: Path, two: Path, stages: tuple[int, ...] = (1, 2, 3)) -> None:
     for stage in stages:
         a, b = ([json.loads(x) for x in (d / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
                 for d in (one, two))
@@ -54,14 +54,14 @@ def _same_losses(one: Path, two: Path, stages: tuple[int, ...] = (1, 2, 3)) -> N
 
 
 def test_two_processes_with_ddp_match_one_with_the_same_global_batch(store, zoo, one, tmp_path):
-    _same_losses(one, _run(store, zoo, tmp_path / "two", 2, 3))
+    assert_same_losses(one, _run(store, zoo, tmp_path / "two", 2, 3))
 
 
 def test_two_processes_with_fsdp_match_one_and_save_a_full_student(store, zoo, one, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     two = _run(store, zoo, tmp_path / "two", 2, 3, "--fsdp")
-    _same_losses(one, two)
+    assert_same_losses(one, two)
     for stage, what, file in ((3, "student", "model.safetensors"), (2, "recalibrator", "recalibrator.safetensors")):
         a, b = (load_file(d / f"stage{stage}" / "final" / what / file) for d in (one, two))
         assert a.keys() == b.keys(), f"{what}: keys differ from one process's"
@@ -74,15 +74,14 @@ def test_two_processes_with_fsdp_match_one_and_save_a_full_student(store, zoo, o
 
 
 def test_two_processes_with_dataloader_workers_match_one(store, zoo, one, tmp_path):
-    _same_losses(one, _run(store, zoo, tmp_path / "two", 2, 3, "--num-workers", "2", stage="1"), stages=(1,))
+    assert_same_losses(one, _run(store, zoo, tmp_path / "two", 2, 3, "--num-workers", "2", stage="1"), stages=(1,))
 
 
-def test_fsdp_needs_torchrun(store, zoo, tmp_path):
+def test_fsdp_needs_torchrun(store, zoo, tmp_path, monkeypatch):
     from genrecal_cache.errors import ConfigError
     from genrecal_train.trainer import TrainConfig
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        pytest.skip("running under torchrun")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process, whatever launched the tests
     with pytest.raises(ConfigError, match="--fsdp .*torchrun --nproc-per-node"):
         TrainConfig(store=store, student=str(zoo["idefics3"]), output=tmp_path, fsdp=True)
 
