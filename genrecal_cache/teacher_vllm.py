@@ -17,7 +17,7 @@ import torch
 from .chat import Generated, GenerationSettings, Rendered, Renderer, load_processor
 from .errors import ConfigError, RejectError
 from .head import TeacherHead
-from .teacher_hf import TeacherIdentity
+from .teacher import TeacherBase, TeacherOutput
 from .vllm_layers import split
 
 
@@ -48,7 +48,7 @@ def _head_and_embed(path: Path, config: Any, multimodal: bool) -> tuple[torch.Te
     return (embed if head is None else head), embed, tied
 
 
-class VLLMTeacher(TeacherIdentity):
+class VLLMTeacher(TeacherBase):
     """A teacher run by vLLM (`runner="pooling"`); `engine_args` go to `vllm.LLM` (tensor_parallel_size, ...)."""
 
     def __init__(self, path: str, dtype: str = "float32", trust_remote_code: bool = False,
@@ -102,7 +102,7 @@ class VLLMTeacher(TeacherIdentity):
     @torch.no_grad()
     def forward(self, renderer: Renderer, batch: list[Rendered], question: bool,
                 images: list[list[Any]] | None = None, layers: tuple[int, ...] = ()
-                ) -> list[dict[str, Any] | RejectError]:
+                ) -> list[TeacherOutput | RejectError]:
         """Per sample the features (or a RejectError when vLLM's ids are not ours); `images` per sample."""
         if tuple(layers) != self.layers:
             raise ConfigError(f"this engine captures layers {self.layers}, not {tuple(layers)}: build VLLMTeacher "
@@ -112,7 +112,7 @@ class VLLMTeacher(TeacherIdentity):
         if self.layers:
             captured = split(self.llm.collective_rpc("genrecal_take"), [len(o.prompt_token_ids) for o in outs],
                              list(self.layers))
-        results: list[dict[str, Any] | RejectError] = []
+        results: list[TeacherOutput | RejectError] = []
         for r, o, hidden in zip(batch, outs, captured):
             ids = list(o.prompt_token_ids)
             if ids != r.input_ids.tolist():
@@ -123,12 +123,8 @@ class VLLMTeacher(TeacherIdentity):
                 continue
             h = o.outputs.data.float()  # (L, D)
             mask = torch.from_numpy(r.label_mask)
-            out: dict[str, Any] = {"features": h[mask]}
-            if question:
-                out["question"] = h[~mask]
-            if self.layers:
-                out["layers"] = {k: v[mask] for k, v in hidden.items()}
-            results.append(out)
+            results.append(TeacherOutput(features=h[mask], question=h[~mask] if question else None,
+                                         layers={k: v[mask] for k, v in hidden.items()}))
         return results
 
     @torch.no_grad()

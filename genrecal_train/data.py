@@ -16,6 +16,7 @@ import random
 import signal
 import sys
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,17 @@ from genrecal_cache.errors import RejectError, StoreError
 from genrecal_cache.store import TeacherSample, TeacherStore
 
 from .sequence import answer_spans
+
+
+def is_heldout(sample_id: str, fraction: float) -> bool:
+    """Whether a sample is held out from training (for the reliance check and the plots): decided by its id
+    alone, so every run, rank and worker agrees."""
+    return zlib.crc32(sample_id.encode()) % 10_000 < fraction * 10_000
+
+
+def trains_on(sample_id: str, heldout_fraction: float) -> bool:
+    """Not held out (a plain function: the stream's filter is pickled into DataLoader workers)."""
+    return not is_heldout(sample_id, heldout_fraction)
 
 
 @dataclass
@@ -171,13 +183,21 @@ class StoreStream:
             yield batch, StreamState(epoch, consumed)
         self.state = StreamState(epochs, 0)
 
-    def _pair(self, t: TeacherSample) -> TrainSample | None:
-        """The student's side of one sample, or None (counted in `rejected`) when it cannot take it."""
-        try:
-            return pair(t, self.renderer, self.store.path)
-        except (RejectError, ValueError, OSError) as e:
-            self.rejected[t.sample_id] = getattr(e, "reason", str(e))
-            return None
+
+def pairs(store: TeacherStore, renderer: Renderer, keep: Callable[[str], bool], limit: int) -> list[TrainSample]:
+    """Up to `limit` samples whose ids `keep` accepts, in store order, each with the student's rendering
+    (samples the student cannot take are passed over). Reads one sample at a time: for a few samples only."""
+    out: list[TrainSample] = []
+    for p in store.parts:
+        for i, sid in enumerate(p.samples.column("sample_id").to_pylist()):
+            if len(out) >= limit:
+                return out
+            if keep(sid):
+                try:
+                    out.append(pair(p.read(i, i + 1)[0], renderer, store.path))
+                except (RejectError, ValueError, OSError):
+                    continue
+    return out
 
 
 def _identity(x: Any) -> Any:
@@ -215,23 +235,43 @@ class _BlockDataset(IterableDataset):
 
 class Prefetcher:
     """Runs an iterator in a background thread, `depth` items ahead, so reading the store and rendering the
-    student's side overlap the training step. Items come out in order; an exception is re-raised here."""
+    student's side overlap the training step. Items come out in order; an exception is re-raised here.
+    `close()` stops the thread and closes the iterator: a thread left filling its queue when training stops
+    early (--max-steps) would otherwise run torch work into interpreter shutdown and abort the process."""
 
     _END = object()
 
     def __init__(self, it: Iterator, depth: int = 4):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._done = False
-        self._thread = threading.Thread(target=self._run, args=(it,), daemon=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(it,), daemon=True, name="genrecal-prefetch")
         self._thread.start()
 
     def _run(self, it: Iterator) -> None:
         try:
             for item in it:
                 self._q.put(item)
-            self._q.put(self._END)
+                if self._stop.is_set():
+                    break
+            else:
+                self._q.put(self._END)
         except BaseException as e:  # handed to the consumer
             self._q.put(e)
+        finally:
+            if hasattr(it, "close"):
+                it.close()  # a generator: its own cleanup (DataLoader workers, open files) runs now
+
+    def close(self) -> None:
+        """Stop the producer and wait for it (it may be blocked on a full queue: keep draining)."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+        self._done = True
 
     def __iter__(self) -> Prefetcher:
         return self

@@ -4,6 +4,7 @@ turn by exact match and normalised match; predictions written as JSONL.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import string
@@ -15,10 +16,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from genrecal_cache.chat import load_processor
-from genrecal_cache.config import flag
-from genrecal_cache.dataset import parse_row, read_manifest
-from genrecal_cache.errors import ConfigError, DatasetError, RejectError
+from genrecal_cache.chat import Renderer
+from genrecal_cache.config import at_least, flag, resolve_device
+from genrecal_cache.dataset import Sample, parse_row, read_manifest
+from genrecal_cache.errors import DatasetError, RejectError
+from genrecal_cache.models import load_model
 
 
 @dataclass
@@ -38,10 +40,8 @@ class EvalConfig:
         self.manifest = Path(self.manifest)
         if self.output is not None:
             self.output = Path(self.output)
-        if self.max_new_tokens < 1:
-            raise ConfigError("--max-new-tokens must be >= 1")
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        at_least(self, 1, "max_new_tokens")
+        self.device = resolve_device(self.device)
 
 
 def normalise(text: str) -> str:
@@ -58,37 +58,36 @@ def _text(message: dict[str, Any]) -> str:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Accuracy of greedy answers; rows that cannot be read or rendered are counted as skipped."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
     if not cfg.manifest.is_file():
         raise DatasetError(f"--manifest {cfg.manifest}: file not found")
-    processor = load_processor(cfg.student)
-    multimodal = hasattr(processor, "image_processor")
-    tok = getattr(processor, "tokenizer", processor)
-    cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
-    model = cls.from_pretrained(cfg.student).to(cfg.device).eval()
+    loaded = load_model(cfg.student, dtype="auto", device=cfg.device, flag="--student")
+    model, renderer = loaded.model.eval(), Renderer(loaded.processor)  # the prompts training renders
     rows, skipped = [], []
-    out = cfg.output.open("w") if cfg.output else None
+    with cfg.output.open("w") if cfg.output else contextlib.nullcontext() as out:
+        _answer_rows(cfg, model, renderer, rows, skipped, out)
+    n = len(rows)
+    return {"student": cfg.student, "samples": n, "skipped": len(skipped),
+            "exact_match": sum(r["exact"] for r in rows) / n if n else None,
+            "normalised_match": sum(r["normalised"] for r in rows) / n if n else None,
+            "skipped_rows": skipped[:20]}
+
+
+def _answer_rows(cfg: EvalConfig, model: Any, renderer: Renderer, rows: list[dict], skipped: list[dict],
+                 out: Any) -> None:
+    tok = renderer.tokenizer
     for row in tqdm(read_manifest(cfg.manifest), disable=not cfg.progress, desc="eval-student", unit="sample"):
         if cfg.max_samples is not None and row.index >= cfg.max_samples:
             break
         try:
             sample = parse_row(row, cfg.manifest.parent)
             last = max(i for i, m in enumerate(sample.messages) if m["role"] == "assistant")
-            prompt, gold = sample.messages[:last], _text(sample.messages[last])
-            n_images = sum(p["type"] == "image" for m in prompt for p in m["content"])
-            images = [im.load() for im in sample.images[:n_images]]
-            msgs = prompt if multimodal else [{"role": m["role"], "content": _text(m)} for m in prompt]
-            text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            if multimodal:
-                inputs = processor(text=[text], images=[images] if images else None, add_special_tokens=False,
-                                   return_tensors="pt")
-            else:
-                inputs = tok([text], add_special_tokens=False, return_tensors="pt")
+            gold = _text(sample.messages[last])
+            prompt = renderer.render_prompt(Sample(sample.sample_id, sample.source_row,
+                                                   sample.messages[: last + 1], sample.images))
         except (RejectError, ValueError) as e:
             skipped.append({"row": row.index, "reason": getattr(e, "reason", str(e))})
             continue
-        inputs = {k: v.to(cfg.device) for k, v in inputs.items()}
+        inputs = {k: v.to(cfg.device) for k, v in prompt.inputs.items()}
         with torch.no_grad():
             ids = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
@@ -98,10 +97,3 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         rows.append(rec)
         if out:
             out.write(json.dumps(rec) + "\n")
-    if out:
-        out.close()
-    n = len(rows)
-    return {"student": cfg.student, "samples": n, "skipped": len(skipped),
-            "exact_match": sum(r["exact"] for r in rows) / n if n else None,
-            "normalised_match": sum(r["normalised"] for r in rows) / n if n else None,
-            "skipped_rows": skipped[:20]}

@@ -9,8 +9,6 @@ import torch
 from genrecal_cache.head import TeacherHead
 from genrecal_kernels import CEKLOutput, fused_linear_ce_kl
 
-from .recalibrator import RecalBatch, Recalibrator
-
 
 def teacher_head_loss(r: torch.Tensor, teacher_features: torch.Tensor, targets: torch.Tensor, head: TeacherHead,
                       normalizer: float, temperature: float = 1.0, ce_weight: float = 1.0, kl_weight: float = 1.0,
@@ -22,14 +20,6 @@ def teacher_head_loss(r: torch.Tensor, teacher_features: torch.Tensor, targets: 
     return fused_linear_ce_kl(r, z, head.weight.to(r.dtype), targets, bias=head.bias,
                               logit_scale=head.logit_scale, softcap=head.softcap, temperature=temperature,
                               ce_weight=ce_weight, kl_weight=kl_weight, normalizer=normalizer, impl=impl)
-
-
-def recalibrator_loss(recal: Recalibrator, batch: RecalBatch, teacher_features: torch.Tensor,
-                      targets: torch.Tensor, head: TeacherHead, normalizer: float, temperature: float = 1.0,
-                      ce_weight: float = 1.0, kl_weight: float = 1.0, impl: str = "auto") -> CEKLOutput:
-    """The Recalibrator's outputs at the scored slots, scored by `teacher_head_loss`."""
-    return teacher_head_loss(recal(batch, impl=impl), teacher_features, targets, head, normalizer, temperature,
-                             ce_weight, kl_weight, impl)
 
 
 def student_loss(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor,

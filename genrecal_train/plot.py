@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genrecal_cache.chat import Renderer, load_processor
+from genrecal_cache.chat import Renderer
 from genrecal_cache.errors import ConfigError
-from genrecal_cache.store import TOKENIZER_DIR, TeacherStore
+from genrecal_cache.models import load_model
+from genrecal_cache.store import TeacherStore
+from genrecal_cache.store_format import TOKENIZER_DIR
 
-from .data import StoreStream
+from .data import is_heldout, pairs
+from .models import find_recalibrator
 from .recalibrator import Recalibrator
 from .sequence import SlotSample, build_batch, student_question_inputs, teacher_answer_inputs, teacher_question_inputs
-from .trainer import is_heldout
 
 LOSS_KEYS = ("loss", "ar", "kl", "reg", "student")
 
@@ -58,25 +60,15 @@ def feature_points(store: TeacherStore, student_dir: str, recal: Recalibrator, l
                    heldout_fraction: float = 0.05) -> dict[str, np.ndarray]:
     """For up to `limit` held-out samples (all samples when none are held out): `student` (n, D_s),
     `recal_student`, `teacher`, `recal_teacher` (n, D_l) and `target` (n,) at the first answer token's slot."""
-    from transformers import AutoModelForImageTextToText
-
-    processor = load_processor(student_dir)
-    student = AutoModelForImageTextToText.from_pretrained(student_dir, dtype=torch.float32).eval()
-    stream = StoreStream(store, Renderer(processor), 1)
+    loaded = load_model(student_dir, flag="--student")  # a VLM or a text-only student alike
+    student, renderer = loaded.model.eval(), Renderer(loaded.processor)
     embed = store.head("embed") if recal.cfg.answer_inputs == "embeddings" else None
-    pairs, seen = [], set()
-    for keep in (lambda sid: is_heldout(sid, heldout_fraction), lambda sid: True):  # held out first, then any
-        for p in store.parts:
-            for i, sid in enumerate(p.samples.column("sample_id").to_pylist()):
-                if keep(sid) and sid not in seen and len(pairs) < limit:
-                    seen.add(sid)
-                    item = stream._pair(p.read(i, i + 1)[0])
-                    if item is not None:
-                        pairs.append(item)
-        if len(pairs) >= min(limit, 20):
-            break
+    pts = pairs(store, renderer, lambda sid: is_heldout(sid, heldout_fraction), limit)  # held out first
+    if len(pts) < min(limit, 20):  # too few held out: any others
+        seen = {s.teacher.sample_id for s in pts}
+        pts += pairs(store, renderer, lambda sid: sid not in seen, limit - len(pts))
     out: dict[str, list] = {"student": [], "recal_student": [], "teacher": [], "recal_teacher": [], "target": []}
-    for s in pairs:
+    for s in pts:
         r = s.student
         hidden = student.base_model(**r.inputs, use_cache=False).last_hidden_state[0]  # (L, D_s)
         q = student_question_inputs(hidden, r.segments)[:1]  # the first answer's question slots
@@ -132,3 +124,10 @@ def feature_picture(store: TeacherStore, student_dir: str, recalibrators: dict[s
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def inspect_plot(store: TeacherStore, student_dir: str, recalibrators: list[str], out: Path, limit: int) -> Path:
+    """`inspect-cache --plot` (reached through the `genrecal.inspect_plot` entry point): one row per
+    Recalibrator, given as a stage folder (run/stage1/final) or its recalibrator/ subfolder."""
+    found = [find_recalibrator(r) for r in recalibrators]
+    return feature_picture(store, student_dir, {(p.parent.name if p.name == "recalibrator" else p.name): Recalibrator.load(p) for p in found}, out, limit)

@@ -1,4 +1,4 @@
-"""The Recalibrator (DESIGN.md): ProjPre (teacher inputs only) -> N causal decoder blocks of the student's
+"""The Recalibrator (docs/DESIGN.md): ProjPre (teacher inputs only) -> N causal decoder blocks of the student's
 shape -> ProjPost -> LayerNorm, over a sequence built so that each scored slot predicts the *next* teacher token.
 
 Per answer segment of n teacher tokens the sequence holds the student's question features (every student
@@ -20,9 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genrecal_cache.config import Choice
 from genrecal_kernels import proj_post_ln, proj_pre
 
-ANSWER_INPUTS = ("features", "embeddings")
+
+class AnswerInputs(Choice):
+    """What the Recalibrator's answer slots receive (docs/DESIGN.md, "Recalibrator sequence")."""
+
+    features = "features"  # the teacher's final features of the answer tokens (the paper's)
+    embeddings = "embeddings"  # the teacher's input embeddings of the previous answer tokens (no copying)
 
 
 @dataclass
@@ -44,8 +50,7 @@ class RecalibratorConfig:
     teacher: dict = field(default_factory=dict)  # the store's teacher it was trained for (name, vocab, head digest)
 
     def __post_init__(self) -> None:
-        if self.answer_inputs not in ANSWER_INPUTS:
-            raise ValueError(f"--answer-inputs must be one of {ANSWER_INPUTS}, got {self.answer_inputs!r}")
+        self.answer_inputs = AnswerInputs(self.answer_inputs).value  # a plain string in recalibrator.json
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 

@@ -1,4 +1,4 @@
-"""Build Recalibrator sequences (DESIGN.md, "Recalibrator sequence") from a teacher sample and the student's
+"""Build Recalibrator sequences (docs/DESIGN.md, "Recalibrator sequence") from a teacher sample and the student's
 features of the same conversation.
 
 Per answer segment k with n_k teacher answer tokens: the question slots (student features of every student
@@ -15,7 +15,7 @@ import torch
 
 from genrecal_cache.store import TeacherSample
 
-from .recalibrator import ANSWER_INPUTS, RecalBatch
+from .recalibrator import AnswerInputs, RecalBatch
 
 
 @dataclass
@@ -54,8 +54,7 @@ def teacher_answer_inputs(sample: TeacherSample, mode: str, embed: torch.Tensor 
 
     "features": the teacher's final features at label positions 1..n_k-1 of the segment (the paper).
     "embeddings": the teacher's input embeddings of answer tokens 0..n_k-2, i.e. E[targets[0..n_k-2]]."""
-    if mode not in ANSWER_INPUTS:
-        raise ValueError(f"answer inputs must be one of {ANSWER_INPUTS}, got {mode!r}")
+    mode = AnswerInputs(mode)
     out, a = [], 0
     for _, start, end in answer_spans(sample.segments):
         n = end - start

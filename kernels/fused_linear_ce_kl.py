@@ -23,15 +23,13 @@ from typing import NamedTuple
 
 import torch
 
-try:
+from . import dispatch
+from .dispatch import HAS_TRITON  # also imported from here by tests and tools
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # CPU machines without triton use the PyTorch paths
-    HAS_TRITON = False
-
-IMPLS = ("auto", "triton", "chunked", "naive")
 _CHUNK_ELEMENTS = 1 << 25  # a chunk's logits hold at most this many fp32 values (128 MiB)
 
 
@@ -190,25 +188,16 @@ def _rows_torch(xr: torch.Tensor, xz: torch.Tensor, targets: torch.Tensor, row_s
 
 # --- the chunk loop and the autograd Function -----------------------------------------------------------------
 
-_MM_OUT_DTYPE = True  # whether torch.mm(..., out_dtype=float32) works here; cleared at the first failure
-
-
 def _pre_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W.T + b as fp32 (C, V). Half-precision inputs multiply in their dtype; the product is kept in fp32
-    where torch can (CUDA), else rounded to the input dtype first (as Liger-Kernel does)."""
-    global _MM_OUT_DTYPE
+    where torch can (CUDA, `dispatch.MM_OUT_DTYPE`), else rounded to the input dtype first (as Liger-Kernel does)."""
     x = x.to(weight.dtype)
     if weight.dtype == torch.float32:
         out = x @ weight.T
+    elif dispatch.MM_OUT_DTYPE and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):
+        out = torch.mm(x, weight.T, out_dtype=torch.float32)
     else:
-        out = None
-        if _MM_OUT_DTYPE and x.is_cuda:
-            try:
-                out = torch.mm(x, weight.T, out_dtype=torch.float32)
-            except (TypeError, RuntimeError):  # older torch, or no fp32 output for this dtype
-                _MM_OUT_DTYPE = False
-        if out is None:
-            out = (x @ weight.T).float()
+        out = (x @ weight.T).float()
     if bias is not None:
         out += bias.float()
     return out
@@ -298,8 +287,7 @@ def fused_linear_ce_kl(r: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, t
     `normalizer`: the global count of label tokens (default: this call's non-ignored targets, at least 1).
     `impl`: "auto" (Triton on CUDA when installed, else chunked PyTorch), "triton", "chunked" or "naive".
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    dispatch.check_impl(impl)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if r.shape != z.shape or r.shape[1] != weight.shape[1] or targets.shape != r.shape[:1]:
@@ -316,10 +304,8 @@ def fused_linear_ce_kl(r: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, t
     if impl == "naive":
         return naive_linear_ce_kl(r, z, weight, targets, bias, logit_scale, softcap, temperature, ce_weight,
                                   kl_weight, ignore_index, normalizer)
-    use_triton = impl == "triton" or (impl == "auto" and HAS_TRITON and r.is_cuda)
-    if use_triton and not HAS_TRITON:
-        raise RuntimeError("impl='triton' needs the triton package (pip install triton)")
     loss, ce, kl = FusedLinearCEKLFunction.apply(
         r, z.detach(), weight.detach(), targets, None if bias is None else bias.detach(), logit_scale, softcap,
-        float(temperature), float(ce_weight), float(kl_weight), ignore_index, normalizer, chunk_size, use_triton)
+        float(temperature), float(ce_weight), float(kl_weight), ignore_index, normalizer, chunk_size,
+        dispatch.use_triton(impl, r))
     return CEKLOutput(loss, ce, kl)

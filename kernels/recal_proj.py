@@ -16,18 +16,16 @@ PyTorch (CPU default and fallback), and the naive autograd reference.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from .fused_linear_ce_kl import HAS_TRITON
+from . import dispatch
+from .dispatch import HAS_TRITON
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-IMPLS = ("auto", "triton", "chunked", "naive")
 _CHUNK_ROWS = 4096
 
 
@@ -36,14 +34,6 @@ def as_features(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if x.dtype == torch.uint16:
         x = x.view(torch.bfloat16)
     return x.to(dtype)
-
-
-def _use_triton(impl: str, x: torch.Tensor) -> bool:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "triton" and not HAS_TRITON:
-        raise RuntimeError("impl='triton' needs the triton package (pip install triton)")
-    return impl == "triton" or (impl == "auto" and HAS_TRITON and x.is_cuda)
 
 
 # --- Triton kernels -------------------------------------------------------------------------------------------
@@ -118,10 +108,6 @@ if HAS_TRITON:
         tl.store(du_ptr + row * N + cols, ((dxhat - c1 - xhat * c2) * rstd).to(du_ptr.dtype.element_ty), mask=m)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _mm_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
                ) -> torch.Tensor:
     """a (M, K) @ b (K, N) (+ bias) with the Triton kernel; uint16 operands are bf16 bits."""
@@ -129,7 +115,7 @@ def _mm_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out_
     n = b.shape[1]
     c = torch.empty(m, n, device=a.device, dtype=out_dtype)
     half = torch.bfloat16 in (a.dtype, b.dtype) or torch.uint16 in (a.dtype, b.dtype)
-    dot_bf16 = half and a.is_cuda and not _interpreting()
+    dot_bf16 = half and a.is_cuda and not dispatch.INTERPRET
     bm, bn, bk = (64, 64, 64) if a.is_cuda else (32, 32, 32)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _matmul_kernel[grid](a, b, c, bias if bias is not None else c, m, n, k, a.stride(0), a.stride(1),
@@ -181,7 +167,7 @@ def proj_pre(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
         raise ValueError(f"features have width {x.shape[-1]}, ProjPre expects {weight.shape[1]}")
     if impl == "naive":
         return F.linear(as_features(x, weight.dtype), weight, bias)
-    return ProjPreFunction.apply(x, weight, bias, _use_triton(impl, x))
+    return ProjPreFunction.apply(x, weight, bias, dispatch.use_triton(impl, x))
 
 
 # --- ProjPost + LayerNorm -------------------------------------------------------------------------------------
@@ -261,4 +247,4 @@ def proj_post_ln(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"input has width {h.shape[-1]}, ProjPost expects {weight.shape[1]}")
     if impl == "naive":
         return F.layer_norm(F.linear(h, weight, bias), (weight.shape[0],), ln_weight, ln_bias, eps)
-    return ProjPostLNFunction.apply(h, weight, bias, ln_weight, ln_bias, eps, _use_triton(impl, h))
+    return ProjPostLNFunction.apply(h, weight, bias, ln_weight, ln_bias, eps, dispatch.use_triton(impl, h))

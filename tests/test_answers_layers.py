@@ -13,7 +13,7 @@ from genrecal_cache.cache import CacheConfig, run_cache
 from genrecal_cache.chat import GenerationSettings
 from genrecal_cache.dataset import Row, parse_row
 from genrecal_cache.errors import ConfigError, IncompatibleStoreError
-from genrecal_cache.inspect import format_summary, load_head, summary
+from genrecal_cache.inspection import format_summary, summary
 from genrecal_cache.store import TeacherStore
 from genrecal_cache.teacher_hf import HFTeacher
 
@@ -50,7 +50,7 @@ def check_generated(store_path: Path, teacher: HFTeacher, manifest: Path, genera
     """The store holds what was generated, and teacher-forcing it gives the generation's own log-probabilities.
     Returns how many samples round-tripped (text -> the same token ids) and so could be compared token by token."""
     store = TeacherStore(store_path)
-    head = load_head(store)
+    head = store.teacher_head()
     tok = teacher.renderer(None).tokenizer
     assert store.meta["answers"] == "generate" and len(store) == len(generated)
     compared = 0

@@ -15,7 +15,6 @@ import torch
 from genrecal_cache.cache import CacheConfig, run_cache
 from genrecal_cache.chat import load_processor
 from genrecal_cache.dataset import Row, parse_row
-from genrecal_cache.inspect import load_head
 from genrecal_cache.store import TeacherStore
 from genrecal_cache.teacher_hf import HFTeacher
 
@@ -44,7 +43,7 @@ def stores(zoo, clean_manifest, text_manifest, tmp_path_factory) -> dict[str, Pa
 def test_features_times_head_reproduce_teacher_logits(name, zoo, stores):
     """head(features) equals the teacher's own logits at every label position (unbatched full forward)."""
     store = TeacherStore(stores[name])
-    head = load_head(store)
+    head = store.teacher_head()
     teacher = HFTeacher(str(zoo[name]), "float32", "cpu")
     renderer = teacher.renderer(None)
     assert len(store) >= 3

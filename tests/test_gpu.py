@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from genrecal_cache.cache import CacheConfig, run_cache
-from genrecal_cache.inspect import load_head, verify
+from genrecal_cache.inspection import verify
 from genrecal_cache.store import TeacherStore
 
 pytestmark = [pytest.mark.gpu,
@@ -36,7 +36,7 @@ def test_cuda_bf16_store_verifies_and_head_is_close_to_fp32(zoo, clean_manifest,
     assert bf16.meta["feature_dtype"] == "bfloat16"
     rep = verify(bf16)
     assert rep.ok, rep.failures[:3]
-    h_ref, h_bf = load_head(ref), load_head(bf16)
+    h_ref, h_bf = ref.teacher_head(), bf16.teacher_head()
     for i in range(len(ref)):
         p_ref = torch.softmax(h_ref.logits(ref[i].features), -1)
         p_bf = torch.softmax(h_bf.logits(bf16[i].features), -1)

@@ -1,4 +1,4 @@
-"""The store's layout contract (DESIGN.md) and `inspect-cache`: summary, verify, sample view."""
+"""The store's layout contract (docs/DESIGN.md) and `inspect-cache`: summary, verify, sample view."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch
 import zarr
 
 from genrecal_cache.cache import CacheConfig, run_cache
-from genrecal_cache.inspect import sample_view, summary, verify
-from genrecal_cache.store import CHUNK_BYTES, TeacherStore, from_storage, to_storage
+from genrecal_cache.inspection import sample_view, summary, verify
+from genrecal_cache.store import TeacherStore
+from genrecal_cache.store_format import CHUNK_BYTES, from_storage, to_storage
 from genrecal_cache.teacher_hf import HFTeacher
 
 from .conftest import ROOT

@@ -20,7 +20,7 @@ from genrecal_cache.cache import CacheConfig, run_cache  # noqa: E402
 from genrecal_cache.chat import GenerationSettings  # noqa: E402
 from genrecal_cache.dataset import Row, parse_row  # noqa: E402
 from genrecal_cache.errors import RejectError  # noqa: E402
-from genrecal_cache.inspect import verify  # noqa: E402
+from genrecal_cache.inspection import verify  # noqa: E402
 from genrecal_cache.store import TeacherStore  # noqa: E402
 from genrecal_cache.teacher_hf import HFTeacher  # noqa: E402
 from genrecal_cache.teacher_vllm import VLLMTeacher  # noqa: E402

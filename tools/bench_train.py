@@ -51,11 +51,14 @@ def config(spec: dict, **kw) -> TrainConfig:
 
 def measure(spec: dict) -> dict:
     """Time `steps` stage-2 steps after one warm-up step (run in its own process)."""
-    t = Trainer(config(spec, stage="2", impl=spec["impl"], epochs=1000, log_every=10**6, save_every=10**6), 2)
-    from genrecal_train.data import Prefetcher
+    cfg = config(spec, stage="2", impl=spec["impl"], epochs=1000, log_every=10**6, save_every=10**6,
+                 prefetch=spec.get("prefetch", True))
+    with Trainer(cfg, 2) as t:
+        return _measure(spec, t)
 
-    t._batches = Prefetcher(t.stream.batches(1000)) if spec.get("prefetch", True) else t.stream.batches(1000)
-    t.train_step(t._micro_batches())  # warm-up (Triton compilation, allocator)
+
+def _measure(spec: dict, t: Trainer) -> dict:
+    t.train_step(t.next_micro_batches())  # warm-up (Triton compilation, allocator)
     cuda = spec["device"] == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -67,7 +70,7 @@ def measure(spec: dict) -> dict:
     t0 = time.perf_counter()
     for _ in range(spec["steps"]):
         with t.timer("data_wait"):
-            micro = t._micro_batches()
+            micro = t.next_micro_batches()
         tokens += t.train_step(micro)["tokens"]
     if cuda:
         torch.cuda.synchronize()

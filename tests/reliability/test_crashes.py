@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from genrecal_cache.inspect import verify
+from genrecal_cache.inspection import verify
 from genrecal_cache.store import TeacherStore
 
 from ..conftest import ROOT
@@ -124,7 +124,7 @@ def test_corruption_is_named_by_verify_and_refused_by_train_student(zoo, referen
     import shutil
 
     from genrecal_cache.errors import StoreError
-    from genrecal_cache.inspect import format_verify
+    from genrecal_cache.inspection import format_verify
     from genrecal_train.trainer import TrainConfig, Trainer
 
     store = tmp_path / "s"

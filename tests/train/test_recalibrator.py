@@ -10,9 +10,8 @@ import torch
 from genrecal_cache.cache import CacheConfig, run_cache
 from genrecal_cache.chat import Renderer, load_processor
 from genrecal_cache.dataset import Row, parse_row
-from genrecal_cache.inspect import load_head
 from genrecal_cache.store import TeacherStore
-from genrecal_train.losses import recalibrator_loss
+from genrecal_train.losses import teacher_head_loss
 from genrecal_train.recalibrator import Recalibrator, RecalibratorConfig
 from genrecal_train.sequence import (
     SlotSample,
@@ -170,7 +169,7 @@ def test_new_positions_matter_and_save_load_round_trips(pair, tmp_path):
 def test_recalibrator_alone_learns_the_teacher(pair):
     """Stage-1 style: student frozen, only the Recalibrator trains; its loss falls clearly."""
     store, cfg, items = pair
-    head = load_head(store)
+    head = store.teacher_head()
     recal = _recal(store, cfg)
     opt = torch.optim.AdamW(recal.parameters(), lr=3e-3)
     samples = [_slots(it, "features", None) for it in items]
@@ -180,7 +179,7 @@ def test_recalibrator_alone_learns_the_teacher(pair):
     batch = build_batch(samples, d, "cpu", torch.float32)
     parts = []
     for _ in range(40):
-        out = recalibrator_loss(recal, batch, z, t, head, normalizer=len(t), impl="chunked")
+        out = teacher_head_loss(recal(batch, impl="chunked"), z, t, head, normalizer=len(t), impl="chunked")
         opt.zero_grad()
         out.loss.backward()
         opt.step()

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from genrecal_cache.cache import CacheConfig, run_cache
 from genrecal_cache.errors import ConfigError
-from genrecal_train.trainer import TrainConfig, Trainer, train, vision_parameter_names
+from genrecal_train.models import vision_parameter_names
+from genrecal_train.trainer import TrainConfig, Trainer, train
 
 from ..conftest import ROOT
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .head import TeacherHead
-from .store import TOKENIZER_DIR, Part, TeacherStore, shard_file, to_storage
+from .store import Part, TeacherStore
+from .store_format import TOKENIZER_DIR, shard_file, to_storage
 
 
 def _du(path: Path) -> int:
@@ -27,12 +28,6 @@ def _reason_kind(reason: str) -> str:
     kind = reason.split(":")[0] if ":" in reason and not reason.startswith("processor") else reason
     kind = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", kind)
     return re.sub(r"\d+", "N", kind)
-
-
-def load_head(store: TeacherStore) -> TeacherHead:
-    h = store.meta["head"]
-    return TeacherHead(store.head("weight"), store.head("bias") if h["bias"] else None, h["logit_scale"],
-                       h["softcap"])
 
 
 def summary(store: TeacherStore) -> dict[str, Any]:
@@ -108,7 +103,7 @@ class VerifyReport:
 
 def _samples_for_rows(p: Part, unit: str, lo: int, hi: int) -> tuple[int, int] | None:
     """The sample range whose `unit` rows overlap [lo, hi)."""
-    starts, counts = p._starts[unit], p._counts[unit]
+    starts, counts = p.starts[unit], p.counts[unit]
     hit = np.flatnonzero((starts < hi) & (starts + counts > lo))
     return (int(hit[0]), int(hit[-1])) if len(hit) else None
 
@@ -122,7 +117,7 @@ def verify(store: TeacherStore, block: int = 64, atol: float | None = None, full
     rep = VerifyReport()
     meta = store.meta
     try:
-        head = load_head(store)
+        head = store.teacher_head()
     except Exception as e:  # a damaged head array
         rep.fail("head", "head", None, f"{type(e).__name__}: {e}", [])
         return rep

@@ -1,0 +1,54 @@
+"""`cache-teacher --data-parallel-size d`: d copies of the job in subprocesses on one machine, each on its own GPUs
+and writing its own part of the store; their counts are summed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .cache import CacheConfig, CacheResult
+from .config import to_argv
+from .errors import ConfigError, StoreError
+
+
+def run_data_parallel(cfg: CacheConfig) -> CacheResult:
+    """`--data-parallel-size d`: d copies of this job in subprocesses, copy j on its own GPUs, writing part
+    i*d+j of n*d. Each copy resumes on its own; the result sums theirs."""
+    d, per = cfg.data_parallel_size, cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+    gpus: list[str] = []
+    if cfg.device.startswith("cuda"):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        if len(gpus) < d * per:
+            raise ConfigError(f"--data-parallel-size {d} x {per} GPUs per engine needs {d * per} GPUs, "
+                              f"{len(gpus)} are visible")
+    procs, tmp = [], Path(tempfile.mkdtemp(prefix="genrecal-dp-"))
+    for j in range(d):
+        child = replace(cfg, shard=f"{cfg.shard_index * d + j}/{cfg.num_shards * d}", data_parallel_size=1,
+                        progress=cfg.progress and j == 0, result_json=tmp / f"{j}.json")  # one bar: copy 0's
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[j * per : (j + 1) * per])
+        argv = [sys.executable, "-m", "genrecal_cache.cli", "cache-teacher", *to_argv(child)]
+        procs.append((child, subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)))
+    res, failed = CacheResult(), []
+    for child, p in procs:
+        if p.wait() != 0:
+            failed.append(f"part {child.shard} (exit status {p.returncode})")
+            continue
+        for k, v in json.loads(child.result_json.read_text()).items():
+            setattr(res, k, max(getattr(res, k), v) if k == "seconds" else getattr(res, k) + v)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if failed:
+        raise StoreError(f"{', '.join(failed)} failed (their errors are above); the other parts are complete. "
+                         "Re-run the same command: every part resumes after its last commit.")
+    return res

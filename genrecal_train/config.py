@@ -1,0 +1,112 @@
+"""`train-student`'s options: one typed dataclass, mapped 1:1 onto typer flags, validated with messages that
+name the flag.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from genrecal_cache.config import Choice, at_least, flag, resolve_device, to_choice
+from genrecal_cache.errors import ConfigError
+
+from .recalibrator import AnswerInputs
+
+
+class Stage(Choice):
+    one = "1"  # align the Recalibrator, student frozen
+    two = "2"  # distil into the student through the Recalibrator
+    three = "3"  # fine-tune the student alone
+    all = "all"  # 1, 2 and 3 in sequence
+
+
+class Impl(Choice):
+    """Which kernel path computes the Recalibrator's projections and the teacher-head loss."""
+
+    auto = "auto"  # Triton on CUDA when installed, else chunked PyTorch
+    triton = "triton"
+    chunked = "chunked"
+    naive = "naive"  # plain autograd; the reference
+
+
+@dataclass
+class TrainConfig:
+    """Train a student from a teacher store: stage 1 aligns the Recalibrator (student frozen), stage 2 distils
+    through it, stage 3 fine-tunes the student alone. Re-run with --resume to continue after a crash."""
+
+    store: Path = flag("Teacher store written by cache-teacher.")
+    student: str = flag("Student model directory (transformers), loaded with its processor.")
+    output: Path = flag("Output directory; each stage writes output/stage<k>/ (student, recalibrator, state).")
+    stage: Stage = flag("Stage to run: 1 (align the Recalibrator), 2 (distil), 3 (fine-tune) or all.", Stage.all)
+    epochs: int = flag("Epochs over the store per stage.", 1)
+    max_steps: int | None = flag("Stop each stage after this many optimizer steps.", None)
+    batch_size: int = flag("Samples per micro-batch.", 8)
+    grad_accum: int = flag("Micro-batches per optimizer step (the loss is normalised over all of them).", 1)
+    lr: float = flag("Peak learning rate of each stage.", 1e-4)
+    lr_end: float = flag("Learning rate at the end of each stage (linear decay).", 1e-5)
+    warmup_steps: int = flag("Linear warm-up steps at the start of each stage.", 0)
+    weight_decay: float = flag("AdamW weight decay.", 0.0)
+    max_grad_norm: float = flag("Clip the gradient norm to this (0: no clipping).", 1.0)
+    temperature: float = flag("Distillation temperature T: both sides' logits / T, the KL times T^2.", 1.0)
+    ce_weight: float = flag("Weight of L_ar, the Recalibrator's CE against the teacher's targets.", 1.0)
+    kl_weight: float = flag("Weight of L_kl, the KL from the teacher's distribution.", 1.0)
+    student_weight: float = flag("Weight of L_s, the student's own CE (stages 2 and 3).", 1.0)
+    answer_inputs: AnswerInputs = flag("What the Recalibrator's answer slots receive: features (the paper) or "
+                                       "embeddings (no copying shortcut).", AnswerInputs.features)
+    new_positions: bool = flag("Fresh rotary positions over the Recalibrator sequence (off: no positions, the "
+                               "paper's ablation).", True)
+    regularizer: bool = flag("The teacher-only regularizer path (needs a store with question features).", True)
+    freeze_recalibrator: bool = flag("Stage 2: keep the Recalibrator fixed (as the paper's figure shows).", False)
+    train_vision: bool = flag("Also train the student's vision tower (frozen by default).", False)
+    recalibrator_layers: int = flag("Decoder blocks in the Recalibrator.", 2)
+    recalibrator: Path | None = flag("Stage-1 Recalibrator to start stage 2 from: a stage folder (run/stage1/final) "
+                                     "or its recalibrator/ subfolder (default: output/stage1/final).", None)
+    gradient_checkpointing: bool = flag("Recompute the student's activations in backward to save memory.", False)
+    block_size: int = flag("Samples per block of the shuffle (consecutive samples are read together).", 64)
+    heldout_fraction: float = flag("Fraction of samples (by id) held out for the student-reliance check.", 0.05)
+    reliance_every: int = flag("Run the student-reliance check every this many steps (0: never).", 200)
+    save_every: int = flag("Save a resumable checkpoint every this many steps.", 200)
+    prefetch: bool = flag("Prepare the next batches in a background thread while the current one trains "
+                          "(with --num-workers 0).", True)
+    num_workers: int = flag("DataLoader worker processes per rank that read and render blocks of samples (0: "
+                            "the main process, with --prefetch in a thread). The batches are the same either way.",
+                            0)
+    fsdp: bool = flag("Under torchrun, shard the student's decoder layers and the Recalibrator across ranks "
+                      "(FSDP2) instead of replicating them (DDP).", False)
+    log_every: int = flag("Write metrics every this many steps.", 10)
+    resume: bool = flag("Continue each stage from its last checkpoint, exactly.", False)
+    verify_store: bool = flag("Read the whole store through its checksums before training (without it, only the "
+                              "checks that cost no array reads; damaged chunks still stop training when read).",
+                              False)
+    seed: int = flag("Seed for data order and initialisation.", 0)
+    device: str = flag("auto, cpu, cuda, cuda:1, ...", "auto")
+    impl: Impl = flag("Kernel paths: auto (Triton on CUDA, else chunked), triton, chunked or naive.", Impl.auto)
+    progress: bool = flag("Show a progress bar.", True)
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+
+    def __post_init__(self) -> None:
+        self.store, self.output = Path(self.store), Path(self.output)
+        if self.recalibrator is not None:
+            self.recalibrator = Path(self.recalibrator)
+        self.stage = to_choice(Stage, str(self.stage), "--stage")
+        self.answer_inputs = to_choice(AnswerInputs, self.answer_inputs, "--answer-inputs")
+        self.impl = to_choice(Impl, self.impl, "--impl")
+        at_least(self, 1, "epochs", "batch_size", "grad_accum", "recalibrator_layers", "save_every", "log_every",
+                 "block_size")
+        at_least(self, 0, "num_workers", "warmup_steps", "reliance_every")
+        if self.max_steps is not None:
+            at_least(self, 1, "max_steps")
+        if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise ConfigError("--fsdp shards the models across processes, and this is one process: launch with "
+                              "`torchrun --nproc-per-node N -m genrecal_train.cli ...` (N >= 2), or drop --fsdp")
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ConfigError(f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}")
+        self.device = resolve_device(self.device)
+
+    @property
+    def stages(self) -> list[int]:
+        return [1, 2, 3] if self.stage == Stage.all else [int(self.stage.value)]

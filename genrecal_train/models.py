@@ -1,0 +1,96 @@
+"""The models a stage trains: the student (loaded like every model here, through `genrecal_cache.models`), the
+Recalibrator (new, from stage 1, or from a checkpoint, checked against the store's teacher), what each stage
+freezes, and what FSDP shards on its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genrecal_cache.errors import ConfigError
+from genrecal_cache.models import LoadedModel, load_model
+
+from .recalibrator import AnswerInputs, Recalibrator, RecalibratorConfig
+
+VISION_MODULES = ("vision_tower", "vision_model", "visual", "image_encoder")
+_CONFIG = "recalibrator.json"
+
+
+def load_student(path: str, device: torch.device, gradient_checkpointing: bool = False,
+                 flag: str = "--student") -> LoadedModel:
+    """The student in fp32 (master weights) on `device`, in train mode."""
+    loaded = load_model(path, dtype=torch.float32, device=device, flag=flag)
+    if gradient_checkpointing:
+        loaded.model.gradient_checkpointing_enable()
+    loaded.model.train()  # from_pretrained returns eval mode (no dropout, no gradient checkpointing)
+    return loaded
+
+
+def find_recalibrator(path: Path | str, flag: str = "--recalibrator") -> Path:
+    """The folder holding recalibrator.json: `path` itself, its `recalibrator/` subfolder (a stage's `final/`
+    or `init/`), or `final/recalibrator/` of a stage folder."""
+    path = Path(path)
+    for candidate in (path, path / "recalibrator", path / "final" / "recalibrator"):
+        if (candidate / _CONFIG).is_file():
+            return candidate
+    raise ConfigError(f"{flag} {path}: no Recalibrator there (expected a train-student stage folder such as "
+                      "run/stage1/final, or its recalibrator/ subfolder, holding recalibrator.json)")
+
+
+def new_recalibrator(student_config: Any, teacher: dict[str, Any], num_layers: int, new_positions: bool,
+                     answer_inputs: AnswerInputs) -> Recalibrator:
+    """A fresh Recalibrator for this student and the store's teacher (stage 1)."""
+    return Recalibrator(RecalibratorConfig.from_student(
+        student_config, teacher["hidden_size"], num_layers=num_layers, new_positions=new_positions,
+        answer_inputs=answer_inputs.value,
+        teacher={k: teacher.get(k) for k in ("name_or_path", "vocab_size", "head_digest")}))
+
+
+def check_recalibrator(recal: Recalibrator, teacher: dict[str, Any], student_config: Any,
+                       answer_inputs: AnswerInputs) -> None:
+    """Refuse a Recalibrator trained for another teacher, another student width or other answer inputs."""
+    trained_for = recal.cfg.teacher
+    for key in ("vocab_size", "head_digest"):
+        if trained_for.get(key) is not None and trained_for[key] != teacher.get(key):
+            raise ConfigError(f"the Recalibrator was trained for teacher {trained_for.get('name_or_path')!r} "
+                              f"({key} differs from this store's teacher {teacher.get('name_or_path')!r}); "
+                              "train stage 1 on this store")
+    if recal.cfg.answer_inputs != answer_inputs:
+        raise ConfigError(f"the Recalibrator was trained with --answer-inputs {recal.cfg.answer_inputs}, this run "
+                          f"asks for {answer_inputs}: pass --answer-inputs {recal.cfg.answer_inputs}")
+    if recal.cfg.teacher_hidden != teacher["hidden_size"]:
+        raise ConfigError(f"the Recalibrator maps to width {recal.cfg.teacher_hidden}, the store's teacher has "
+                          f"{teacher['hidden_size']}: it was trained for another teacher")
+    width = student_config.get_text_config().hidden_size
+    if recal.cfg.student_hidden != width:
+        raise ConfigError(f"the Recalibrator expects student width {recal.cfg.student_hidden}, the student has "
+                          f"{width}")
+
+
+def vision_parameter_names(model: torch.nn.Module) -> set[str]:
+    return {n for n, _ in model.named_parameters() if any(f".{m}." in f".{n}" for m in VISION_MODULES)}
+
+
+def freeze(student: torch.nn.Module, recal: Recalibrator | None, stage: int, train_vision: bool,
+           freeze_recalibrator: bool) -> None:
+    """Stage 1 trains the Recalibrator only; stage 2 the student (vision tower frozen unless `train_vision`) and
+    the Recalibrator (unless `freeze_recalibrator`); stage 3 the student alone."""
+    train_student = stage in (2, 3)
+    frozen_vision = set() if train_vision else vision_parameter_names(student)
+    for n, p in student.named_parameters():
+        p.requires_grad_(train_student and n not in frozen_vision)
+    if recal is not None:
+        for p in recal.parameters():
+            p.requires_grad_(not (stage == 2 and freeze_recalibrator))
+
+
+def fsdp_units(student: torch.nn.Module, recal: Recalibrator | None) -> list[torch.nn.Module]:
+    """What FSDP shards on its own: the student's decoder layers (the blocks transformers never splits,
+    `_no_split_modules`, outside the vision tower, which some batches skip) and the Recalibrator's blocks."""
+    names = {n for m in student.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
+    units = [m for n, m in student.named_modules()
+             if type(m).__name__ in names and not any(f".{v}." in f".{n}." for v in VISION_MODULES)]
+    return units + ([*recal.blocks, recal] if recal is not None else [])
