@@ -51,10 +51,6 @@ class Sample:
     messages: list[dict[str, Any]]
     images: list[ImageRef] = field(default_factory=list)
 
-    @property
-    def num_image_parts(self) -> int:
-        return sum(p["type"] == "image" for m in self.messages for p in m["content"])
-
 
 @dataclass
 class Row:

@@ -5,7 +5,6 @@ committed samples of every writer's part, read in contiguous blocks. Writing liv
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,10 +166,6 @@ class TeacherStore:
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    @property
-    def feature_dtype(self) -> torch.dtype:
-        return getattr(torch, self.meta["feature_dtype"])
-
     def locate(self, index: int) -> tuple[Part, int]:
         """The part and local index of global sample `index` (parts in name order)."""
         if not 0 <= index < len(self):
@@ -189,12 +184,6 @@ class TeacherStore:
                 i = ids.index(sample_id)
                 return part.read(i, i + 1)[0]
         raise KeyError(f"no sample {sample_id!r} in {self.path}")
-
-    def blocks(self, block_size: int = 64) -> Iterator[list[TeacherSample]]:
-        """Every committed sample, in contiguous blocks per part."""
-        for part in self.parts:
-            for s in range(0, len(part), block_size):
-                yield part.read(s, min(s + block_size, len(part)))
 
     def head(self, name: str = "weight") -> torch.Tensor:
         """The teacher head's `weight` (V, D), `embed` (V, D; the weight when tied) or `bias` (V,)."""

@@ -201,10 +201,6 @@ class PartWriter:
     def num_pending(self) -> int:
         return len(self._pending) + len(self._pending_rejects)
 
-    @property
-    def pending_bytes(self) -> int:
-        return sum(r.nbytes for rows in self._pending_rows.values() for r in rows)
-
     def add(self, rec: SampleRecord, keep_image_bytes: bool = True) -> None:
         rows = rec.rows(self.meta)
         n_tok, n_lab = len(rows["token_ids"]), len(rows["targets"])

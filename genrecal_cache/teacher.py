@@ -146,6 +146,7 @@ def _engine_len(cfg: CacheConfig) -> int | None:
     """--max-length, within what the model's positions allow (vLLM refuses a longer max_model_len)."""
     from transformers import AutoConfig
 
-    text = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code).get_text_config()
+    trust_remote_code = cfg.trust_remote_code  # only ever the flag (tests/reliability/test_untrusted.py)
+    text = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=trust_remote_code).get_text_config()
     limit = getattr(text, "max_position_embeddings", None)
     return min(x for x in (cfg.max_length, limit) if x) if cfg.max_length or limit else None

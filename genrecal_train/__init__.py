@@ -1,4 +1,3 @@
-"""Phase 2 of GenRecal: train a student and its Recalibrator from a teacher store.
-
-Empty until the trainer issue lands; it will import `genrecal_cache` (reader, rendering), never the reverse.
+"""Phase 2 of GenRecal: train a student and its Recalibrator from a teacher store (`train-student`), and score
+students (`eval-student`). Imports `genrecal_cache` (the store reader, rendering, model loading), never the reverse.
 """
