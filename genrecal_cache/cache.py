@@ -7,12 +7,11 @@ Re-running the same command resumes after the last commit; every manifest row en
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import platform
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -21,138 +20,16 @@ import torch
 from tqdm import tqdm
 
 from . import FORMAT_VERSION
-from .chat import GenerationSettings, Rendered, compatible_runs, prompt_turns
-from .config import Choice, at_least, resolve_device, to_choice
-from .config import flag as _flag
-from .dataset import Sample, parse_row, read_manifest, row_sample_id, scan_ids
-from .errors import ConfigError, DatasetError, RejectError, StoreError
-from .store_format import FEATURE_DTYPES, check_settings, from_storage, to_storage
+from .cache_config import Answers, Backend, CacheConfig, CacheResult, DuplicateIds  # noqa: F401 (the job's API)
+from .chat import Rendered, compatible_runs, prompt_turns
+from .dataset import Sample, parse_row, row_sample_id
+from .errors import ConfigError, DatasetError, IncompatibleStoreError, RejectError, StoreError
+from .sources import Source, changed_file, open_source
+from .store_format import check_settings, finished, from_storage, read_meta, to_storage
 from .store_writer import PartWriter, SampleRecord, open_or_create
-from .teacher import Teacher, load_teacher, resolve_dtype
+from .teacher import Teacher, load_teacher
 
-
-class Backend(Choice):
-    hf = "hf"
-    vllm = "vllm"
-
-
-class Answers(Choice):
-    dataset = "dataset"
-    generate = "generate"
-
-
-@dataclass
-class CacheConfig:
-    """Run the teacher once over a dataset, teacher-forced, and write its features at the answer positions,
-    targets and top-k log-probabilities into a teacher store. Re-running the same command resumes."""
-
-    teacher: str = _flag("Teacher model: a local directory (or a hub id where the hub is reachable).")
-    manifest: Path = _flag("Dataset manifest: .jsonl or .parquet, messages or LLaVA format.")
-    output: Path = _flag("Teacher store directory (a Zarr v3 group); created, or resumed when it exists.")
-    backend: Backend = _flag("Teacher backend: 'hf' (transformers, runs anywhere) or 'vllm' (fast; needs vLLM).",
-                             Backend.hf)
-    tensor_parallel_size: int = _flag("vLLM: GPUs per engine (tensor parallelism).", 1)
-    pipeline_parallel_size: int = _flag("vLLM: pipeline stages per engine (GPUs per engine: tensor x pipeline).", 1)
-    data_parallel_size: int = _flag("Engines (or transformers teachers) run at once on this machine, each on its "
-                                    "own GPUs and writing its own part: job --shard i/n runs parts i*d+j of n*d.", 1)
-    gpu_memory_utilization: float | None = _flag("vLLM: fraction of device memory the engine reserves (on the CPU "
-                                                 "backend, of RAM). Default 0.9 on GPU, 0.25 on CPU. With --answers generate, two engines (one "
-                                                 "writes, one reads features) share it half and half.", None)
-    max_model_len: int | None = _flag("vLLM: longest sequence the engine plans for (default: --max-length).", None)
-    topk: int = _flag("Top-k teacher log-probabilities stored per label token (0: none).", 20)
-    question_features: bool = _flag("Also store features at every non-label position (the trainer's regularizer needs them).", False)
-    layers: str = _flag("Also store intermediate layers' hidden states at the label positions, comma-separated, e.g. "
-                        "'8,16': layer k is the residual stream after decoder layer k (transformers' "
-                        "hidden_states[k]; 0: the input embeddings). Default: the final features only.", "")
-    answers: Answers = _flag("Where answers come from: 'dataset' (teacher-forced on the manifest's answers) or "
-                             "'generate' (the teacher first writes each conversation's last answer, replacing it "
-                             "or answering a final user turn, then is teacher-forced on it).", Answers.dataset)
-    max_new_tokens: int = _flag("--answers generate: longest answer the teacher may write, in tokens.", 256)
-    gen_temperature: float = _flag("--answers generate: sampling temperature (0: greedy).", 0.0)
-    gen_top_p: float = _flag("--answers generate: nucleus sampling threshold (with a temperature > 0).", 1.0)
-    gen_seed: int = _flag("--answers generate: sampling seed (each sample draws from its own seed and row, so a "
-                          "resumed job writes the same answers).", 0)
-    shard: str = _flag("This job's share 'i/n' of the manifest rows (row r belongs to shard r % n); each writes its own part.", "0/1")
-    max_samples: int | None = _flag("Use only the first N manifest rows (before sharding).", None)
-    max_length: int = _flag("Reject conversations longer than this many teacher tokens (0: no limit).", 4096)
-    batch_tokens: int = _flag("Token budget of one forward batch (padded tokens).", 16384)
-    dtype: str = _flag("Teacher compute and storage dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.", "auto")
-    device: str = _flag("Device for the teacher: auto, cpu, cuda, cuda:1, ...", "auto")
-    device_map: str | None = _flag("transformers device_map, e.g. 'auto' to spread a large teacher over all GPUs.", None)
-    commit_every: int = _flag("Commit after this many manifest rows (a crash loses at most this much work).", 256)
-    strict: bool = _flag("Stop at the first bad row instead of recording it as a reject.", False)
-    image_refs: bool = _flag("Keep image paths + digests in the sample table instead of the image bytes (for very large datasets).", False)
-    allow_outside_root: bool = _flag("Let image paths point outside the manifest's folder (trusted manifests only).",
-                                     False)
-    trust_remote_code: bool = _flag("Allow the teacher's own modelling code (only for checkpoints you trust).", False)
-    progress: bool = _flag("Show a progress bar.", True)
-    result_json: Path | None = _flag("Also write the job's counts and timings to this JSON file.", None)
-    command: list[str] = field(default_factory=lambda: list(sys.argv))
-
-    def __post_init__(self) -> None:
-        self.manifest, self.output = Path(self.manifest), Path(self.output)
-        if self.result_json is not None:
-            self.result_json = Path(self.result_json)
-        self.backend = to_choice(Backend, self.backend, "--backend")
-        self.answers = to_choice(Answers, self.answers, "--answers")
-        if self.max_new_tokens < 1 or self.gen_temperature < 0 or not 0 < self.gen_top_p <= 1:
-            raise ConfigError("--max-new-tokens must be >= 1, --gen-temperature >= 0 and --gen-top-p in (0, 1]")
-        try:
-            self.layer_ids = tuple(sorted({int(x) for x in self.layers.split(",") if x.strip()}))
-        except ValueError:
-            raise ConfigError(f"--layers must be comma-separated layer numbers like 8,16; got {self.layers!r}") from None
-        if any(k < 0 for k in self.layer_ids):
-            raise ConfigError(f"--layers must be >= 0 (0: the input embeddings); got {self.layers!r}")
-        if self.topk < 0:
-            raise ConfigError(f"--topk must be >= 0, got {self.topk}")
-        at_least(self, 1, "batch_tokens", "commit_every", "tensor_parallel_size", "pipeline_parallel_size",
-                 "data_parallel_size")
-        if self.max_samples is not None and self.max_samples < 0:
-            raise ConfigError(f"--max-samples must be >= 0, got {self.max_samples}")
-        if self.max_length == 1 or self.max_length < 0:
-            raise ConfigError(f"--max-length must be >= 2 (or 0: no limit), got {self.max_length}")
-        try:
-            i, n = (int(x) for x in self.shard.split("/"))
-        except ValueError:
-            raise ConfigError(f"--shard must look like i/n (e.g. 0/4), got {self.shard!r}") from None
-        if not 0 <= i < n:
-            raise ConfigError(f"--shard {self.shard}: need 0 <= i < n")
-        self.shard_index, self.num_shards = i, n
-        self.device = resolve_device(self.device)
-        self.dtype = resolve_dtype(self.dtype, self.device)
-        if self.dtype not in FEATURE_DTYPES:
-            raise ConfigError(f"--dtype must be one of auto, {', '.join(FEATURE_DTYPES)}; got {self.dtype!r}")
-
-    @property
-    def generation(self) -> GenerationSettings | None:
-        if self.answers != Answers.generate:
-            return None
-        return GenerationSettings(self.max_new_tokens, self.gen_temperature, self.gen_top_p, self.gen_seed)
-
-    @property
-    def part_name(self) -> str:
-        return f"shard-{self.shard_index:05d}-of-{self.num_shards:05d}"
-
-
-@dataclass
-class CacheResult:
-    samples: int = 0
-    rejects: int = 0
-    label_tokens: int = 0
-    tokens: int = 0
-    skipped: int = 0  # rows already committed by an earlier run
-    retokenized: int = 0  # generated answers whose text renders to other token ids than were generated
-    seconds: float = 0.0
-    forward_seconds: float = 0.0
-    generate_seconds: float = 0.0
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+MIN_ROWS_FOR_REJECT_FRACTION = 100  # --max-reject-fraction judges no fewer rows than this
 
 
 def _versions() -> dict[str, str]:
@@ -188,11 +65,14 @@ class CacheJob:
     """One writer: `run()` processes this shard's rows from where the last run committed."""
 
     def __init__(self, cfg: CacheConfig, teacher: Teacher | None = None):
-        if not cfg.manifest.is_file():
-            raise DatasetError(f"--manifest {cfg.manifest}: file not found")
+        self.source: Source = open_source(cfg.manifest, cfg.split)
+        self.image_root = cfg.image_root or self.source.root
+        if not self.image_root.is_dir():
+            raise ConfigError(f"--image-root {self.image_root}: no such folder")
         _check_output(cfg.output)
         self.cfg = cfg
         settings = self._settings()
+        _check_source(cfg.output, settings["source"])
         check_settings(cfg.output, settings)  # before loading a teacher that may take minutes to load
         self.teacher = teacher or load_teacher(cfg)
         self.renderer = self.teacher.renderer(cfg.max_length or None)
@@ -228,8 +108,11 @@ class CacheJob:
             "num_shards": cfg.num_shards,
             "answers": cfg.answers.value,
             "generation": asdict(cfg.generation) if cfg.generation else None,
-            "manifest": cfg.manifest.name,
-            "manifest_digest": _file_digest(cfg.manifest),
+            "manifest": cfg.manifest,
+            "source": self.source.identity(),
+            "split": cfg.split,
+            "columns": asdict(cfg.column_map),
+            "duplicate_ids": cfg.duplicate_ids.value,
             "backend": cfg.backend.value,
         }
 
@@ -247,7 +130,7 @@ class CacheJob:
     def _run(self) -> CacheResult:
         cfg, w = self.cfg, self.writer
         res, t0 = CacheResult(), time.perf_counter()
-        total, duplicates = scan_ids(cfg.manifest)
+        total, renamed, duplicates = plan_ids(self.source.ids(cfg.column_map.id), cfg.duplicate_ids)
         if cfg.max_samples is not None:
             total = min(total, cfg.max_samples)
         mine = len(range(cfg.shard_index, total, cfg.num_shards))
@@ -256,27 +139,27 @@ class CacheJob:
         bar = tqdm(total=mine, initial=done, unit="sample", disable=not cfg.progress, dynamic_ncols=True,
                    desc=f"cache-teacher {cfg.part_name}")
         pending: list[tuple[Sample, Rendered]] = []
-        since_commit = 0
-        for row in read_manifest(cfg.manifest):
-            if cfg.max_samples is not None and row.index >= cfg.max_samples:
+        since_commit = seen = 0
+        for row in self.source.rows():
+            if row.index >= total:
                 break
             if row.index < w.rows_end or row.index % cfg.num_shards != cfg.shard_index:
                 continue
-            sample_id = row_sample_id(row)
+            sample_id = renamed.get(row.index)
+            res.renamed += sample_id is not None
             try:
                 if row.index in duplicates:
-                    raise RejectError(f"duplicate sample id {sample_id!r} (first at row {duplicates[row.index]})")
-                sample = parse_row(row, cfg.manifest.parent, cfg.allow_outside_root, need_answer=not cfg.generation)
+                    raise RejectError(f"duplicate sample id {duplicates[row.index][0]!r} (first at row "
+                                      f"{duplicates[row.index][1]})")
+                sample = parse_row(row, self.image_root, cfg.allow_outside_root, need_answer=not cfg.generation,
+                                   columns=cfg.column_map, allow_remote_images=cfg.allow_remote_images,
+                                   sample_id=sample_id)
                 # With --answers generate, the prompt now (early rejects), the whole conversation once answered.
                 rendered = self.renderer.render_prompt(sample) if cfg.generation else self.renderer.render(sample)
                 pending.append((sample, rendered))
             except RejectError as e:
-                if cfg.strict:
-                    raise DatasetError(f"{cfg.manifest}, row {row.index} ({sample_id}): {e.reason} "
-                                       "(drop --strict to record bad rows as rejects and go on)") from None
-                w.reject(row.index, sample_id, e.reason)
-                res.rejects += 1
-            rows_end, since_commit = row.index + 1, since_commit + 1
+                self._reject_row(row.index, sample_id or row_sample_id(row, cfg.column_map.id), e.reason, res)
+            rows_end, since_commit, seen = row.index + 1, since_commit + 1, seen + 1
             if sum(len(r.input_ids) for _, r in pending) >= cfg.batch_tokens:
                 self._flush(pending, res)
                 pending = []
@@ -288,11 +171,25 @@ class CacheJob:
             bar.update(1)
             elapsed = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(tok_s=f"{res.tokens / elapsed:.0f}", rejects=res.rejects, refresh=False)
+            if seen >= MIN_ROWS_FOR_REJECT_FRACTION and res.rejects > cfg.max_reject_fraction * seen:
+                self._flush(pending, res)
+                w.commit(rows_end)
+                bar.close()
+                raise DatasetError(
+                    f"stopped: {res.rejects} of the {seen} rows processed were rejected, more than "
+                    f"--max-reject-fraction {cfg.max_reject_fraction}. Top reasons: {res.top_reasons()}. The "
+                    f"{res.samples} good rows so far are committed; fix the data (or raise --max-reject-fraction) "
+                    "and re-run the same command to continue.")
         self._flush(pending, res)
         if w.num_pending or total > w.rows_end:
             w.commit(total)
         bar.close()
         res.seconds = time.perf_counter() - t0
+        if w.lengths["tokens"] == 0:
+            raise DatasetError(
+                f"no sample committed: {res.rejects} of {res.rejects + res.samples} rows rejected (top reasons: "
+                f"{res.top_reasons()}). Check --manifest, --columns and --image-root; `inspect-cache --store "
+                f"{cfg.output}` lists every reject.")
         return res
 
     def _flush(self, pending: list[tuple[Sample, Rendered]], res: CacheResult) -> None:
@@ -380,12 +277,15 @@ class CacheJob:
         res.generate_seconds += time.perf_counter() - t0
         return answered
 
-
     def _reject(self, sample: Sample, reason: str, res: CacheResult) -> None:
+        self._reject_row(sample.source_row, sample.sample_id, reason, res)
+
+    def _reject_row(self, row: int, sample_id: str, reason: str, res: CacheResult) -> None:
         if self.cfg.strict:
-            raise DatasetError(f"{self.cfg.manifest}, row {sample.source_row} ({sample.sample_id}): {reason}")
-        self.writer.reject(sample.source_row, sample.sample_id, reason)
-        res.rejects += 1
+            raise DatasetError(f"{self.cfg.manifest}, row {row} ({sample_id}): {reason} (drop --strict to record "
+                               "bad rows as rejects and go on)")
+        self.writer.reject(row, sample_id, reason)
+        res.add_reject(reason)
 
 
 def run_cache(cfg: CacheConfig, teacher: Teacher | None = None) -> CacheResult:
@@ -400,3 +300,38 @@ def run_cache(cfg: CacheConfig, teacher: Teacher | None = None) -> CacheResult:
     finally:
         if teacher is None:
             job.teacher.close()
+
+
+def plan_ids(ids: Iterable[Any], mode: DuplicateIds) -> tuple[int, dict[int, str], dict[int, tuple[str, int]]]:
+    """One pass over the rows' ids: the row count, the rows whose repeated id is renamed (`suffix`: the k-th
+    occurrence of `x` becomes `x#k`, never an id the data already has) and, with `reject`, each repeat with
+    its id and the row of its first occurrence. Every shard computes the same plan."""
+    sids = [str(x) if x is not None else f"row-{i}" for i, x in enumerate(ids)]
+    taken, first, count = set(sids), {}, {}
+    renamed: dict[int, str] = {}
+    rejected: dict[int, tuple[str, int]] = {}
+    for i, sid in enumerate(sids):
+        if sid not in first:
+            first[sid] = i
+            continue
+        if mode == DuplicateIds.reject:
+            rejected[i] = (sid, first[sid])
+            continue
+        count[sid] = count.get(sid, 1) + 1
+        new = f"{sid}#{count[sid]}"
+        while new in taken:
+            new += "#"
+        taken.add(new)
+        renamed[i] = new
+    return len(sids), renamed, rejected
+
+
+def _check_source(path: Path, source: dict[str, Any]) -> None:
+    """A store resumed on other data is refused, naming the file that differs."""
+    if not finished(path):
+        return
+    recorded = read_meta(path).get("source")
+    why = changed_file(recorded or {}, source) if recorded is not None else "the store records no source"
+    if why is not None:
+        raise IncompatibleStoreError(f"{path} was written from other data: {why}. Re-run on the data it was "
+                                     "written from, or write to a new --output")

@@ -28,13 +28,16 @@ def _cache(cfg: Any) -> None:
     print(f"cache-teacher: {res.samples} samples committed, {res.rejects} rejected, {res.label_tokens} label tokens, "
           f"{res.skipped} rows already done; {res.seconds:.1f}s ({res.forward_seconds:.1f}s teacher forward) "
           f"-> {cfg.output}")
+    print(f"cache-teacher: rejects by reason: {res.top_reasons(20)}")
+    if res.renamed:
+        print(f"cache-teacher: {res.renamed} rows had an id seen before and were renamed id#k (--duplicate-ids)")
     if cfg.generation:
         print(f"cache-teacher: answers written by the teacher in {res.generate_seconds:.1f}s; {res.retokenized} of "
               "them render to other token ids than generated (their text was re-tokenised canonically)")
 
 
 def _config_class() -> type:
-    from .cache import CacheConfig
+    from .cache_config import CacheConfig
 
     return CacheConfig
 

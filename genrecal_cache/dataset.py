@@ -1,7 +1,8 @@
-"""Read a manifest (JSONL or Parquet) into normalised samples: messages in the transformers format plus images.
+"""Turn a manifest row into a normalised sample: messages in the transformers format plus images.
 
-Accepts the transformers messages format and the LLaVA `conversations` format; a bad row raises `RejectError`
-with the reason, so the job can record it and go on.
+Accepts the transformers `messages` format (OpenAI `image_url` parts and `<image>` markers in string content
+included), the LLaVA/ShareGPT `conversations` format, and flat question/answer tables through a column mapping;
+a bad row raises `RejectError` with the reason, so the job can record it and go on. Rows come from `sources.py`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from .errors import DatasetError, RejectError
+from .errors import RejectError
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 IMAGE_MARKER = "<image>"
@@ -61,113 +61,102 @@ class Row:
     error: str | None = None
 
 
-def read_manifest(path: Path | str) -> Iterator[Row]:
-    """Yield every row of a JSONL (`.jsonl`, `.json`) or Parquet (`.parquet`) manifest, in order."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"manifest not found: {path} (pass an existing .jsonl or .parquet file to --manifest)")
-    if path.suffix == ".parquet":
-        yield from _read_parquet(path)
-    else:
-        yield from _read_jsonl(path)
+@dataclass(frozen=True)
+class Columns:
+    """Which columns of a flat table hold the question, the answer, the image(s), the id and a system prompt
+    (`--columns question=q,answer=a,image=img`); a row with `messages` or `conversations` ignores them."""
+
+    question: str = "question"
+    answer: str = "answer"
+    image: str = "image"
+    id: str = "id"
+    system: str = "system"
+
+    @classmethod
+    def parse(cls, text: str) -> Columns:
+        """From `name=column,...`; unnamed fields keep their defaults."""
+        names = {f for f in cls.__dataclass_fields__}
+        kw = {}
+        for item in filter(None, (x.strip() for x in text.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or key.strip() not in names or not value.strip():
+                raise ValueError(f"--columns: {item!r} is not NAME=COLUMN with NAME one of {', '.join(sorted(names))}")
+            kw[key.strip()] = value.strip()
+        return cls(**kw)
 
 
-def _read_jsonl(path: Path) -> Iterator[Row]:
-    with path.open("rb") as f:
-        for index, raw in enumerate(f):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield Row(index, None, f"line {index + 1} is not valid UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if not line.strip():
-                yield Row(index, None, f"line {index + 1} is empty")
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield Row(index, None, f"malformed JSON on line {index + 1}: {e.msg} at column {e.colno}")
-                continue
-            if not isinstance(record, dict):
-                yield Row(index, None, f"line {index + 1} is a JSON {type(record).__name__}, not an object")
-                continue
-            yield Row(index, record)
+def row_id(record: Any, id_column: str = "id") -> str | None:
+    """A record's own id as a string (None when it has none)."""
+    value = record.get(id_column) if isinstance(record, dict) else None
+    return None if value is None else str(value)
 
 
-def _read_parquet(path: Path) -> Iterator[Row]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        raise DatasetError(f"cannot read Parquet manifest {path}: {e}") from e
-    index = 0
-    for batch in pf.iter_batches(batch_size=256):
-        for record in batch.to_pylist():
-            yield Row(index, record)
-            index += 1
+def row_sample_id(row: Row, id_column: str = "id") -> str:
+    """The row's own id, or `row-<index>` when it has none (or could not be decoded)."""
+    return row_id(row.record, id_column) or f"row-{row.index}"
 
 
-def scan_ids(path: Path | str) -> tuple[int, dict[int, int]]:
-    """One pass over the manifest: its row count, and each row whose id already appeared, mapped to the row
-    where it first did. Every shard computes the same answer, so a duplicate is rejected whichever shard owns it."""
-    path = Path(path)
-    first: dict[str, int] = {}
-    dups: dict[int, int] = {}
-    n = 0
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        n = pf.metadata.num_rows
-        if "id" in pf.schema_arrow.names:
-            ids = [str(x) if x is not None else None for x in pq.read_table(path, columns=["id"])["id"].to_pylist()]
-        else:
-            ids = [None] * n
-        rows = ((i, Row(i, {"id": x})) for i, x in enumerate(ids))
-    else:
-        rows = ((r.index, r) for r in read_manifest(path))
-    for index, row in rows:
-        n = max(n, index + 1)
-        sid = row_sample_id(row)
-        if sid in first:
-            dups[index] = first[sid]
-        else:
-            first[sid] = index
-    return n, dups
-
-
-def row_sample_id(row: Row) -> str:
-    """The row's own `id`, or `row-<index>` when it has none (or could not be decoded)."""
-    rec = row.record if isinstance(row.record, dict) else {}
-    return str(rec["id"]) if rec.get("id") is not None else f"row-{row.index}"
-
-
-def parse_row(row: Row, root: Path, allow_outside_root: bool = False, need_answer: bool = True) -> Sample:
+def parse_row(row: Row, root: Path, allow_outside_root: bool = False, need_answer: bool = True, *,
+              columns: Columns | None = None, allow_remote_images: bool = False,
+              sample_id: str | None = None) -> Sample:
     """Turn a manifest row into a `Sample`; images are read and decoded now so bad ones are rejected early.
 
-    Image paths resolve against `root` (the manifest's folder) and may not leave it (`..`, absolute paths or
-    links elsewhere) unless `allow_outside_root`: a manifest from elsewhere cannot make the job read any file.
-    Without `need_answer` (the teacher writes the answer) a conversation may end with a user turn."""
+    Image paths resolve against `root` (the image root: the manifest's folder unless --image-root) and may not
+    leave it (`..`, absolute paths or links elsewhere) unless `allow_outside_root`: a manifest from elsewhere
+    cannot make the job read any file. http(s) images are fetched only with `allow_remote_images`. Without
+    `need_answer` (the teacher writes the answer) a conversation may end with a user turn. `sample_id` replaces
+    the row's own (a renamed duplicate)."""
     if row.error is not None:
         raise RejectError(row.error)
     rec = row.record
     if not isinstance(rec, dict):
         raise RejectError(f"row is a {type(rec).__name__}, not an object")
-    sample_id = row_sample_id(row)
-    if "messages" in rec and rec["messages"] is not None:
+    columns = columns or Columns()
+    sample_id = sample_id or row_sample_id(row, columns.id)
+    listed = _image_list(rec)
+    if rec.get("messages") is not None:
         messages, inline = _parse_messages(_maybe_json(rec["messages"], "messages"))
         fmt = "messages"
-    elif "conversations" in rec and rec["conversations"] is not None:
+    elif rec.get("conversations") is not None:
         messages, inline = _parse_llava(_maybe_json(rec["conversations"], "conversations"))
         fmt = "conversations"
+    elif rec.get(columns.question) is not None:
+        messages, inline, listed = _parse_flat(rec, columns, need_answer)
+        fmt = "the flat row"
     else:
-        raise RejectError("row has neither 'messages' (transformers format) nor 'conversations' (LLaVA format)")
-    listed = _image_list(rec)
-    images = [_load_image(src, root, i, allow_outside_root)
+        raise RejectError(f"row has neither 'messages' (transformers format), 'conversations' (LLaVA format) nor a "
+                          f"'{columns.question}' column (a flat table: map its columns with --columns "
+                          "question=...,answer=...,image=...); its keys: " + ", ".join(sorted(map(str, rec))[:12]))
+    images = [_load_image(src, root, i, allow_outside_root, allow_remote_images)
               for i, src in enumerate(_assign_images(inline, listed, fmt))]
     _check_turns(messages, need_answer)
     return Sample(sample_id, row.index, messages, images)
+
+
+def _parse_flat(rec: dict, columns: Columns, need_answer: bool) -> tuple[list[dict], list[Any], list[Any]]:
+    """A VQA table row: one user turn (its images first, then the question), one assistant turn (the answer;
+    the first of a list of reference answers)."""
+    question = rec[columns.question]
+    if not isinstance(question, str):
+        raise RejectError(f"column '{columns.question}' (the question) holds a {type(question).__name__}, not text")
+    answer = rec.get(columns.answer)
+    if isinstance(answer, (list, tuple)):
+        answer = answer[0] if answer else None
+    if isinstance(answer, dict):  # e.g. {"answer": ..., "answer_id": ...}
+        answer = answer.get("answer", answer.get("text"))
+    if answer is None and need_answer:
+        raise RejectError(f"column '{columns.answer}' (the answer) is missing or empty; map it with --columns "
+                          "answer=COLUMN")
+    value = rec.get(columns.image)
+    listed = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+    user = [{"type": "image"} for _ in listed] + [{"type": "text", "text": question}]
+    messages = []
+    if isinstance(rec.get(columns.system), str) and rec[columns.system]:
+        messages.append({"role": "system", "content": [{"type": "text", "text": rec[columns.system]}]})
+    messages.append({"role": "user", "content": user})
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": str(answer)}]})
+    return messages, [None] * len(listed), listed
 
 
 def _maybe_json(value: Any, name: str) -> Any:
@@ -186,7 +175,9 @@ def _role(raw: Any, turn: int) -> str:
 
 
 def _parse_messages(raw: Any) -> tuple[list[dict], list[Any]]:
-    """transformers format; an image part may carry its source under 'image', 'path' or 'url'."""
+    """transformers/OpenAI format: content a string (`<image>` markers become image parts, LLaMA-Factory style)
+    or a list of parts; an image part carries its source under 'image', 'path' or 'url', an OpenAI `image_url`
+    part under 'image_url' ({url} or a string)."""
     if not isinstance(raw, list) or not raw:
         raise RejectError("'messages' must be a non-empty list of {role, content} objects")
     messages, inline = [], []
@@ -198,26 +189,52 @@ def _parse_messages(raw: Any) -> tuple[list[dict], list[Any]]:
         if content is None:
             content = []
         if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
+            content = _marker_parts(content)
         if not isinstance(content, list):
             raise RejectError(f"content of turn {turn} must be a string or a list of parts")
         parts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
-                raise RejectError(f"turn {turn} has a part that is not {{type: text|image}}: {str(part)[:80]!r}")
-            if part["type"] == "text":
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise RejectError(f"text part of turn {turn} has no string 'text'")
                 parts.append({"type": "text", "text": part["text"]})
-            else:
+            elif kind in ("image", "image_url"):
                 parts.append({"type": "image"})
-                inline.append(next((part[k] for k in ("image", "path", "url") if part.get(k) is not None), None))
+                inline.append(_inline_source(part))
+            else:
+                raise RejectError(f"turn {turn} has a part that is not {{type: text|image|image_url}}: "
+                                  f"{str(part)[:80]!r}")
         messages.append({"role": role, "content": parts})
     return messages, inline
 
 
+def _inline_source(part: dict) -> Any:
+    """Where an image part's image is (None: the next of the row's `images`)."""
+    if part["type"] == "image_url":
+        url = part.get("image_url")
+        return url.get("url") if isinstance(url, dict) else url
+    return next((part[k] for k in ("image", "path", "url") if part.get(k) is not None), None)
+
+
+def _marker_parts(value: str) -> list[dict]:
+    """Text with `<image>` markers as text and image parts ("<image>\nQuestion" is the usual layout: the newline
+    next to a marker goes with it)."""
+    parts: list[dict] = []
+    pieces = value.split(IMAGE_MARKER)
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            parts.append({"type": "image"})
+            piece = piece.removeprefix("\n")
+        if i < len(pieces) - 1:
+            piece = piece.removesuffix("\n")
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
 def _parse_llava(raw: Any) -> tuple[list[dict], list[Any]]:
-    """LLaVA format: `from` human|gpt|system, `value` text with `<image>` markers."""
+    """LLaVA/ShareGPT format: `from` human|gpt|system, `value` text with `<image>` markers."""
     if not isinstance(raw, list) or not raw:
         raise RejectError("'conversations' must be a non-empty list of {from, value} objects")
     messages, inline = [], []
@@ -228,17 +245,8 @@ def _parse_llava(raw: Any) -> tuple[list[dict], list[Any]]:
         value = m.get("value", "")
         if not isinstance(value, str):
             raise RejectError(f"'value' of turn {turn} must be a string")
-        parts: list[dict] = []
-        pieces = value.split(IMAGE_MARKER)
-        for i, piece in enumerate(pieces):
-            if i > 0:
-                parts.append({"type": "image"})
-                inline.append(None)
-                piece = piece.removeprefix("\n")  # "<image>\nQuestion" is the usual layout
-            if i < len(pieces) - 1:
-                piece = piece.removesuffix("\n")
-            if piece:
-                parts.append({"type": "text", "text": piece})
+        parts = _marker_parts(value)
+        inline += [None for p in parts if p["type"] == "image"]
         messages.append({"role": role, "content": parts})
     return messages, inline
 
@@ -267,8 +275,10 @@ def _assign_images(inline: list[Any], listed: list[Any], fmt: str) -> list[Any]:
     return sources
 
 
-def _load_image(src: Any, root: Path, i: int, allow_outside_root: bool = False) -> ImageRef:
-    """An image from a path (relative to the manifest or absolute), raw bytes, base64 or a data URI."""
+def _load_image(src: Any, root: Path, i: int, allow_outside_root: bool = False,
+                allow_remote: bool = False) -> ImageRef:
+    """An image from a path (relative to the image root, absolute, or file://), raw bytes, a {bytes, path}
+    struct (datasets' Image), base64, a data URI, or (with `allow_remote`) an http(s) URL."""
     path: str | None = None
     if isinstance(src, dict):  # Parquet/HF datasets style {"bytes": ..., "path": ...}
         src = src.get("bytes") or src.get("path")
@@ -276,11 +286,14 @@ def _load_image(src: Any, root: Path, i: int, allow_outside_root: bool = False) 
         data = bytes(src)
     elif isinstance(src, str) and src.startswith("data:"):
         data = _b64(src.split(",", 1)[-1], i)
+    elif isinstance(src, str) and src.startswith(("http://", "https://")):
+        data = _fetch(src, i, allow_remote)
     elif isinstance(src, str) and src:
-        p = Path(src) if Path(src).is_absolute() else root / src
+        name = src.removeprefix("file://")
+        p = Path(name) if Path(name).is_absolute() else root / name
         if not allow_outside_root and _is_file(p) and not p.resolve().is_relative_to(root.resolve()):
-            raise RejectError(f"image {i} ({src}) is outside the dataset root {root}; pass --allow-outside-root "
-                              "if the manifest is trusted")
+            raise RejectError(f"image {i} ({name}) is outside the dataset root {root}; pass --allow-outside-root "
+                              "if the manifest is trusted (or --image-root the folder that holds the images)")
         if _is_file(p):
             try:
                 data, path = p.read_bytes(), str(p.resolve())
@@ -289,7 +302,8 @@ def _load_image(src: Any, root: Path, i: int, allow_outside_root: bool = False) 
         elif len(src) >= 64 and _BASE64.fullmatch(src):
             data = _b64(src, i)
         else:
-            raise RejectError(f"image {i} not found: {p}")
+            raise RejectError(f"image {i} is not a file under the image root ({p} does not exist; set --image-root "
+                              f"to the folder the paths are relative to), and not base64: {src[:80]!r}")
     else:
         raise RejectError(f"image {i} has an unsupported source of type {type(src).__name__}")
     ref = ImageRef(data, path)
@@ -297,8 +311,21 @@ def _load_image(src: Any, root: Path, i: int, allow_outside_root: bool = False) 
         with Image.open(io.BytesIO(data)) as im:
             im.load()
     except Exception as e:  # PIL raises many types for bad bytes
-        raise RejectError(f"image {i} cannot be decoded ({type(e).__name__}: {str(e)[:120]})") from None
+        raise RejectError(f"cannot decode image {i} ({type(e).__name__}: {str(e)[:120]})") from None
     return ref
+
+
+def _fetch(url: str, i: int, allow_remote: bool) -> bytes:
+    if not allow_remote:
+        raise RejectError(f"image {i} is a remote URL ({url[:100]}); pass --allow-remote-images to fetch it")
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310 (http/https only, checked above)
+            return r.read()
+    except Exception as e:  # URLError, timeouts, HTTP errors
+        raise RejectError(f"image {i} could not be fetched from {url[:100]} ({type(e).__name__}: "
+                          f"{str(e)[:120]})") from None
 
 
 def _is_file(p: Path) -> bool:
@@ -313,7 +340,8 @@ def _b64(text: str, i: int) -> bytes:
     try:
         return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise RejectError(f"image {i} is neither an existing file nor valid base64") from None
+        raise RejectError(f"image {i} is not a file under the image root, and not base64 (it does not decode): "
+                          f"{text[:80]!r}") from None
 
 
 def _check_turns(messages: list[dict], need_answer: bool = True) -> None:

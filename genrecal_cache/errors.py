@@ -5,6 +5,8 @@ Domain errors also subclass the builtin a caller would catch (zarr-python's habi
 
 from __future__ import annotations
 
+import re
+
 
 class GenrecalError(Exception):
     """Base of every error GenRecal raises on purpose."""
@@ -36,3 +38,10 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
 
 class IncompatibleStoreError(StoreError):
     """An existing store was written by another teacher or with other settings."""
+
+
+def reason_kind(reason: str) -> str:
+    """A reject reason with its numbers, paths and quoted values folded, to count reasons by kind."""
+    kind = reason.split(":")[0] if ":" in reason and not reason.startswith("processor") else reason
+    kind = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", kind)
+    return re.sub(r"\d+", "N", kind)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import reason_kind
 from .head import TeacherHead
 from .store import Part, TeacherStore
 from .store_format import TOKENIZER_DIR, shard_file, to_storage
@@ -21,13 +22,6 @@ from .store_format import TOKENIZER_DIR, shard_file, to_storage
 
 def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def _reason_kind(reason: str) -> str:
-    """Group reasons that differ only in numbers, paths or quoted values."""
-    kind = reason.split(":")[0] if ":" in reason and not reason.startswith("processor") else reason
-    kind = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", kind)
-    return re.sub(r"\d+", "N", kind)
 
 
 def summary(store: TeacherStore) -> dict[str, Any]:
@@ -49,7 +43,7 @@ def summary(store: TeacherStore) -> dict[str, Any]:
             "question_tokens": int(np.sum(s.column("num_question").to_numpy())) if len(p) else 0,
             "arrays": arrays,
         })
-    reasons = Counter(_reason_kind(r) for r in store.rejects().column("reason").to_pylist())
+    reasons = Counter(reason_kind(r) for r in store.rejects().column("reason").to_pylist())
     total = _du(store.path)
     label_tokens = sum(p["label_tokens"] for p in parts)
     return {

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import CacheConfig, CacheResult
+from .cache_config import CacheConfig, CacheResult
 from .config import to_argv
 from .errors import ConfigError, StoreError
 
@@ -46,7 +46,11 @@ def run_data_parallel(cfg: CacheConfig) -> CacheResult:
             failed.append(f"part {child.shard} (exit status {p.returncode})")
             continue
         for k, v in json.loads(child.result_json.read_text()).items():
-            setattr(res, k, max(getattr(res, k), v) if k == "seconds" else getattr(res, k) + v)
+            if k == "reject_reasons":
+                for kind, n in v.items():
+                    res.reject_reasons[kind] = res.reject_reasons.get(kind, 0) + n
+            else:
+                setattr(res, k, max(getattr(res, k), v) if k == "seconds" else getattr(res, k) + v)
     shutil.rmtree(tmp, ignore_errors=True)
     if failed:
         raise StoreError(f"{', '.join(failed)} failed (their errors are above); the other parts are complete. "

@@ -166,6 +166,10 @@ class TeacherStore:
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
+    @property
+    def feature_dtype(self) -> torch.dtype:
+        return getattr(torch, self.meta["feature_dtype"])
+
     def locate(self, index: int) -> tuple[Part, int]:
         """The part and local index of global sample `index` (parts in name order)."""
         if not 0 <= index < len(self):

@@ -149,7 +149,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 _IDENTITY = ("architecture", "hidden_size", "vocab_size", "config_digest", "tokenizer_digest",
              "chat_template_digest", "head_digest")
 _SETTINGS = ("dtype", "feature_dtype", "topk", "question_features", "layers", "max_length", "num_shards",
-             "answers", "generation", "manifest_digest")
+             "answers", "generation", "source", "split", "columns", "duplicate_ids")
 
 
 def check_settings(path: Path, settings: dict[str, Any]) -> None:

@@ -18,9 +18,10 @@ from tqdm import tqdm
 
 from genrecal_cache.chat import Renderer
 from genrecal_cache.config import at_least, flag, resolve_device
-from genrecal_cache.dataset import Sample, parse_row, read_manifest
-from genrecal_cache.errors import DatasetError, RejectError
+from genrecal_cache.dataset import Columns, Sample, parse_row
+from genrecal_cache.errors import ConfigError, RejectError
 from genrecal_cache.models import load_model
+from genrecal_cache.sources import Source, open_source
 
 
 @dataclass
@@ -28,7 +29,13 @@ class EvalConfig:
     """Score a student's greedy answers on a held-out manifest (exact and normalised match)."""
 
     student: str = flag("Model directory to evaluate (a base student or any stage's final/student).")
-    manifest: Path = flag("Held-out manifest; each row's last assistant turn is the gold answer.")
+    manifest: str = flag("Held-out data, in any form cache-teacher reads (file, folder or glob of shards, "
+                         "save_to_disk folder, hub:ORG/NAME); each row's last assistant turn (or answer column) is "
+                         "the gold answer.")
+    split: str | None = flag("The split to read where the data holds several.", None)
+    columns: str = flag("Column mapping for flat tables, as for cache-teacher (question=...,answer=...,image=...).",
+                        "")
+    image_root: Path | None = flag("Where relative image paths resolve (default: the manifest's folder).", None)
     output: Path | None = flag("Write one JSON line per row (prompt id, gold, prediction, scores) here.", None)
     max_new_tokens: int = flag("Longest answer generated.", 32)
     max_samples: int | None = flag("Evaluate only the first N rows.", None)
@@ -37,9 +44,14 @@ class EvalConfig:
     command: list[str] = field(default_factory=lambda: list(sys.argv))
 
     def __post_init__(self) -> None:
-        self.manifest = Path(self.manifest)
-        if self.output is not None:
-            self.output = Path(self.output)
+        self.manifest = str(self.manifest)
+        for name in ("output", "image_root"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+        try:
+            self.column_map = Columns.parse(self.columns)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         at_least(self, 1, "max_new_tokens")
         self.device = resolve_device(self.device)
 
@@ -58,13 +70,12 @@ def _text(message: dict[str, Any]) -> str:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Accuracy of greedy answers; rows that cannot be read or rendered are counted as skipped."""
-    if not cfg.manifest.is_file():
-        raise DatasetError(f"--manifest {cfg.manifest}: file not found")
+    source = open_source(cfg.manifest, cfg.split)
     loaded = load_model(cfg.student, dtype="auto", device=cfg.device, flag="--student")
     model, renderer = loaded.model.eval(), Renderer(loaded.processor)  # the prompts training renders
     rows, skipped = [], []
     with cfg.output.open("w") if cfg.output else contextlib.nullcontext() as out:
-        _answer_rows(cfg, model, renderer, rows, skipped, out)
+        _answer_rows(cfg, source, model, renderer, rows, skipped, out)
     n = len(rows)
     return {"student": cfg.student, "samples": n, "skipped": len(skipped),
             "exact_match": sum(r["exact"] for r in rows) / n if n else None,
@@ -72,14 +83,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "skipped_rows": skipped[:20]}
 
 
-def _answer_rows(cfg: EvalConfig, model: Any, renderer: Renderer, rows: list[dict], skipped: list[dict],
-                 out: Any) -> None:
-    tok = renderer.tokenizer
-    for row in tqdm(read_manifest(cfg.manifest), disable=not cfg.progress, desc="eval-student", unit="sample"):
+def _answer_rows(cfg: EvalConfig, source: Source, model: Any, renderer: Renderer, rows: list[dict],
+                 skipped: list[dict], out: Any) -> None:
+    tok, root = renderer.tokenizer, cfg.image_root or source.root
+    for row in tqdm(source.rows(), disable=not cfg.progress, desc="eval-student", unit="sample"):
         if cfg.max_samples is not None and row.index >= cfg.max_samples:
             break
         try:
-            sample = parse_row(row, cfg.manifest.parent)
+            sample = parse_row(row, root, columns=cfg.column_map)
             last = max(i for i, m in enumerate(sample.messages) if m["role"] == "assistant")
             gold = _text(sample.messages[last])
             prompt = renderer.render_prompt(Sample(sample.sample_id, sample.source_row,

@@ -25,9 +25,9 @@ def _ok(i: int, img: str = "images/0000.png") -> dict:
 
 BAD_ROWS = {
     "missing image": ({"id": "b0", "images": ["images/nope.png"], "messages": _ok(0)["messages"]},
-                      "image 0 not found"),
+                      "image 0 is not a file under the image root"),
     "undecodable image": ({"id": "b1", "images": ["images/garbage.png"], "messages": _ok(0)["messages"]},
-                          "image 0 cannot be decoded"),
+                          "cannot decode image 0"),
     "empty answer": ({"id": "b2", "messages": [{"role": "user", "content": "hi"},
                                                {"role": "assistant", "content": "  "}]},
                      "assistant turn 1 is empty"),
@@ -36,7 +36,7 @@ BAD_ROWS = {
     "too long": ({"id": "b4", "messages": [{"role": "user", "content": "one two " * 200},
                                            {"role": "assistant", "content": "ok"}]},
                  "more than --max-length 150"),
-    "malformed json": ('{"id": "b5", "messages": [', "malformed JSON on line"),
+    "malformed json": ('{"id": "b5", "messages": [', "malformed JSON on m.jsonl line"),
     "unknown role": ({"id": "b6", "messages": [{"role": "wizard", "content": "x"},
                                                {"role": "assistant", "content": "y"}]}, "unknown role 'wizard'"),
     "image count": ({"id": "b7", "images": ["images/0000.png", "images/0000.png"],
@@ -65,7 +65,7 @@ def bad_manifest(tmp_path: Path, demo_manifest: Path) -> Path:
 
 def _cfg(zoo, manifest, out, **kw) -> CacheConfig:
     return CacheConfig(teacher=str(zoo["llava"]), manifest=manifest, output=out, dtype="float32", device="cpu",
-                       max_length=150, progress=False, command=["test"], **kw)
+                       max_length=150, progress=False, command=["test"], **{"duplicate_ids": "reject", **kw})
 
 
 def test_every_bad_row_is_rejected_with_its_reason_and_the_run_goes_on(zoo, bad_manifest, tmp_path):
@@ -81,12 +81,12 @@ def test_every_bad_row_is_rejected_with_its_reason_and_the_run_goes_on(zoo, bad_
 
 
 def test_strict_stops_at_the_first_bad_row(zoo, bad_manifest, tmp_path):
-    with pytest.raises(DatasetError, match=r"row 1 \(b0\): image 0 not found.*drop --strict"):
+    with pytest.raises(DatasetError, match=r"row 1 \(b0\): image 0 is not a file.*drop --strict"):
         run_cache(_cfg(zoo, bad_manifest, tmp_path / "s", strict=True))
 
 
 def test_missing_manifest_fails_at_once(zoo, tmp_path):
-    with pytest.raises(DatasetError, match="--manifest .*not found"):
+    with pytest.raises(DatasetError, match="--manifest .*no such file or folder"):
         run_cache(_cfg(zoo, tmp_path / "nope.jsonl", tmp_path / "s"))
 
 
@@ -139,7 +139,8 @@ def test_incompatible_settings_or_teacher_on_existing_store(zoo, bad_manifest, t
         run_cache(_cfg(zoo, bad_manifest, out, max_samples=2, topk=5))
     with pytest.raises(IncompatibleStoreError, match="another teacher"):
         run_cache(CacheConfig(teacher=str(zoo["qwen2vl"]), manifest=bad_manifest, output=out, dtype="float32",
-                              device="cpu", max_length=150, max_samples=2, progress=False, command=["t"]))
+                              device="cpu", max_length=150, max_samples=2, duplicate_ids="reject", progress=False,
+                              command=["t"]))
 
 
 def test_extending_max_samples_continues_the_store(zoo, bad_manifest, tmp_path):

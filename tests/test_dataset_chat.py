@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from genrecal_cache.chat import Renderer, load_processor
-from genrecal_cache.dataset import Row, parse_row, read_manifest
+from genrecal_cache.dataset import Row, parse_row
+from genrecal_cache.sources import read_manifest
 from genrecal_cache.errors import RejectError
 
 

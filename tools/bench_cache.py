@@ -26,7 +26,8 @@ from demo_data import write_demo_manifest  # noqa: E402
 from tiny_zoo import ZOO_NAMES, build_model  # noqa: E402
 
 from genrecal_cache.cache import CacheConfig, CacheJob  # noqa: E402
-from genrecal_cache.dataset import parse_row, read_manifest  # noqa: E402
+from genrecal_cache.dataset import parse_row  # noqa: E402
+from genrecal_cache.sources import read_manifest  # noqa: E402
 from genrecal_cache.errors import RejectError  # noqa: E402
 from genrecal_cache.inspection import summary  # noqa: E402
 from genrecal_cache.store import TeacherStore  # noqa: E402

@@ -33,3 +33,31 @@ def test_scores_a_known_answer_set(zoo, clean_manifest, tmp_path):
                               device="cpu"))
     assert res["samples"] == 6 and res["skipped"] == 0
     assert abs(res["exact_match"] - 2 / 6) < 1e-9 and abs(res["normalised_match"] - 4 / 6) < 1e-9, res
+
+
+def test_eval_student_reads_a_flat_vqa_table_through_a_column_mapping(zoo, clean_manifest, tmp_path):
+    """The command as users run it, on an lmms-lab-style Parquet table (question / answers / image struct)."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..conftest import ROOT
+
+    img = (clean_manifest.parent / "images" / "0000.png").read_bytes()
+    table = pa.table({"qid": [1, 2], "query": ["What digit?", "Which digit is it?"], "answers": [["seven"], ["two"]],
+                      "image": [{"bytes": img, "path": "a.png"}, {"bytes": img, "path": "b.png"}]})
+    pq.write_table(table, tmp_path / "vqa.parquet")
+    from pathlib import Path
+
+    r = subprocess.run([str(Path(sys.executable).parent / "eval-student"), "--student", str(zoo["llava"]),
+                        "--manifest", str(tmp_path / "vqa.parquet"), "--columns", "question=query,answer=answers,id=qid",
+                        "--max-new-tokens", "2", "--output", str(tmp_path / "p.jsonl"), "--no-progress"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["samples"] == 2 and res["skipped"] == 0, res
+    preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in preds] == ["1", "2"] and [p["gold"] for p in preds] == ["seven", "two"]
