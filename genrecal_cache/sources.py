@@ -47,8 +47,8 @@ class Source:
 
     def identity(self) -> dict[str, Any]:
         """What the store records of its source: every file's name (relative to the root), size and sha256."""
-        return {"files": [{"name": _relative(f, self.root), "bytes": f.stat().st_size,
-                                              "sha256": file_digest(f)} for f in self.files]}
+        return {"files": [{"name": _relative(f, self.root), "bytes": f.stat().st_size, "sha256": file_digest(f)}
+                          for f in self.files]}
 
 
 def open_source(spec: str | Path, split: str | None = None) -> Source:

@@ -22,6 +22,27 @@ class Stage(Choice):
     all = "all"  # 1, 2 and 3 in sequence
 
 
+class Method(Choice):
+    """How the student learns from the store; every method ends with the same stage-3 fine-tune."""
+
+    genrecal = "genrecal"  # stages 1-3: align the Recalibrator, distil through it, fine-tune
+    uld = "uld"  # stage 2 distils with Universal Logit Distillation (no Recalibrator), then stage 3
+    sft = "sft"  # stage 3 alone: SFT on the store's answers (the fair baseline)
+
+
+class ULDSource(Choice):
+    full = "full"  # head(features): the teacher's exact full-vocabulary distribution
+    topk = "topk"  # the stored top-k probabilities, zero elsewhere
+
+
+class ULDAlign(Choice):
+    index = "index"  # the j-th answer token of each side, up to the shorter answer (as ULD does)
+    chars = "chars"  # each student answer token with the teacher token covering its first character
+
+
+STAGES_OF = {"genrecal": [1, 2, 3], "uld": [2, 3], "sft": [3]}
+
+
 class Impl(Choice):
     """Which kernel path computes the Recalibrator's projections and the teacher-head loss."""
 
@@ -39,7 +60,10 @@ class TrainConfig:
     store: Path = flag("Teacher store written by cache-teacher.")
     student: str = flag("Student model directory (transformers), loaded with its processor.")
     output: Path = flag("Output directory; each stage writes output/stage<k>/ (student, recalibrator, state).")
-    stage: Stage = flag("Stage to run: 1 (align the Recalibrator), 2 (distil), 3 (fine-tune) or all.", Stage.all)
+    method: Method = flag("genrecal (stages 1-3), uld (Universal Logit Distillation in stage 2, then stage 3) or sft "
+                          "(stage 3 only: SFT on the store's answers), all from the same store.", Method.genrecal)
+    stage: Stage = flag("Stage to run: 1 (align the Recalibrator), 2 (distil), 3 (fine-tune) or all (the method's "
+                        "stages).", Stage.all)
     epochs: int = flag("Epochs over the store per stage.", 1)
     max_steps: int | None = flag("Stop each stage after this many optimizer steps.", None)
     batch_size: int = flag("Samples per micro-batch.", 8)
@@ -53,6 +77,11 @@ class TrainConfig:
     ce_weight: float = flag("Weight of L_ar, the Recalibrator's CE against the teacher's targets.", 1.0)
     kl_weight: float = flag("Weight of L_kl, the KL from the teacher's distribution.", 1.0)
     student_weight: float = flag("Weight of L_s, the student's own CE (stages 2 and 3).", 1.0)
+    uld_weight: float = flag("--method uld: weight of the ULD loss beside the student's own CE.", 1.0)
+    uld_source: ULDSource = flag("--method uld: the teacher's distribution: full (head(features), exact) or topk "
+                                 "(the stored top-k).", ULDSource.full)
+    uld_align: ULDAlign = flag("--method uld: pair answer positions by token index (ULD's way) or by character "
+                               "offsets of the answer text.", ULDAlign.index)
     answer_inputs: AnswerInputs = flag("What the Recalibrator's answer slots receive: features (the paper) or "
                                        "embeddings (no copying shortcut).", AnswerInputs.features)
     new_positions: bool = flag("Fresh rotary positions over the Recalibrator sequence (off: no positions, the "
@@ -91,6 +120,12 @@ class TrainConfig:
         if self.recalibrator is not None:
             self.recalibrator = Path(self.recalibrator)
         self.stage = to_choice(Stage, str(self.stage), "--stage")
+        self.method = to_choice(Method, self.method, "--method")
+        self.uld_source = to_choice(ULDSource, self.uld_source, "--uld-source")
+        self.uld_align = to_choice(ULDAlign, self.uld_align, "--uld-align")
+        if self.stage != Stage.all and int(self.stage.value) not in STAGES_OF[self.method.value]:
+            raise ConfigError(f"--method {self.method} has no stage {self.stage} (its stages: "
+                              f"{', '.join(map(str, STAGES_OF[self.method.value]))})")
         self.answer_inputs = to_choice(AnswerInputs, self.answer_inputs, "--answer-inputs")
         self.impl = to_choice(Impl, self.impl, "--impl")
         at_least(self, 1, "epochs", "batch_size", "grad_accum", "recalibrator_layers", "save_every", "log_every",
@@ -109,4 +144,4 @@ class TrainConfig:
 
     @property
     def stages(self) -> list[int]:
-        return [1, 2, 3] if self.stage == Stage.all else [int(self.stage.value)]
+        return STAGES_OF[self.method.value] if self.stage == Stage.all else [int(self.stage.value)]

@@ -1,5 +1,5 @@
 """GenRecal's losses as plain functions: the Recalibrator's CE + KL on the frozen teacher head (one call site
-of the fused kernel), and the student's own next-token CE.
+of the fused kernel), the student's own next-token CE, and the ULD baseline's loss.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from genrecal_cache.head import TeacherHead
-from genrecal_kernels import CEKLOutput, fused_linear_ce_kl
+from genrecal_kernels import CEKLOutput, fused_linear_ce_kl, uld_loss
 
 
 def teacher_head_loss(r: torch.Tensor, teacher_features: torch.Tensor, targets: torch.Tensor, head: TeacherHead,
@@ -30,3 +30,17 @@ def student_loss(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.T
     targets = input_ids.roll(-1, dims=1)[label_mask]  # (n,): the token after each label position
     logits = head(selected).float()  # (n, V_s)
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / max(float(normalizer), 1.0)
+
+
+def uld_student_loss(hidden: torch.Tensor, student_head: torch.nn.Module, head: TeacherHead, normalizer: float,
+                     teacher_z: torch.Tensor | None = None, teacher_topk_logprobs: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """ULD (sorted-probability L1) of the student's distributions at aligned positions, `hidden` (n, D_s),
+    against the teacher's: head(teacher_z) over its full vocabulary, or its stored top-k (n, K). Summed and
+    divided by `normalizer` (the global count of aligned pairs); never more than a chunk of either vocabulary."""
+    kw = dict(bias=getattr(student_head, "bias", None), normalizer=max(float(normalizer), 1.0))
+    if teacher_z is not None:
+        return uld_loss(hidden, student_head.weight, teacher_z=teacher_z, teacher_weight=head.weight,
+                        teacher_bias=head.bias, teacher_logit_scale=head.logit_scale, teacher_softcap=head.softcap,
+                        **kw)
+    return uld_loss(hidden, student_head.weight, teacher_topk_logprobs=teacher_topk_logprobs, **kw)

@@ -20,16 +20,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from genrecal_cache.chat import Renderer, compatible_runs
+from genrecal_cache.chat import Renderer
 from genrecal_cache.errors import ConfigError, StoreError
 from genrecal_cache.faults import fault_point
 from genrecal_cache.inspection import format_verify, verify
 from genrecal_cache.store import TeacherStore
+from genrecal_cache.store_format import TOKENIZER_DIR
 
 from . import checkpoint, dist
-from .config import Stage, TrainConfig
+from .config import Method, Stage, TrainConfig, ULDAlign, ULDSource
 from .data import Prefetcher, StoreStream, StreamState, TrainSample, block_order, is_heldout, pairs, trains_on
-from .losses import student_loss, teacher_head_loss
+from .forward import StepForward
 from .metrics import MetricsLog
 from .models import (
     check_recalibrator,
@@ -41,10 +42,9 @@ from .models import (
 )
 from .recalibrator import Recalibrator
 from .reliance import student_reliance
-from .sequence import SlotSample, build_batch, student_question_inputs, teacher_answer_inputs, teacher_question_inputs
 
-LOSS_KEYS = ("student", "recal", "reg", "ar", "kl", "reg_ar", "reg_kl")
-TRAINED_LOSSES = ("student", "recal", "reg")  # the parts that carry gradient; the others are their pieces
+LOSS_KEYS = ("student", "recal", "reg", "uld", "ar", "kl", "reg_ar", "reg_kl")
+TRAINED_LOSSES = ("student", "recal", "reg", "uld")  # the parts that carry gradient; the others are their pieces
 
 
 class Trainer:
@@ -65,8 +65,7 @@ class Trainer:
         self.device = torch.device(f"cuda:{local}" if cfg.device == "cuda" and self.world > 1 else cfg.device)
         # fp32 master weights everywhere; on GPU the forward runs under bf16 autocast (and the frozen teacher
         # head is kept in bf16), on CPU everything is fp32.
-        self.amp = self.device.type == "cuda"
-        self.dtype = torch.bfloat16 if self.amp else torch.float32  # compute dtype
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         torch.manual_seed(cfg.seed)
         self._open_store()
         self._setup_models(saved if resume else None, student_from)
@@ -104,7 +103,10 @@ class Trainer:
         if self.head.bias is not None:
             self.head.bias = self.head.bias.to(self.device, self.dtype)
         self.embed = self.store.head("embed").to(self.device) if cfg.answer_inputs == "embeddings" else None
-        self.use_regularizer = cfg.regularizer and self.store.meta["question_features"] and self.stage in (1, 2)
+        self.uld = cfg.method == Method.uld and self.stage == 2  # ULD distils in stage 2, with no Recalibrator
+        if self.uld and cfg.uld_source == ULDSource.topk and not self.store.meta["topk"]:
+            raise ConfigError(f"--uld-source topk needs a store with top-k log-probabilities; {cfg.store} has none "
+                              "(written with --topk 0): use --uld-source full")
 
     def _setup_models(self, saved: Path | None, student_from: str | None) -> None:
         """Student and Recalibrator from the checkpoint being resumed (`saved`), else from `student_from` (the
@@ -114,7 +116,8 @@ class Trainer:
                               cfg.gradient_checkpointing)
         self.student, self.processor = loaded.model, loaded.processor
         self.renderer = Renderer(self.processor)
-        self.recal = self._load_recalibrator(saved) if self.stage in (1, 2) else None
+        with_recal = self.stage in (1, 2) and cfg.method == Method.genrecal
+        self.recal = self._load_recalibrator(saved) if with_recal else None
         if self.stage == 1 and saved is None and self.main:  # the start, for inspect-cache --plot (before FSDP)
             self.recal.save(self.dir / "init" / "recalibrator")
         freeze(self.student, self.recal, self.stage, cfg.train_vision, cfg.freeze_recalibrator)
@@ -127,6 +130,14 @@ class Trainer:
         self.model = dist.wrap(self.models, cfg.fsdp, fsdp_units(self.student, self.recal) if cfg.fsdp else [])
         params = [p for p in self.models.parameters() if p.requires_grad]  # after FSDP swapped in its shards
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        teacher_tok = None
+        if self.uld and cfg.uld_align == ULDAlign.chars:
+            from transformers import AutoTokenizer
+
+            teacher_tok = AutoTokenizer.from_pretrained(str(self.store.path / TOKENIZER_DIR))
+        self.use_regularizer = bool(cfg.regularizer and self.store.meta["question_features"] and self.recal is not None)
+        self.forward = StepForward(cfg, self.stage, self.student, self.recal, self.renderer, self.head, self.embed,
+                                   self.device, self.uld, self.use_regularizer, teacher_tok, self.timer)
 
     def _load_recalibrator(self, saved: Path | None) -> Recalibrator:
         """From the checkpoint being resumed (`saved`), from stage 1 (stage 2), or new (stage 1)."""
@@ -203,72 +214,6 @@ class Trainer:
 
     # --- one step -----------------------------------------------------------------------------------------------
 
-    def _student(self, batch: list[TrainSample], n_student: int, with_loss: bool
-                 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """The student's final features per sample (L_i, D_s) and, `with_loss`, its own loss L_s. Samples
-        whose inputs do not batch together (e.g. different image layouts) run in separate forwards."""
-        feats: list[torch.Tensor] = []
-        loss = None
-        runs = compatible_runs([s.student for s in batch])
-        real = len(runs)
-        if self.cfg.fsdp:  # each run gathers every decoder layer from all ranks: all ranks run as many
-            runs += [runs[0][:1]] * (dist.max_(real, self.device) - real)
-        for j, run in enumerate(runs):
-            group = [batch[i].student for i in run]
-            inputs = {k: v.to(self.device) for k, v in self.renderer.collate(group).items()}
-            with torch.set_grad_enabled(with_loss), self._autocast(), self.timer("student_forward"):
-                hidden = self.student.base_model(**inputs, use_cache=False).last_hidden_state  # (b, L, D_s)
-            if j >= real:  # a padding run: in the graph with weight 0, so its backward gathers the layers too
-                if hidden.requires_grad:
-                    loss = loss + 0.0 * hidden.sum()
-                continue
-            feats += [hidden[i, : len(r.input_ids)] for i, r in enumerate(group)]
-            if with_loss:
-                mask = torch.stack([torch.nn.functional.pad(torch.from_numpy(r.label_mask),
-                                                            (0, hidden.shape[1] - len(r.input_ids)))
-                                    for r in group]).to(self.device).bool()  # (b, L)
-                part = student_loss(self.student.get_output_embeddings(), hidden, inputs["input_ids"], mask,
-                                    n_student)
-                loss = part if loss is None else loss + part
-        return feats, loss
-
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
-
-    def _forward(self, batch: list[TrainSample], n_teacher: int, n_student: int) -> dict[str, torch.Tensor]:
-        with self._autocast():
-            return self._losses(batch, n_teacher, n_student)
-
-    def _losses(self, batch: list[TrainSample], n_teacher: int, n_student: int) -> dict[str, torch.Tensor]:
-        feats, s_loss = self._student(batch, n_student, with_loss=self.stage in (2, 3))
-        parts: dict[str, torch.Tensor] = {}
-        if s_loss is not None:
-            parts["student"] = self.cfg.student_weight * s_loss
-        if self.recal is None:
-            return parts
-        z = torch.cat([s.teacher.features for s in batch]).to(self.device)  # (A, D_l)
-        targets = torch.cat([s.teacher.targets for s in batch]).to(self.device)  # (A,)
-        answers = [teacher_answer_inputs(s.teacher, self.cfg.answer_inputs, self.embed) for s in batch]
-        slots = [SlotSample(student_question_inputs(feats[i], s.student.segments), answers[i])
-                 for i, s in enumerate(batch)]
-        d_s = feats[0].shape[-1]
-        kw = dict(head=self.head, normalizer=n_teacher, temperature=self.cfg.temperature,
-                  ce_weight=self.cfg.ce_weight, kl_weight=self.cfg.kl_weight, impl=self.cfg.impl)
-        # (loss key, its CE/KL keys, slots): the student path, and the teacher-only regularizer when it is on
-        paths = [("recal", "ar", "kl", slots)]
-        if self.use_regularizer:
-            reg = [SlotSample([q.to(self.device) for q in teacher_question_inputs(s.teacher)],
-                              [a.to(self.device) for a in answers[i]], teacher_question=True)
-                   for i, s in enumerate(batch)]
-            paths.append(("reg", "reg_ar", "reg_kl", reg))
-        for key, ce_key, kl_key, path in paths:
-            with self.timer("recalibrator"):
-                r = self.recal(build_batch(path, d_s, self.device, self.dtype), impl=self.cfg.impl)
-            with self.timer("loss"):
-                out = teacher_head_loss(r, z, targets, **kw)
-            parts[key], parts[ce_key], parts[kl_key] = out.loss, out.ce, out.kl
-        return parts
-
     @contextlib.contextmanager
     def timer(self, name: str) -> Iterator[None]:
         """Accumulate wall time of a phase into `self.times` (synchronising the GPU, so only when asked)."""
@@ -288,7 +233,8 @@ class Trainer:
         weight 0: DDP reduces gradients in the backward of the last pass, FSDP gathers parameters in every pass,
         so a rank that skipped one would leave the others waiting."""
         passes = len(micro) if passes is None else passes
-        counts = torch.tensor([sum(len(s.teacher.targets) for b in micro for s in b),
+        self.forward.pairs = {}
+        counts = torch.tensor([sum(self.forward.count(s) for b in micro for s in b),
                                sum(int(s.student.label_mask.sum()) for b in micro for s in b)], dtype=torch.float64)
         n_teacher, n_student = (max(1, int(c)) for c in dist.sum_(counts.to(self.device)).tolist())
         for g in self.opt.param_groups:
@@ -299,7 +245,7 @@ class Trainer:
             real = i < len(micro)
             batch = micro[i] if real else self._filler()
             with dist.no_sync(self.model, sync=i == passes - 1):
-                parts = self.model(self._forward, batch, n_teacher, n_student)
+                parts = self.model(self.forward, batch, n_teacher, n_student)
                 loss = sum(v for k, v in parts.items() if k in TRAINED_LOSSES)
                 if loss.requires_grad:
                     with self.timer("backward"):
@@ -399,10 +345,10 @@ class Trainer:
         self.student.eval()
         self.recal.eval()
         try:
-            return self.model(student_reliance, self._heldout,
-                              lambda batch: self._student(batch, 1, with_loss=False)[0], self.recal, self.head,
-                              self.cfg.answer_inputs, self.embed, self.cfg.impl, self.device, self.dtype,
-                              self._autocast)
+            f = self.forward
+            return self.model(student_reliance, self._heldout, lambda batch: f.student(batch, 1, with_loss=False)[0],
+                              self.recal, self.head, self.cfg.answer_inputs, self.embed, self.cfg.impl, self.device,
+                              f.dtype, f.autocast)
         finally:
             self.student.train()
             self.recal.train()
@@ -451,8 +397,6 @@ def train(cfg: TrainConfig) -> list[Path]:
     """Run the configured stages in order; stage k+1 starts from stage k's student."""
     outs, student_from = [], None
     for stage in cfg.stages:
-        if stage > 1 and student_from is None and cfg.stage == Stage.all:
-            student_from = str(cfg.output / f"stage{stage - 1}" / "final" / "student")
         if stage == 3 and cfg.stage == Stage.three:
             prev = cfg.output / "stage2" / "final" / "student"
             student_from = str(prev) if prev.exists() else None

@@ -17,7 +17,7 @@ from genrecal_cache.errors import RejectError
 pytest.importorskip("sklearn")
 
 from digits_vqa import WORDS, write_digits  # noqa: E402
-from experiment import summarise  # noqa: E402
+from experiment import summarise, table  # noqa: E402
 
 
 def test_digits_splits_are_disjoint_and_answered_right(tmp_path):
@@ -57,8 +57,12 @@ def test_to_argv_rebuilds_the_config(tmp_path):
 
 def test_experiment_summary_pairs_seeds_with_the_fair_baseline():
     rows = [{"size": 300, "arm": arm, "seed": s, "accuracy": acc, "s1_own": "", "s1_shuffled": ""}
-            for arm, accs in (("sft-teacher", (0.5, 0.6)), ("genrecal", (0.55, 0.58))) for s, acc in enumerate(accs)]
+            for arm, accs in (("sft-teacher", (0.5, 0.6)), ("genrecal", (0.55, 0.58)), ("uld", (0.56, 0.57)))
+            for s, acc in enumerate(accs)]
     out = {r["arm"]: r for r in summarise(rows)}
+    assert out["uld"]["delta_vs_genrecal"] == pytest.approx((0.01 - 0.01) / 2)
+    assert out["uld"]["seeds_better_than_genrecal"] == 1 and out["uld"]["seeds_better"] == 1
+    assert "| 300 | uld | 2 | 56.5 ± 0.5 | +1.5 ± 4.5 (1/2) | +0.0 ± 1.0 (1/2) |  |" in table(summarise(rows))
     assert out["genrecal"]["delta_vs_sft_teacher"] == pytest.approx((0.05 - 0.02) / 2)
     assert out["genrecal"]["seeds_better"] == 1 and out["genrecal"]["per_seed_delta"] == "+0.050 -0.020"
     assert out["sft-teacher"]["mean"] == pytest.approx(0.55)

@@ -39,13 +39,14 @@ TEACHER_EPOCHS = 8
 
 @dataclass
 class Arm:
-    """How one student is trained: SFT (stage 3 only) or GenRecal (stages 1-3), on which store, with which flags.
+    """How one student is trained: `method` sft (stage 3 only), genrecal (stages 1-3) or uld (stages 2-3), on
+    which store, with which flags.
     Stores: "gold" (the gold rows, teacher-forced on their answers), "teacher" (the training images answered by
     the teacher), "random" (the same answers, teacher-forced through an untrained teacher: the control)."""
 
     name: str
     store: str
-    genrecal: bool
+    method: str
     flags: dict[str, Any] = field(default_factory=dict)
 
 
@@ -120,8 +121,9 @@ def train_student(work: Path, store: Path, arm: Arm, seed: int, steps: int, tag:
     base = student_base(work, seed)
     flags = {**dict(lr=1e-3, lr_end=1e-4, batch_size=16, warmup_steps=10, log_every=10, reliance_every=0,
                     save_every=10_000, seed=seed), **arm.flags}
-    cfg = TrainConfig(store=store, student=str(base), output=out, stage="all" if arm.genrecal else "3",
-                      epochs=10_000, max_steps=steps if arm.genrecal else 2 * steps, device="cpu", progress=False,
+    sft = arm.method == "sft"  # one stage: as many student steps as the others' stages 2 and 3
+    cfg = TrainConfig(store=store, student=str(base), output=out, method=arm.method, stage="all",
+                      epochs=10_000, max_steps=2 * steps if sft else steps, device="cpu", progress=False,
                       command=["demo"], **flags)
     _show("train-student", cfg)
     train(cfg)
@@ -155,8 +157,8 @@ def reliance(final: Path) -> dict[str, float]:
     return out
 
 
-DEMO_ARMS = [Arm("SFT on the gold labels", "gold", False), Arm("SFT on the teacher's answers", "teacher", False),
-             Arm("GenRecal on the teacher's answers", "teacher", True)]
+DEMO_ARMS = [Arm("SFT on the gold labels", "gold", "sft"), Arm("SFT on the teacher's answers", "teacher", "sft"),
+             Arm("GenRecal on the teacher's answers", "teacher", "genrecal")]
 
 
 def main() -> None:

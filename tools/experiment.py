@@ -6,7 +6,8 @@ against the fair baseline (SFT on the same teacher answers).
 Arms: SFT on the gold labels; SFT on the teacher's answers; GenRecal with the paper's defaults (answer inputs
 = teacher features, regularizer, fresh positions, T=1) and one change each (embeddings, no regularizer, no
 fresh positions, T=2, L_ar only: no KL); the untrained-teacher control (the same answers, features and head of
-a random teacher); and an exact repeat of the default arm (run-to-run noise).
+a random teacher); an exact repeat of the default arm (run-to-run noise); and the cross-tokenizer baseline ULD
+(Universal Logit Distillation) from the same store, with the teacher's full distribution or its stored top-k.
 Run: python tools/experiment.py exp-out --seeds 5 --sizes 300 1400 --jobs 2
 """
 
@@ -32,16 +33,18 @@ from digits_demo import (
 )
 
 ARMS = [
-    Arm("sft-gold", "gold", False),
-    Arm("sft-teacher", "teacher", False),
-    Arm("genrecal", "teacher", True),
-    Arm("genrecal-embeddings", "teacher", True, {"answer_inputs": "embeddings"}),
-    Arm("genrecal-no-reg", "teacher", True, {"regularizer": False}),
-    Arm("genrecal-no-new-pos", "teacher", True, {"new_positions": False}),
-    Arm("genrecal-T2", "teacher", True, {"temperature": 2.0}),
-    Arm("genrecal-ar-only", "teacher", True, {"kl_weight": 0.0}),
-    Arm("control-random-teacher", "random", True),
-    Arm("genrecal-repeat", "teacher", True),
+    Arm("sft-gold", "gold", "sft"),
+    Arm("sft-teacher", "teacher", "sft"),
+    Arm("genrecal", "teacher", "genrecal"),
+    Arm("genrecal-embeddings", "teacher", "genrecal", {"answer_inputs": "embeddings"}),
+    Arm("genrecal-no-reg", "teacher", "genrecal", {"regularizer": False}),
+    Arm("genrecal-no-new-pos", "teacher", "genrecal", {"new_positions": False}),
+    Arm("genrecal-T2", "teacher", "genrecal", {"temperature": 2.0}),
+    Arm("genrecal-ar-only", "teacher", "genrecal", {"kl_weight": 0.0}),
+    Arm("control-random-teacher", "random", "genrecal"),
+    Arm("genrecal-repeat", "teacher", "genrecal"),
+    Arm("uld", "teacher", "uld"),
+    Arm("uld-topk", "teacher", "uld", {"uld_source": "topk"}),
 ]
 FIELDS = ["size", "arm", "seed", "accuracy", "s1_own", "s1_shuffled", "s2_own", "s2_shuffled", "seconds"]
 
@@ -59,29 +62,53 @@ def _job(args: tuple) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _paired(accs: dict[int, float], base: dict[int, float]) -> dict:
+    deltas = [accs[s] - base[s] for s in sorted(accs) if s in base]
+    return {"mean": statistics.mean(deltas) if deltas else None, "std": statistics.pstdev(deltas) if deltas else None,
+            "better": sum(d > 0 for d in deltas), "n": len(deltas), "per_seed": " ".join(f"{d:+.3f}" for d in deltas)}
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean ± std per (size, arm), and the per-seed delta against SFT on the teacher's answers."""
+    """Mean ± std per (size, arm), and the per-seed deltas against SFT on the teacher's answers (the fair
+    baseline) and against GenRecal's defaults."""
     out = []
     for size in sorted({int(r["size"]) for r in rows}):
         by = {}
         for r in rows:
             if int(r["size"]) == size:
                 by.setdefault(r["arm"], {})[int(r["seed"])] = float(r["accuracy"])
-        base = by.get("sft-teacher", {})
         for arm in [a.name for a in ARMS if a.name in by]:
             accs = by[arm]
-            deltas = [accs[s] - base[s] for s in accs if s in base]
+            vs_sft, vs_genrecal = _paired(accs, by.get("sft-teacher", {})), _paired(accs, by.get("genrecal", {}))
             rel = [r for r in rows if int(r["size"]) == size and r["arm"] == arm and r.get("s1_own") not in ("", None)]
             out.append({
                 "size": size, "arm": arm, "seeds": len(accs),
                 "mean": statistics.mean(accs.values()), "std": statistics.pstdev(accs.values()),
-                "delta_vs_sft_teacher": statistics.mean(deltas) if deltas else None,
-                "delta_std": statistics.pstdev(deltas) if deltas else None,
-                "seeds_better": sum(d > 0 for d in deltas), "per_seed_delta": " ".join(f"{d:+.3f}" for d in deltas),
+                "delta_vs_sft_teacher": vs_sft["mean"], "delta_std": vs_sft["std"],
+                "seeds_better": vs_sft["better"], "per_seed_delta": vs_sft["per_seed"],
+                "delta_vs_genrecal": vs_genrecal["mean"], "delta_vs_genrecal_std": vs_genrecal["std"],
+                "seeds_better_than_genrecal": vs_genrecal["better"],
                 "reliance_s1_own": statistics.mean(float(r["s1_own"]) for r in rel) if rel else None,
                 "reliance_s1_shuffled": statistics.mean(float(r["s1_shuffled"]) for r in rel) if rel else None,
             })
     return out
+
+
+def table(summary: list[dict]) -> str:
+    """The README's table: accuracy, and the paired differences against the fair baseline and GenRecal."""
+    def delta(s: dict, key: str, std: str, better: str) -> str:
+        if s[key] is None:
+            return ""
+        return f"{100 * s[key]:+.1f} ± {100 * s[std]:.1f} ({s[better]}/{s['seeds']})"
+
+    lines = ["| size | arm | seeds | accuracy | Δ vs SFT on teacher answers (seeds better) | Δ vs GenRecal (seeds "
+             "better) | reliance own / shuffled |", "|---|---|---|---|---|---|---|"]
+    for s in summary:
+        r = "" if s["reliance_s1_own"] is None else f"{s['reliance_s1_own']:.2f} / {s['reliance_s1_shuffled']:.2f}"
+        lines.append(f"| {s['size']} | {s['arm']} | {s['seeds']} | {100 * s['mean']:.1f} ± {100 * s['std']:.1f} | "
+                     f"{delta(s, 'delta_vs_sft_teacher', 'delta_std', 'seeds_better')} | "
+                     f"{delta(s, 'delta_vs_genrecal', 'delta_vs_genrecal_std', 'seeds_better_than_genrecal')} | {r} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -131,14 +158,7 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=list(summary[0]))
         w.writeheader()
         w.writerows(summary)
-    print("\n| size | arm | seeds | accuracy | Δ vs SFT on teacher answers (per seed) | reliance own / shuffled |")
-    print("|---|---|---|---|---|---|")
-    for s in summary:
-        d = "" if s["delta_vs_sft_teacher"] is None else (
-            f"{100 * s['delta_vs_sft_teacher']:+.1f} ± {100 * s['delta_std']:.1f} ({s['seeds_better']}/{s['seeds']} "
-            "better)")
-        r = "" if s["reliance_s1_own"] is None else f"{s['reliance_s1_own']:.2f} / {s['reliance_s1_shuffled']:.2f}"
-        print(f"| {s['size']} | {s['arm']} | {s['seeds']} | {100 * s['mean']:.1f} ± {100 * s['std']:.1f} | {d} | {r} |")
+    print("\n" + table(summary))
     print(f"wrote {args.csv} and {path}")
 
 

@@ -1,0 +1,139 @@
+"""What one training pass computes, for every method: the student's final features (and its own loss L_s),
+GenRecal's Recalibrator losses on the frozen teacher head (the student path and the teacher-only regularizer),
+or the ULD baseline's loss. The trainer runs it inside its DDP/FSDP root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from genrecal_cache.chat import Renderer, compatible_runs
+from genrecal_cache.head import TeacherHead
+
+from . import dist
+from .alignment import answer_pairs
+from .config import TrainConfig, ULDSource
+from .data import TrainSample
+from .losses import student_loss, teacher_head_loss, uld_student_loss
+from .recalibrator import Recalibrator
+from .sequence import SlotSample, build_batch, student_question_inputs, teacher_answer_inputs, teacher_question_inputs
+
+
+class StepForward:
+    """The losses of one pass of stage `stage`: `forward(batch, n_teacher, n_student)` -> {part: loss}.
+
+    `uld`: stage 2 distils with ULD (no Recalibrator); `use_regularizer`: the teacher-only path is on;
+    `timer(name)`: a context that times a phase (the trainer's)."""
+
+    def __init__(self, cfg: TrainConfig, stage: int, model: torch.nn.Module, recal: Recalibrator | None,
+                 renderer: Renderer, head: TeacherHead, embed: torch.Tensor | None, device: torch.device,
+                 uld: bool, use_regularizer: bool, teacher_tok: Any,
+                 timer: Callable[[str], contextlib.AbstractContextManager]):
+        self.cfg, self.stage, self.model, self.recal, self.renderer = cfg, stage, model, recal, renderer
+        self.head, self.embed, self.device = head, embed, device
+        self.uld, self.use_regularizer, self.teacher_tok, self.timer = uld, use_regularizer, teacher_tok, timer
+        self.amp = device.type == "cuda"  # bf16 autocast on GPU; fp32 on CPU
+        self.dtype = torch.bfloat16 if self.amp else torch.float32  # compute dtype
+        self.pairs: dict[str, tuple[list[int], list[int]]] = {}  # ULD: this step's aligned positions, by sample
+
+    def count(self, sample: TrainSample) -> int:
+        """What the teacher-side loss of this sample is averaged over: its label tokens, or (ULD) its aligned
+        pairs."""
+        return len(self.aligned(sample)[0]) if self.uld else len(sample.teacher.targets)
+
+    def student(self, batch: list[TrainSample], n_student: int, with_loss: bool
+                 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The student's final features per sample (L_i, D_s) and, `with_loss`, its own loss L_s. Samples
+        whose inputs do not batch together (e.g. different image layouts) run in separate forwards."""
+        feats: list[torch.Tensor] = []
+        loss = None
+        runs = compatible_runs([s.student for s in batch])
+        real = len(runs)
+        if self.cfg.fsdp:  # each run gathers every decoder layer from all ranks: all ranks run as many
+            runs += [runs[0][:1]] * (dist.max_(real, self.device) - real)
+        for j, run in enumerate(runs):
+            group = [batch[i].student for i in run]
+            inputs = {k: v.to(self.device) for k, v in self.renderer.collate(group).items()}
+            with torch.set_grad_enabled(with_loss), self.autocast(), self.timer("student_forward"):
+                hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state  # (b, L, D_s)
+            if j >= real:  # a padding run: in the graph with weight 0, so its backward gathers the layers too
+                if hidden.requires_grad:
+                    loss = loss + 0.0 * hidden.sum()
+                continue
+            feats += [hidden[i, : len(r.input_ids)] for i, r in enumerate(group)]
+            if with_loss:
+                mask = torch.stack([torch.nn.functional.pad(torch.from_numpy(r.label_mask),
+                                                            (0, hidden.shape[1] - len(r.input_ids)))
+                                    for r in group]).to(self.device).bool()  # (b, L)
+                part = student_loss(self.model.get_output_embeddings(), hidden, inputs["input_ids"], mask,
+                                    n_student)
+                loss = part if loss is None else loss + part
+        return feats, loss
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def __call__(self, batch: list[TrainSample], n_teacher: int, n_student: int) -> dict[str, torch.Tensor]:
+        """The loss parts of one pass (run inside the DDP/FSDP root as `model(forward, ...)`); `n_teacher` and
+        `n_student` are the global counts the teacher-side and student losses are divided by."""
+        with self.autocast():
+            return self.losses(batch, n_teacher, n_student)
+
+    def losses(self, batch: list[TrainSample], n_teacher: int, n_student: int) -> dict[str, torch.Tensor]:
+        feats, s_loss = self.student(batch, n_student, with_loss=self.stage in (2, 3))
+        parts: dict[str, torch.Tensor] = {}
+        if s_loss is not None:
+            parts["student"] = self.cfg.student_weight * s_loss
+        if self.uld:
+            with self.timer("loss"):
+                parts["uld"] = self.cfg.uld_weight * self.uld_loss(batch, feats, n_teacher)
+        if self.recal is None:
+            return parts
+        z = torch.cat([s.teacher.features for s in batch]).to(self.device)  # (A, D_l)
+        targets = torch.cat([s.teacher.targets for s in batch]).to(self.device)  # (A,)
+        answers = [teacher_answer_inputs(s.teacher, self.cfg.answer_inputs, self.embed) for s in batch]
+        slots = [SlotSample(student_question_inputs(feats[i], s.student.segments), answers[i])
+                 for i, s in enumerate(batch)]
+        d_s = feats[0].shape[-1]
+        kw = dict(head=self.head, normalizer=n_teacher, temperature=self.cfg.temperature,
+                  ce_weight=self.cfg.ce_weight, kl_weight=self.cfg.kl_weight, impl=self.cfg.impl)
+        # (loss key, its CE/KL keys, slots): the student path, and the teacher-only regularizer when it is on
+        paths = [("recal", "ar", "kl", slots)]
+        if self.use_regularizer:
+            reg = [SlotSample([q.to(self.device) for q in teacher_question_inputs(s.teacher)],
+                              [a.to(self.device) for a in answers[i]], teacher_question=True)
+                   for i, s in enumerate(batch)]
+            paths.append(("reg", "reg_ar", "reg_kl", reg))
+        for key, ce_key, kl_key, path in paths:
+            with self.timer("recalibrator"):
+                r = self.recal(build_batch(path, d_s, self.device, self.dtype), impl=self.cfg.impl)
+            with self.timer("loss"):
+                out = teacher_head_loss(r, z, targets, **kw)
+            parts[key], parts[ce_key], parts[kl_key] = out.loss, out.ce, out.kl
+        return parts
+
+    def aligned(self, sample: TrainSample) -> tuple[list[int], list[int]]:
+        """--method uld: the student positions and teacher rows compared (alignment.py), once per step."""
+        sid = sample.teacher.sample_id
+        if sid not in self.pairs:
+            self.pairs[sid] = answer_pairs(sample, self.cfg.uld_align.value, self.renderer.tokenizer,
+                                            self.teacher_tok)
+        return self.pairs[sid]
+
+    def uld_loss(self, batch: list[TrainSample], feats: list[torch.Tensor], normalizer: int) -> torch.Tensor:
+        """ULD between the student's distributions at its aligned answer positions and the teacher's (its full
+        head(features), or its stored top-k), summed and divided by the global count of aligned pairs."""
+        pairs = [self.aligned(s) for s in batch]
+        h = torch.cat([feats[i][torch.tensor(pos, dtype=torch.long, device=self.device)]
+                       for i, (pos, _) in enumerate(pairs)])  # (n, D_s)
+        rows = [torch.tensor(r, dtype=torch.long) for _, r in pairs]
+        if self.cfg.uld_source == ULDSource.full:
+            teacher = {"teacher_z": torch.cat([s.teacher.features[r] for s, r in zip(batch, rows)]).to(self.device)}
+        else:
+            teacher = {"teacher_topk_logprobs": torch.cat([s.teacher.topk_logprobs[r] for s, r in zip(batch, rows)]
+                                                          ).to(self.device)}
+        return uld_student_loss(h, self.model.get_output_embeddings(), self.head, normalizer, **teacher)
