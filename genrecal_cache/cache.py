@@ -94,6 +94,7 @@ class CacheJob:
         }
         self.meta = open_or_create(cfg.output, meta, t.head_tensors(), self.renderer.tokenizer)
         self.writer = PartWriter(cfg.output, cfg.part_name, self.meta, _provenance(cfg))
+        self._truncated: set[str] = set()  # generated answers kept although cut off (--truncated keep)
 
     def _settings(self) -> dict[str, Any]:
         """What decides the store's content besides the teacher; every job writing to a store must agree."""
@@ -113,6 +114,7 @@ class CacheJob:
             "split": cfg.split,
             "columns": asdict(cfg.column_map),
             "duplicate_ids": cfg.duplicate_ids.value,
+            "processor_kwargs": cfg.processor_kwargs_map,
             "backend": cfg.backend.value,
         }
 
@@ -229,6 +231,7 @@ class CacheJob:
                 targets=r.targets, segments=[s.to_dict() for s in r.segments],
                 question_features=out.question, layers=out.layers,
                 answers_generated=self.cfg.generation is not None,
+                answer_truncated=sample.sample_id in self._truncated,
             )
             if self.cfg.topk:
                 ids, lps = head.topk(feats.to(head.weight.device), self.cfg.topk)
@@ -259,7 +262,13 @@ class CacheJob:
             if isinstance(g, RejectError):
                 self._reject(sample, f"the teacher could not write an answer: {g.reason}", res)
                 continue
-            text = self.renderer.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+            if not g.stopped and gen.truncated == "reject":
+                self._reject(sample, f"the teacher's answer was cut off at --max-new-tokens {gen.max_new_tokens} "
+                             "without ending (raise --max-new-tokens, or --truncated keep)", res)
+                continue
+            # Special tokens the teacher wrote inside its answer (grounding boxes, ...) stay: only the stop token,
+            # already cut, is dropped.
+            text = self.renderer.tokenizer.decode(g.token_ids, skip_special_tokens=False)
             new = Sample(sample.sample_id, sample.source_row,
                          [*prompt_turns(sample.messages), {"role": "assistant", "content": [{"type": "text", "text": text}]}],
                          sample.images)
@@ -273,6 +282,8 @@ class CacheJob:
             start = r.answer_spans[-1][0]
             if r.input_ids[start : start + len(g.token_ids)].tolist() != g.token_ids:
                 res.retokenized += 1  # still teacher-forced on its own text, tokenised canonically
+            if not g.stopped:
+                self._truncated.add(sample.sample_id)
             answered.append((new, r))
         res.generate_seconds += time.perf_counter() - t0
         return answered

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .chat import GenerationSettings
-from .config import Choice, at_least, resolve_device, to_choice
+from .config import Choice, at_least, json_object, resolve_device, to_choice
 from .config import flag as _flag
 from .dataset import Columns
 from .errors import ConfigError, reason_kind
@@ -23,6 +23,11 @@ class Backend(Choice):
 class Answers(Choice):
     dataset = "dataset"
     generate = "generate"
+
+
+class Truncated(Choice):
+    reject = "reject"
+    keep = "keep"
 
 
 class DuplicateIds(Choice):
@@ -74,6 +79,9 @@ class CacheConfig:
     max_new_tokens: int = _flag("--answers generate: longest answer the teacher may write, in tokens.", 256)
     gen_temperature: float = _flag("--answers generate: sampling temperature (0: greedy).", 0.0)
     gen_top_p: float = _flag("--answers generate: nucleus sampling threshold (with a temperature > 0).", 1.0)
+    truncated: Truncated = _flag("--answers generate: an answer cut off at --max-new-tokens without a stop token "
+                                 "is a reject ('reject'), or kept and marked in the sample table ('keep'): the "
+                                 "student would learn to stop mid-answer.", Truncated.reject)
     gen_seed: int = _flag("--answers generate: sampling seed (each sample draws from its own seed and row, so a "
                           "resumed job writes the same answers).", 0)
     shard: str = _flag("This job's share 'i/n' of the manifest rows (row r belongs to shard r % n); each writes its own part.", "0/1")
@@ -88,6 +96,9 @@ class CacheConfig:
     image_refs: bool = _flag("Keep image paths + digests in the sample table instead of the image bytes (for very large datasets).", False)
     allow_outside_root: bool = _flag("Let image paths point outside the manifest's folder (trusted manifests only).",
                                      False)
+    processor_kwargs: str = _flag("Settings for the teacher's processor as JSON, e.g. '{\"max_pixels\": 1003520}' "
+                                  "(Qwen2-VL) or '{\"do_image_splitting\": false}' (Idefics3); recorded in the store "
+                                  "and checked on resume.", "")
     trust_remote_code: bool = _flag("Allow the teacher's own modelling code (only for checkpoints you trust).", False)
     progress: bool = _flag("Show a progress bar.", True)
     result_json: Path | None = _flag("Also write the job's counts and timings to this JSON file.", None)
@@ -103,10 +114,12 @@ class CacheConfig:
             self.column_map = Columns.parse(self.columns)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        self.processor_kwargs_map = json_object(self.processor_kwargs, "--processor-kwargs")
         if not 0 <= self.max_reject_fraction <= 1:
             raise ConfigError(f"--max-reject-fraction must be in [0, 1], got {self.max_reject_fraction}")
         self.backend = to_choice(Backend, self.backend, "--backend")
         self.answers = to_choice(Answers, self.answers, "--answers")
+        self.truncated = to_choice(Truncated, self.truncated, "--truncated")
         if self.max_new_tokens < 1 or self.gen_temperature < 0 or not 0 < self.gen_top_p <= 1:
             raise ConfigError("--max-new-tokens must be >= 1, --gen-temperature >= 0 and --gen-top-p in (0, 1]")
         try:
@@ -139,7 +152,8 @@ class CacheConfig:
     def generation(self) -> GenerationSettings | None:
         if self.answers != Answers.generate:
             return None
-        return GenerationSettings(self.max_new_tokens, self.gen_temperature, self.gen_top_p, self.gen_seed)
+        return GenerationSettings(self.max_new_tokens, self.gen_temperature, self.gen_top_p, self.gen_seed,
+                                  self.truncated.value)
 
     @property
     def part_name(self) -> str:

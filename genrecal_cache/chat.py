@@ -8,6 +8,8 @@ prefixes of the whole (in tokens) cannot be split into turns, and the sample is 
 from __future__ import annotations
 
 import functools
+import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,20 +73,25 @@ class GenerationSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    truncated: str = "reject"  # an answer cut off at max_new_tokens: "reject" it, or "keep" it (marked)
 
 
 @dataclass
 class Generated:
-    """A written answer: its token ids (without the token that ended it) and each one's log-probability."""
+    """A written answer: its token ids (without the token that ended it), each one's log-probability, and
+    whether a stop token ended it (False: cut off at the token limit, mid-answer)."""
 
     token_ids: list[int]
     logprobs: list[float]
+    stopped: bool = True
 
     @classmethod
-    def cut(cls, ids: list[int], logprobs: list[float], stop: list[int]) -> Generated:
-        """Keep what comes before the first stop token (and nothing of the padding after it)."""
+    def cut(cls, ids: list[int], logprobs: list[float], stop: list[int], stopped: bool | None = None
+            ) -> Generated:
+        """Keep what comes before the first stop token (and nothing of the padding after it). `stopped`: what
+        the engine says ended it (default: whether a stop token is there)."""
         n = next((i for i, t in enumerate(ids) if t in stop), len(ids))
-        return cls(ids[:n], logprobs[:n])
+        return cls(ids[:n], logprobs[:n], n < len(ids) if stopped is None else stopped)
 
 
 def prompt_turns(messages: list[dict]) -> list[dict]:
@@ -92,13 +99,18 @@ def prompt_turns(messages: list[dict]) -> list[dict]:
     return messages[:-1] if messages[-1]["role"] == "assistant" else messages
 
 
-def load_processor(path: str | Path, trust_remote_code: bool = False) -> Any:
-    """The model's processor (vision-language) or tokenizer (text-only), as transformers loads it."""
+def load_processor(path: str | Path, trust_remote_code: bool = False, processor_kwargs: dict | None = None) -> Any:
+    """The model's processor (vision-language) or tokenizer (text-only), as transformers loads it;
+    `processor_kwargs` (e.g. Qwen2-VL's max_pixels, Idefics3's do_image_splitting) override its settings."""
     from transformers import AutoProcessor, AutoTokenizer
 
     try:
-        proc = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        proc = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                             **(processor_kwargs or {}))
     except (OSError, ValueError, KeyError, TypeError):
+        if processor_kwargs:
+            raise ConfigError(f"--processor-kwargs {json.dumps(processor_kwargs)}: {path} has no processor that "
+                              "takes them (only a tokenizer); drop the flag") from None
         proc = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     tok = getattr(proc, "tokenizer", proc)
     if getattr(tok, "chat_template", None) is None and getattr(proc, "chat_template", None) is None:
@@ -158,6 +170,27 @@ class Renderer:
         special = set(tok.all_special_ids)
         ids |= {int(t) for t in r.input_ids[start:end] if int(t) in special}
         return sorted(ids)
+
+    @functools.cached_property
+    def image_token_ids(self) -> list[int]:
+        """The tokens the processor writes for an image (placeholders, image start/end markers): those of a
+        one-image prompt that its text-only twin lacks. A model should never write them in an answer."""
+        if not self.multimodal:
+            return []
+        from PIL import Image
+
+        from .dataset import ImageRef
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), "white").save(buf, format="PNG")
+        user = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+        with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
+        try:
+            plain = self.render_prompt(Sample("probe", 0, user)).input_ids
+            image = self.render_prompt(Sample("probe", 0, with_image, [ImageRef(buf.getvalue())])).input_ids
+        except RejectError:
+            return []
+        return sorted(set(image.tolist()) - set(plain.tolist()))
 
     def render_prompt(self, sample: Sample) -> Rendered:
         """What the model continues to write the conversation's last answer: every turn before it (all of them

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import typing
 from collections.abc import Callable
 from enum import Enum
@@ -42,6 +43,19 @@ def at_least(cfg: Any, minimum: int, *names: str) -> None:
         value = getattr(cfg, name)
         if value < minimum:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def json_object(text: str, flag: str) -> dict[str, Any]:
+    """A flag holding a JSON object ('' is {})."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag} must be a JSON object like '{{\"max_pixels\": 1003520}}': {e.msg}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def resolve_device(device: str) -> str:

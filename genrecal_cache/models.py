@@ -41,15 +41,15 @@ def check_model_dir(path: str, flag: str) -> None:
 
 
 def load_model(path: str, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device | None = None,
-               device_map: str | None = None, trust_remote_code: bool = False, flag: str = "--model"
-               ) -> LoadedModel:
+               device_map: str | None = None, trust_remote_code: bool = False, flag: str = "--model",
+               processor_kwargs: dict | None = None) -> LoadedModel:
     """Processor and model from a directory (or hub id); `flag` names the option in error messages. `dtype` may
     be "auto" (the checkpoint's own)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     check_model_dir(path, flag)
     try:
-        processor = load_processor(path, trust_remote_code)
+        processor = load_processor(path, trust_remote_code, processor_kwargs)
     except OSError as e:  # not a local directory, and the hub is unreachable or has no such model
         raise ConfigError(f"{flag} {path}: cannot load its processor/tokenizer ({str(e)[:300]})") from e
     cls = AutoModelForImageTextToText if is_multimodal(processor) else AutoModelForCausalLM

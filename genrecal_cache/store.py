@@ -49,6 +49,7 @@ class TeacherSample:
     question_features: torch.Tensor | None  # (P, D), at every position not a label position
     layers: dict[int, torch.Tensor]  # layer -> (A, D)
     answers_generated: bool
+    answer_truncated: bool = False
 
     @property
     def label_positions(self) -> torch.Tensor:  # (A,)
@@ -148,6 +149,7 @@ class Part:
                 else None,
                 layers={k: from_storage(cut(f"layers/{k}"), fd) for k in self.meta.get("layers", [])},
                 answers_generated=row["answers_generated"],
+                answer_truncated=bool(row.get("answer_truncated")),
             ))
         return out
 

@@ -41,6 +41,7 @@ SAMPLE_SCHEMA = pa.schema([
     ("num_question", pa.int64()),
     ("segments", pa.string()),  # JSON list of {turn, role, start, end, answer_start}
     ("answers_generated", pa.bool_()),
+    ("answer_truncated", pa.bool_()),  # a generated answer cut off at --max-new-tokens (--truncated keep)
 ])
 REJECT_SCHEMA = pa.schema([("source_row", pa.int64()), ("sample_id", pa.string()), ("reason", pa.string())])
 
@@ -149,7 +150,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 _IDENTITY = ("architecture", "hidden_size", "vocab_size", "config_digest", "tokenizer_digest",
              "chat_template_digest", "head_digest")
 _SETTINGS = ("dtype", "feature_dtype", "topk", "question_features", "layers", "max_length", "num_shards",
-             "answers", "generation", "source", "split", "columns", "duplicate_ids")
+             "answers", "generation", "source", "split", "columns", "duplicate_ids", "processor_kwargs")
 
 
 def check_settings(path: Path, settings: dict[str, Any]) -> None:

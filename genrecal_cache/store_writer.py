@@ -61,6 +61,7 @@ class SampleRecord:
     question_features: torch.Tensor | None = None  # (P, D) at every other position
     layers: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (A, D)
     answers_generated: bool = False
+    answer_truncated: bool = False
 
     def rows(self, meta: dict[str, Any]) -> dict[str, np.ndarray]:
         fd = meta["feature_dtype"]
@@ -223,6 +224,7 @@ class PartWriter:
             "question_start": lens["question"], "num_question": n_q,
             "segments": json.dumps(rec.segments),
             "answers_generated": rec.answers_generated,
+            "answer_truncated": rec.answer_truncated,
         })
         lens["tokens"] += n_tok
         lens["labels"] += n_lab

@@ -118,6 +118,16 @@ class TeacherBase:
         return tensors
 
 
+def head_scaling(config: Any) -> tuple[float | None, float | None]:
+    """(logit scale, softcap) the model applies to its LM head's output, from its (text) config: Cohere's
+    `logit_scale` multiplies, Granite's `logits_scaling` divides, Gemma's `final_logit_softcapping` caps."""
+    text = config.get_text_config()
+    scale = getattr(text, "logit_scale", None)
+    if scale is None and getattr(text, "logits_scaling", None):
+        scale = 1.0 / text.logits_scaling
+    return scale, getattr(text, "final_logit_softcapping", None)
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
     """--dtype auto: bfloat16 on GPU, float32 on CPU."""
     if dtype == "auto":
@@ -132,14 +142,15 @@ def load_teacher(cfg: CacheConfig) -> Teacher:
         from .teacher_vllm import VLLMTeacher
 
         util = cfg.gpu_memory_utilization or (0.9 if cfg.device.startswith("cuda") else 0.25)
-        return VLLMTeacher(cfg.teacher, cfg.dtype, cfg.trust_remote_code, cfg.layer_ids,
+        return VLLMTeacher(cfg.teacher, cfg.dtype, cfg.trust_remote_code, cfg.layer_ids, cfg.processor_kwargs_map,
                            tensor_parallel_size=cfg.tensor_parallel_size,
                            pipeline_parallel_size=cfg.pipeline_parallel_size,
                            gpu_memory_utilization=util / 2 if cfg.generation else util,
                            max_model_len=cfg.max_model_len or _engine_len(cfg))
     from .teacher_hf import HFTeacher
 
-    return HFTeacher(cfg.teacher, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
+    return HFTeacher(cfg.teacher, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code,
+                     cfg.processor_kwargs_map)
 
 
 def _engine_len(cfg: CacheConfig) -> int | None:

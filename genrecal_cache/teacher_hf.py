@@ -11,32 +11,27 @@ import torch
 from .chat import Generated, GenerationSettings, Rendered, Renderer
 from .head import TeacherHead
 from .models import load_model
-from .teacher import TeacherBase, TeacherOutput
+from .teacher import TeacherBase, TeacherOutput, head_scaling
 
 
 class HFTeacher(TeacherBase):
     """A transformers teacher. `device_map="auto"` spreads a teacher larger than one GPU over all of them."""
 
     def __init__(self, path: str, dtype: str = "float32", device: str = "cpu", device_map: str | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, processor_kwargs: dict | None = None):
         from transformers import AutoConfig
 
         self.path = path
         loaded = load_model(path, dtype=getattr(torch, dtype), device=device, device_map=device_map,
-                            trust_remote_code=trust_remote_code, flag="--teacher")
+                            trust_remote_code=trust_remote_code, flag="--teacher", processor_kwargs=processor_kwargs)
         self.processor, self.model, self.multimodal = loaded.processor, loaded.model, loaded.multimodal
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.model.eval()
         self.device = next(self.model.parameters()).device
         self.dtype = dtype
         out, inp = self.model.get_output_embeddings(), self.model.get_input_embeddings()
-        text_config = config.get_text_config()
-        self.head = TeacherHead(
-            weight=out.weight.detach(),
-            bias=out.bias.detach() if getattr(out, "bias", None) is not None else None,
-            logit_scale=getattr(text_config, "logit_scale", None),
-            softcap=getattr(text_config, "final_logit_softcapping", None),
-        )
+        self.head = TeacherHead(out.weight.detach(), out.bias.detach() if getattr(out, "bias", None) is not None
+                                else None, *head_scaling(config))
         self.embed = inp.weight.detach()
         self.tied = out.weight.data_ptr() == inp.weight.data_ptr()
         self.config = config

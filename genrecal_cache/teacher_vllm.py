@@ -17,12 +17,13 @@ import torch
 from .chat import Generated, GenerationSettings, Rendered, Renderer, load_processor
 from .errors import ConfigError, RejectError
 from .head import TeacherHead
-from .teacher import TeacherBase, TeacherOutput
+from .teacher import TeacherBase, TeacherOutput, head_scaling
 from .vllm_layers import split
 
 
-def _head_and_embed(path: Path, config: Any, multimodal: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(lm_head weight, input embeddings, tied) read by name from the checkpoint, without loading the model."""
+def head_tensors_of(path: Path, config: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, bool]:
+    """(lm_head weight, its bias or None, input embeddings, tied) read by name from the checkpoint's
+    safetensors, without loading the model."""
     from safetensors import safe_open
 
     files = sorted(path.glob("*.safetensors"))
@@ -45,14 +46,14 @@ def _head_and_embed(path: Path, config: Any, multimodal: bool) -> tuple[torch.Te
     if embed is None:
         raise ConfigError(f"--teacher {path}: cannot find the input embeddings in its safetensors")
     tied = head is None or bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
-    return (embed if head is None else head), embed, tied
+    return (embed if head is None else head), load(("lm_head.bias",)), embed, tied
 
 
 class VLLMTeacher(TeacherBase):
     """A teacher run by vLLM (`runner="pooling"`); `engine_args` go to `vllm.LLM` (tensor_parallel_size, ...)."""
 
     def __init__(self, path: str, dtype: str = "float32", trust_remote_code: bool = False,
-                 layers: tuple[int, ...] = (), **engine_args: Any):
+                 layers: tuple[int, ...] = (), processor_kwargs: dict | None = None, **engine_args: Any):
         try:
             from vllm import LLM
             from vllm.config import PoolerConfig
@@ -62,19 +63,20 @@ class VLLMTeacher(TeacherBase):
         from transformers import AutoConfig
 
         self.path = path
-        self.processor = load_processor(path, trust_remote_code)
+        self.processor = load_processor(path, trust_remote_code, processor_kwargs)
         self.multimodal = hasattr(self.processor, "image_processor")
         self.config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.dtype = dtype
-        weight, embed, self.tied = _head_and_embed(Path(path), self.config, self.multimodal)
-        text = self.config.get_text_config()
-        self.head = TeacherHead(weight.to(getattr(torch, dtype)), None, getattr(text, "logit_scale", None),
-                                getattr(text, "final_logit_softcapping", None))
+        weight, bias, embed, self.tied = head_tensors_of(Path(path), self.config)
+        to = getattr(torch, dtype)
+        self.head = TeacherHead(weight.to(to), None if bias is None else bias.to(to), *head_scaling(self.config))
         self.embed = embed.to(getattr(torch, dtype))
         self.model_class = (self.config.architectures or ["?"])[0]
         self.layers, self.generator = tuple(layers), None
         self.engine_args = dict(dtype=dtype, enforce_eager=True, trust_remote_code=trust_remote_code,
                                 enable_prefix_caching=False, **engine_args)
+        if processor_kwargs:  # the engine's own image processing must expand images as ours does
+            self.engine_args["mm_processor_kwargs"] = processor_kwargs
         capture = {}
         if self.layers:  # forward hooks (vllm_layers.py) on an uncompiled model: a compiled graph skips hooks
             capture = dict(worker_extension_cls="genrecal_cache.vllm_layers.LayerCapture",
@@ -144,7 +146,8 @@ class VLLMTeacher(TeacherBase):
         for o in outs:
             c = o.outputs[0]
             ids = list(c.token_ids)
-            results.append(Generated.cut(ids, [c.logprobs[i][t].logprob for i, t in enumerate(ids)], stop))
+            results.append(Generated.cut(ids, [c.logprobs[i][t].logprob for i, t in enumerate(ids)], stop,
+                                         stopped=c.finish_reason == "stop"))
         return results
 
 

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from genrecal_cache.config import Choice, at_least, flag, resolve_device, to_choice
+from genrecal_cache.config import Choice, at_least, flag, json_object, resolve_device, to_choice
 from genrecal_cache.errors import ConfigError
 
 from .recalibrator import AnswerInputs
@@ -92,6 +92,9 @@ class TrainConfig:
     recalibrator_layers: int = flag("Decoder blocks in the Recalibrator.", 2)
     recalibrator: Path | None = flag("Stage-1 Recalibrator to start stage 2 from: a stage folder (run/stage1/final) "
                                      "or its recalibrator/ subfolder (default: output/stage1/final).", None)
+    trust_remote_code: bool = flag("Allow the student's own modelling code (only for checkpoints you trust).", False)
+    processor_kwargs: str = flag("Settings for the student's processor as JSON, e.g. '{\"max_pixels\": 1003520}'; "
+                                 "saved with the student.", "")
     gradient_checkpointing: bool = flag("Recompute the student's activations in backward to save memory.", False)
     block_size: int = flag("Samples per block of the shuffle (consecutive samples are read together).", 64)
     heldout_fraction: float = flag("Fraction of samples (by id) held out for the student-reliance check.", 0.05)
@@ -121,6 +124,7 @@ class TrainConfig:
             self.recalibrator = Path(self.recalibrator)
         self.stage = to_choice(Stage, str(self.stage), "--stage")
         self.method = to_choice(Method, self.method, "--method")
+        self.processor_kwargs_map = json_object(self.processor_kwargs, "--processor-kwargs")
         self.uld_source = to_choice(ULDSource, self.uld_source, "--uld-source")
         self.uld_align = to_choice(ULDAlign, self.uld_align, "--uld-align")
         if self.stage != Stage.all and int(self.stage.value) not in STAGES_OF[self.method.value]:

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from genrecal_cache.chat import Renderer
-from genrecal_cache.config import at_least, flag, resolve_device
+from genrecal_cache.config import at_least, flag, json_object, resolve_device
 from genrecal_cache.dataset import Columns, Sample, parse_row
 from genrecal_cache.errors import ConfigError, RejectError
 from genrecal_cache.models import load_model
@@ -36,6 +36,9 @@ class EvalConfig:
     columns: str = flag("Column mapping for flat tables, as for cache-teacher (question=...,answer=...,image=...).",
                         "")
     image_root: Path | None = flag("Where relative image paths resolve (default: the manifest's folder).", None)
+    trust_remote_code: bool = flag("Allow the student's own modelling code (only for checkpoints you trust).", False)
+    processor_kwargs: str = flag("Settings for the student's processor as JSON, e.g. '{\"max_pixels\": 1003520}'.",
+                                 "")
     output: Path | None = flag("Write one JSON line per row (prompt id, gold, prediction, scores) here.", None)
     max_new_tokens: int = flag("Longest answer generated.", 32)
     max_samples: int | None = flag("Evaluate only the first N rows.", None)
@@ -71,7 +74,9 @@ def _text(message: dict[str, Any]) -> str:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Accuracy of greedy answers; rows that cannot be read or rendered are counted as skipped."""
     source = open_source(cfg.manifest, cfg.split)
-    loaded = load_model(cfg.student, dtype="auto", device=cfg.device, flag="--student")
+    loaded = load_model(cfg.student, dtype="auto", device=cfg.device, flag="--student",
+                        trust_remote_code=cfg.trust_remote_code,
+                        processor_kwargs=json_object(cfg.processor_kwargs, "--processor-kwargs"))
     model, renderer = loaded.model.eval(), Renderer(loaded.processor)  # the prompts training renders
     rows, skipped = [], []
     with cfg.output.open("w") if cfg.output else contextlib.nullcontext() as out:
@@ -81,6 +86,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "exact_match": sum(r["exact"] for r in rows) / n if n else None,
             "normalised_match": sum(r["normalised"] for r in rows) / n if n else None,
             "skipped_rows": skipped[:20]}
+
+
+@torch.no_grad()
+def answer_ids(model: Any, renderer: Renderer, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> list[int]:
+    """The model's greedy answer to a rendered prompt; it may never write an image placeholder (an untrained
+    student's head can favour them, and they would eat the answer)."""
+    ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=renderer.tokenizer.pad_token_id, suppress_tokens=renderer.image_token_ids or None)
+    return ids[0, inputs["input_ids"].shape[1]:].tolist()
 
 
 def _answer_rows(cfg: EvalConfig, source: Source, model: Any, renderer: Renderer, rows: list[dict],
@@ -99,10 +113,7 @@ def _answer_rows(cfg: EvalConfig, source: Source, model: Any, renderer: Renderer
             skipped.append({"row": row.index, "reason": getattr(e, "reason", str(e))})
             continue
         inputs = {k: v.to(cfg.device) for k, v in prompt.inputs.items()}
-        with torch.no_grad():
-            ids = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        pred = tok.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        pred = tok.decode(answer_ids(model, renderer, inputs, cfg.max_new_tokens), skip_special_tokens=True).strip()
         rec = {"id": sample.sample_id, "row": row.index, "gold": gold, "prediction": pred,
                "exact": pred == gold.strip(), "normalised": normalise(pred) == normalise(gold)}
         rows.append(rec)

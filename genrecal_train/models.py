@@ -16,13 +16,18 @@ from genrecal_cache.models import LoadedModel, load_model
 from .recalibrator import AnswerInputs, Recalibrator, RecalibratorConfig
 
 VISION_MODULES = ("vision_tower", "vision_model", "visual", "image_encoder")
+# Projectors between the vision encoder and the language model; Qwen2-VL keeps its `merger` inside `visual`. They
+# train with the language model (the method freezes the vision encoder only).
+PROJECTORS = ("merger", "multi_modal_projector", "connector", "mm_projector")
 _CONFIG = "recalibrator.json"
 
 
 def load_student(path: str, device: torch.device, gradient_checkpointing: bool = False,
-                 flag: str = "--student") -> LoadedModel:
+                 flag: str = "--student", trust_remote_code: bool = False, processor_kwargs: dict | None = None
+                 ) -> LoadedModel:
     """The student in fp32 (master weights) on `device`, in train mode."""
-    loaded = load_model(path, dtype=torch.float32, device=device, flag=flag)
+    loaded = load_model(path, dtype=torch.float32, device=device, flag=flag, trust_remote_code=trust_remote_code,
+                        processor_kwargs=processor_kwargs)
     if gradient_checkpointing:
         loaded.model.gradient_checkpointing_enable()
     loaded.model.train()  # from_pretrained returns eval mode (no dropout, no gradient checkpointing)
@@ -70,8 +75,34 @@ def check_recalibrator(recal: Recalibrator, teacher: dict[str, Any], student_con
                           f"{width}")
 
 
+def _under(name: str, modules: tuple[str, ...]) -> bool:
+    return any(f".{m}." in f".{name}" for m in modules)
+
+
 def vision_parameter_names(model: torch.nn.Module) -> set[str]:
-    return {n for n, _ in model.named_parameters() if any(f".{m}." in f".{n}" for m in VISION_MODULES)}
+    """The vision encoder's parameters (frozen in stages 2-3 unless --train-vision); projectors are not."""
+    return {n for n, _ in model.named_parameters() if _under(n, VISION_MODULES) and not _under(n, PROJECTORS)}
+
+
+def parameter_groups(student: torch.nn.Module, recal: torch.nn.Module | None) -> dict[str, tuple[int, int]]:
+    """(trainable, frozen) parameter counts of the vision encoder, the projector, the language model and the
+    Recalibrator, as the stage set them."""
+    groups: dict[str, list[int]] = {}
+    named = [(n, p) for n, p in student.named_parameters()] + [
+        (f"recalibrator.{n}", p) for n, p in (recal.named_parameters() if recal is not None else [])]
+    for n, p in named:
+        group = ("Recalibrator" if n.startswith("recalibrator.") else "projector" if _under(n, PROJECTORS)
+                 else "vision encoder" if _under(n, VISION_MODULES) else "language model")
+        counts = groups.setdefault(group, [0, 0])
+        counts[0 if p.requires_grad else 1] += p.numel()
+    return {k: (v[0], v[1]) for k, v in groups.items()}
+
+
+def describe_groups(groups: dict[str, tuple[int, int]]) -> str:
+    def m(n: int) -> str:
+        return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
+
+    return ", ".join(f"{g} {m(t)} trained / {m(f)} frozen" for g, (t, f) in groups.items())
 
 
 def freeze(student: torch.nn.Module, recal: Recalibrator | None, stage: int, train_vision: bool,

@@ -38,7 +38,9 @@ from .models import (
     freeze,
     fsdp_units,
     load_student,
+    describe_groups,
     new_recalibrator,
+    parameter_groups,
 )
 from .recalibrator import Recalibrator
 from .reliance import student_reliance
@@ -113,7 +115,8 @@ class Trainer:
         previous stage) or --student; frozen for the stage, wrapped for DDP/FSDP; the optimizer over the rest."""
         cfg = self.cfg
         loaded = load_student(str(saved / "student") if saved else (student_from or cfg.student), self.device,
-                              cfg.gradient_checkpointing)
+                              cfg.gradient_checkpointing, trust_remote_code=cfg.trust_remote_code,
+                              processor_kwargs=cfg.processor_kwargs_map)
         self.student, self.processor = loaded.model, loaded.processor
         self.renderer = Renderer(self.processor)
         with_recal = self.stage in (1, 2) and cfg.method == Method.genrecal
@@ -121,6 +124,9 @@ class Trainer:
         if self.stage == 1 and saved is None and self.main:  # the start, for inspect-cache --plot (before FSDP)
             self.recal.save(self.dir / "init" / "recalibrator")
         freeze(self.student, self.recal, self.stage, cfg.train_vision, cfg.freeze_recalibrator)
+        if self.main:
+            print(f"train-student stage {self.stage}: {describe_groups(parameter_groups(self.student, self.recal))}",
+                  flush=True)
         # Every pass over the student or the Recalibrator runs as `self.model(fn, ...)`, through DDP or FSDP under
         # torchrun; `self.models` is the bare root (state dicts, optimizer state), its keys those of one process.
         self.models = dist.Models(student=self.student, recal=self.recal)
@@ -135,7 +141,9 @@ class Trainer:
             from transformers import AutoTokenizer
 
             teacher_tok = AutoTokenizer.from_pretrained(str(self.store.path / TOKENIZER_DIR))
-        self.use_regularizer = bool(cfg.regularizer and self.store.meta["question_features"] and self.recal is not None)
+        # A frozen Recalibrator (stage 2, --freeze-recalibrator) learns nothing from the teacher-only path.
+        recal_trains = self.recal is not None and not (self.stage == 2 and cfg.freeze_recalibrator)
+        self.use_regularizer = bool(cfg.regularizer and self.store.meta["question_features"] and recal_trains)
         self.forward = StepForward(cfg, self.stage, self.student, self.recal, self.renderer, self.head, self.embed,
                                    self.device, self.uld, self.use_regularizer, teacher_tok, self.timer)
 
@@ -400,6 +408,8 @@ def train(cfg: TrainConfig) -> list[Path]:
         if stage == 3 and cfg.stage == Stage.three:
             prev = cfg.output / "stage2" / "final" / "student"
             student_from = str(prev) if prev.exists() else None
+            print(f"train-student stage 3: fine-tuning {student_from or cfg.student}" + (
+                "" if student_from else f" (--student: there is no stage-2 student at {prev})"), flush=True)
         final = Trainer(cfg, stage, student_from).run()
         outs.append(final)
         student_from = str(final / "student")

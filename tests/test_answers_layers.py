@@ -12,7 +12,7 @@ import torch
 from genrecal_cache.cache import CacheConfig, run_cache
 from genrecal_cache.chat import GenerationSettings
 from genrecal_cache.dataset import Row, parse_row
-from genrecal_cache.errors import ConfigError, IncompatibleStoreError
+from genrecal_cache.errors import ConfigError, DatasetError, IncompatibleStoreError
 from genrecal_cache.inspection import format_summary, summary
 from genrecal_cache.store import TeacherStore
 from genrecal_cache.teacher_hf import HFTeacher
@@ -58,7 +58,8 @@ def check_generated(store_path: Path, teacher: HFTeacher, manifest: Path, genera
         t = store[i]
         g = generated[t.sample_id]
         assert t.answers_generated
-        assert t.messages[-1]["content"][0]["text"] == tok.decode(g.token_ids, skip_special_tokens=True)
+        assert t.messages[-1]["content"][0]["text"] == tok.decode(g.token_ids, skip_special_tokens=False)
+        assert t.answer_truncated == (not g.stopped)  # kept with --truncated keep, and marked
         last = t.segments[-1]
         start, end = last["answer_start"], last["end"]
         n = len(g.token_ids)
@@ -104,7 +105,8 @@ def test_layers_out_of_range_names_the_flag(zoo, clean_manifest, tmp_path):
 def test_generated_answers_reproduce_their_logprobs(name, zoo, clean_manifest, text_manifest, tmp_path):
     manifest = text_manifest if name == "textlm" else clean_manifest
     gen = GenerationSettings(max_new_tokens=6)
-    res = run_cache(_cfg(zoo[name], manifest, tmp_path / "s", answers="generate", max_new_tokens=6))
+    res = run_cache(_cfg(zoo[name], manifest, tmp_path / "s", answers="generate", max_new_tokens=6,
+                         truncated="keep"))
     teacher = HFTeacher(str(zoo[name]))
     generated = generate_reference(teacher, manifest, gen)
     assert res.samples == len(generated) and res.rejects == 0
@@ -122,7 +124,7 @@ def test_generate_answers_a_final_user_turn_and_resumes_identically(zoo, text_ma
     rows[0]["messages"] = rows[0]["messages"][:1]  # the question only
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    kw = dict(answers="generate", max_new_tokens=5, gen_temperature=1.0, gen_seed=3)
+    kw = dict(answers="generate", max_new_tokens=5, gen_temperature=1.0, gen_seed=3, truncated="keep")
     run_cache(_cfg(zoo["textlm"], manifest, tmp_path / "a", **kw))
     run_cache(_cfg(zoo["textlm"], manifest, tmp_path / "b", **kw, commit_every=1, max_samples=1))
     run_cache(_cfg(zoo["textlm"], manifest, tmp_path / "b", **kw, commit_every=1))
@@ -133,3 +135,45 @@ def test_generate_answers_a_final_user_turn_and_resumes_identically(zoo, text_ma
         assert a[i].messages == b[i].messages and torch.equal(a[i].token_ids, b[i].token_ids)
     with pytest.raises(IncompatibleStoreError, match="generation"):
         run_cache(_cfg(zoo["textlm"], manifest, tmp_path / "a", **{**kw, "gen_seed": 4}))
+
+
+def test_an_answer_cut_off_at_max_new_tokens_is_a_reject_by_default(zoo, clean_manifest, tmp_path):
+    """An answer the teacher did not finish within --max-new-tokens would teach the student to stop mid-answer:
+    by default it is a reject saying so; a finished one is kept."""
+    teacher = HFTeacher(str(zoo["llava"]))
+    generated = generate_reference(teacher, clean_manifest, GenerationSettings(max_new_tokens=6))
+    cut = {sid for sid, g in generated.items() if not g.stopped}
+    assert cut, "the untrained teacher finished every answer within 6 tokens: the test cannot tell"
+    try:
+        run_cache(_cfg(zoo["llava"], clean_manifest, tmp_path / "s", answers="generate", max_new_tokens=6))
+    except DatasetError as e:  # every answer was cut off
+        assert "cut off at --max-new-tokens N" in str(e)  # reasons counted by kind
+    store = TeacherStore(tmp_path / "s")
+    reasons = {r["sample_id"]: r["reason"] for r in store.rejects().to_pylist()}
+    assert {sid for sid, why in reasons.items() if "cut off at --max-new-tokens 6 without ending" in why} == cut
+    assert not any(store[i].answer_truncated for i in range(len(store)))
+
+
+def test_processor_kwargs_reach_the_processor_and_are_checked_on_resume(zoo, tmp_path):
+    """Qwen2-VL's max_pixels: a 224 px image becomes (112/14)^2/4 = 16 image tokens with max_pixels 112*112 (the
+    tiny zoo processor's own setting gives 4); the store records it and a resumed job with another is refused."""
+    from PIL import Image
+
+    Image.new("RGB", (224, 224), "gray").save(tmp_path / "big.png")
+    row = {"id": "big", "images": ["big.png"], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": "gray"}]}
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps(row) + "\n")
+    pad = HFTeacher(str(zoo["qwen2vl"])).processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    counts = {}
+    for name, kw in (("default", ""), ("small", '{"max_pixels": 12544}')):
+        run_cache(_cfg(zoo["qwen2vl"], m, tmp_path / name, processor_kwargs=kw))
+        store = TeacherStore(tmp_path / name)
+        counts[name] = int((store[0].token_ids == pad).sum())
+        assert store.meta["processor_kwargs"] == json.loads(kw or "{}")
+    assert counts == {"default": 4, "small": 16}, counts
+    with pytest.raises(IncompatibleStoreError, match="processor_kwargs"):
+        run_cache(_cfg(zoo["qwen2vl"], m, tmp_path / "small", processor_kwargs='{"max_pixels": 50176}'))
+    with pytest.raises(ConfigError, match="--processor-kwargs must be a JSON object"):
+        _cfg(zoo["qwen2vl"], m, tmp_path / "x", processor_kwargs="max_pixels=3")

@@ -75,7 +75,7 @@ def test_vllm_store_equals_transformers_store(name, zoo, engine, clean_manifest,
 def test_vllm_generated_answers_reproduce_their_logprobs(zoo, engine, clean_manifest, tmp_path):
     teacher = engine("llava")
     res = run_cache(_cfg(zoo["llava"], clean_manifest, tmp_path / "s", "vllm", layers="0,1", answers="generate",
-                         max_new_tokens=6), teacher)
+                         max_new_tokens=6, truncated="keep"), teacher)
     generated = generate_reference(teacher, clean_manifest, GenerationSettings(max_new_tokens=6))
     assert res.samples == len(generated) and res.rejects == 0
     compared = check_generated(tmp_path / "s", teacher, clean_manifest, generated)

@@ -78,6 +78,9 @@ def test_train_student_stopped_by_max_steps_exits_0_every_time(store, zoo, tmp_p
                             "--epochs", "100", "--batch-size", "1", "--block-size", "4", "--no-progress"],
                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, f"run {i}: exit {r.returncode}\n{r.stderr[-2000:]}"
+        # it says what it starts from (no stage-2 student here) and what it trains
+        assert "stage 3: fine-tuning" in r.stdout and "there is no stage-2 student" in r.stdout, r.stdout
+        assert "language model" in r.stdout and "vision encoder 0 trained" in r.stdout, r.stdout
         assert (out / "stage3" / "final" / "student" / "config.json").exists()
 
 

@@ -61,3 +61,29 @@ def test_eval_student_reads_a_flat_vqa_table_through_a_column_mapping(zoo, clean
     assert res["samples"] == 2 and res["skipped"] == 0, res
     preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [p["id"] for p in preds] == ["1", "2"] and [p["gold"] for p in preds] == ["seven", "two"]
+
+
+def test_eval_never_lets_the_student_write_image_placeholders(zoo, clean_manifest):
+    """A student whose head favours the image token (as an untrained one may) still answers in text."""
+    import torch
+
+    from genrecal_cache.chat import Renderer
+    from genrecal_cache.dataset import Row, parse_row
+    from genrecal_cache.models import load_model
+    from genrecal_train.evaluate import answer_ids
+
+    loaded = load_model(str(zoo["llava"]))
+    renderer = Renderer(loaded.processor)
+    image_ids = renderer.image_token_ids
+    assert loaded.processor.tokenizer.convert_tokens_to_ids("<image>") in image_ids
+    row = json.loads(clean_manifest.read_text().splitlines()[0])
+    prompt = renderer.render_prompt(parse_row(Row(0, row), clean_manifest.parent))
+    model = loaded.model.eval()
+    with torch.no_grad():  # point the head at the prompt's last hidden state: the image token's logit wins
+        h = model.base_model(**prompt.inputs).last_hidden_state[0, -1]
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[image_ids[0]] = h
+        first = model.generate(**prompt.inputs, max_new_tokens=1, do_sample=False)[0, -1].item()
+    assert first == image_ids[0], "the edited head does not favour the image token: the test cannot tell"
+    ids = answer_ids(model, renderer, prompt.inputs, 3)
+    assert ids and not set(ids) & set(image_ids), ids

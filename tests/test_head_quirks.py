@@ -1,0 +1,75 @@
+"""Heads with quirks: head(stored features) reproduces the teacher's own logits for a Granite-style head
+(`logits_scaling` divides), a softcapped Gemma-2 head and a Phi head with a bias; the vLLM backend reads the
+bias from the checkpoint as transformers does."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from genrecal_cache.cache import CacheConfig, run_cache
+from genrecal_cache.store import TeacherStore
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def _teacher(zoo, tmp_path: Path, family: str) -> Path:
+    """A tiny text teacher of `family` with the zoo text LM's tokenizer and chat template."""
+    import transformers
+
+    src = zoo["textlm"]
+    base = transformers.AutoConfig.from_pretrained(src)
+    kw = dict(vocab_size=base.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+              bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id,
+              tie_word_embeddings=False)
+    if family == "granite":
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(**kw, logits_scaling=4.0))
+    elif family == "gemma2":
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**kw, head_dim=32,
+                                                                         final_logit_softcapping=3.0))
+    else:
+        model = transformers.PhiForCausalLM(transformers.PhiConfig(**kw))
+        assert model.lm_head.bias is not None
+        torch.nn.init.normal_(model.lm_head.bias, std=2.0)  # a bias that matters
+    out = tmp_path / family
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    return out
+
+
+@pytest.mark.parametrize("family", ["granite", "gemma2", "phi"])
+def test_head_of_features_is_the_teachers_own_logits(family, zoo, text_manifest, tmp_path):
+    import transformers
+
+    path = _teacher(zoo, tmp_path, family)
+    run_cache(CacheConfig(teacher=str(path), manifest=text_manifest, output=tmp_path / "s", dtype="float32",
+                          device="cpu", progress=False, command=["t"]))
+    store = TeacherStore(tmp_path / "s")
+    assert len(store) == 3
+    head = store.teacher_head()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for i in range(len(store)):
+        t = store[i]
+        with torch.no_grad():
+            logits = model(input_ids=t.token_ids[None]).logits[0]  # (L, V): what the teacher itself computes
+        ours = head.logits(t.features)
+        theirs = logits[t.label_positions]
+        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max(), family
+
+
+def test_the_vllm_backend_reads_the_head_bias(zoo, tmp_path):
+    import transformers
+
+    from genrecal_cache.teacher_vllm import head_tensors_of
+
+    path = _teacher(zoo, tmp_path, "phi")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    weight, bias, embed, tied = head_tensors_of(path, model.config)
+    assert not tied and torch.equal(weight, model.lm_head.weight) and torch.equal(bias, model.lm_head.bias)
+    assert torch.equal(embed, model.get_input_embeddings().weight)
