@@ -13,6 +13,7 @@ import torch
 
 from genrecal_cache.chat import Renderer, compatible_runs
 from genrecal_cache.head import TeacherHead
+from genrecal_cache.teacher import head_scaling
 
 from . import dist
 from .alignment import answer_pairs
@@ -39,6 +40,7 @@ class StepForward:
         self.amp = device.type == "cuda"  # bf16 autocast on GPU; fp32 on CPU
         self.dtype = torch.bfloat16 if self.amp else torch.float32  # compute dtype
         self.pairs: dict[str, tuple[list[int], list[int]]] = {}  # ULD: this step's aligned positions, by sample
+        self.student_scaling = head_scaling(model.config)  # the student's own logit scale and softcap
 
     def count(self, sample: TrainSample) -> int:
         """What the teacher-side loss of this sample is averaged over: its label tokens, or (ULD) its aligned
@@ -70,7 +72,7 @@ class StepForward:
                                                             (0, hidden.shape[1] - len(r.input_ids)))
                                     for r in group]).to(self.device).bool()  # (b, L)
                 part = student_loss(self.model.get_output_embeddings(), hidden, inputs["input_ids"], mask,
-                                    n_student)
+                                    n_student, *self.student_scaling)
                 loss = part if loss is None else loss + part
         return feats, loss
 

@@ -23,12 +23,18 @@ def teacher_head_loss(r: torch.Tensor, teacher_features: torch.Tensor, targets: 
 
 
 def student_loss(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor,
-                 normalizer: float) -> torch.Tensor:
+                 normalizer: float, logit_scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """L_s: the student's CE at its own label positions (label_mask[b, p]: token p+1 is an answer token),
-    summed and divided by `normalizer`. Logits exist only at the label positions (n, V_s), never (B, L, V_s)."""
+    summed and divided by `normalizer`, on the logits the student itself computes (its `logit_scale` and final
+    softcap, `genrecal_cache.teacher.head_scaling`). Logits exist only at the label positions (n, V_s), never
+    (B, L, V_s)."""
     selected = hidden[label_mask]  # (n, D_s)
     targets = input_ids.roll(-1, dims=1)[label_mask]  # (n,): the token after each label position
     logits = head(selected).float()  # (n, V_s)
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / max(float(normalizer), 1.0)
 
 

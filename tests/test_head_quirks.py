@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from genrecal_cache.cache import CacheConfig, run_cache
 from genrecal_cache.store import TeacherStore
@@ -18,7 +19,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def _teacher(zoo, tmp_path: Path, family: str) -> Path:
     """A tiny text teacher of `family` with the zoo text LM's tokenizer and chat template."""
-    import transformers
 
     src = zoo["textlm"]
     base = transformers.AutoConfig.from_pretrained(src)
@@ -45,7 +45,6 @@ def _teacher(zoo, tmp_path: Path, family: str) -> Path:
 
 @pytest.mark.parametrize("family", ["granite", "gemma2", "phi"])
 def test_head_of_features_is_the_teachers_own_logits(family, zoo, text_manifest, tmp_path):
-    import transformers
 
     path = _teacher(zoo, tmp_path, family)
     run_cache(CacheConfig(teacher=str(path), manifest=text_manifest, output=tmp_path / "s", dtype="float32",
@@ -64,7 +63,6 @@ def test_head_of_features_is_the_teachers_own_logits(family, zoo, text_manifest,
 
 
 def test_the_vllm_backend_reads_the_head_bias(zoo, tmp_path):
-    import transformers
 
     from genrecal_cache.teacher_vllm import head_tensors_of
 
@@ -73,3 +71,33 @@ def test_the_vllm_backend_reads_the_head_bias(zoo, tmp_path):
     weight, bias, embed, tied = head_tensors_of(path, model.config)
     assert not tied and torch.equal(weight, model.lm_head.weight) and torch.equal(bias, model.lm_head.bias)
     assert torch.equal(embed, model.get_input_embeddings().weight)
+
+
+@pytest.mark.parametrize("family", ["granite", "gemma2"])
+def test_the_students_own_loss_uses_its_own_logits(family, zoo, text_manifest, tmp_path):
+    """L_s on a student with a scaled (Granite) or softcapped (Gemma-2) head is the CE of the logits the student
+    itself computes, as the trainer's forward passes it."""
+    import json
+
+    from genrecal_cache.chat import Renderer
+    from genrecal_cache.dataset import Row, parse_row
+    from genrecal_cache.models import load_model
+    from genrecal_cache.teacher import head_scaling
+    from genrecal_train.losses import student_loss
+
+    loaded = load_model(str(_teacher(zoo, tmp_path, family)))
+    model = loaded.model.eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(50.0)  # logits well past the softcap, as trained models have
+    r = Renderer(loaded.processor).render(parse_row(Row(1, json.loads(text_manifest.read_text().splitlines()[1])),
+                                                    text_manifest.parent))
+    ids = torch.from_numpy(r.input_ids)[None]
+    mask = torch.from_numpy(r.label_mask)[None]
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids).last_hidden_state
+        ours = student_loss(model.get_output_embeddings(), hidden, ids, mask, int(mask.sum()),
+                            *head_scaling(model.config))
+        theirs = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[mask], ids.roll(-1, 1)[mask])
+        plain = student_loss(model.get_output_embeddings(), hidden, ids, mask, int(mask.sum()))
+    assert abs(ours.item() - theirs.item()) <= 1e-5 * max(1.0, theirs.item())
+    assert abs(plain.item() - theirs.item()) > 1e-3, "the quirk does not change the loss: the test cannot tell"
