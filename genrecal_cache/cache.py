@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from . import FORMAT_VERSION
-from .cache_config import Answers, Backend, CacheConfig, CacheResult, DuplicateIds  # noqa: F401 (the job's API)
+from .cache_config import CacheConfig, CacheResult, DuplicateIds
 from .chat import Rendered, compatible_runs, prompt_turns
 from .dataset import Sample, parse_row, row_sample_id
 from .errors import ConfigError, DatasetError, IncompatibleStoreError, RejectError, StoreError

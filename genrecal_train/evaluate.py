@@ -55,6 +55,7 @@ class EvalConfig:
             self.column_map = Columns.parse(self.columns)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        self.processor_kwargs_map = json_object(self.processor_kwargs, "--processor-kwargs")
         at_least(self, 1, "max_new_tokens")
         self.device = resolve_device(self.device)
 
@@ -76,7 +77,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     source = open_source(cfg.manifest, cfg.split)
     loaded = load_model(cfg.student, dtype="auto", device=cfg.device, flag="--student",
                         trust_remote_code=cfg.trust_remote_code,
-                        processor_kwargs=json_object(cfg.processor_kwargs, "--processor-kwargs"))
+                        processor_kwargs=cfg.processor_kwargs_map)
     model, renderer = loaded.model.eval(), Renderer(loaded.processor)  # the prompts training renders
     rows, skipped = [], []
     with cfg.output.open("w") if cfg.output else contextlib.nullcontext() as out:

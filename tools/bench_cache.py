@@ -109,7 +109,7 @@ def _rates(res, t_job: float) -> dict:
 def bench_engine(cfg, work: Path, model: str, scale: int, device: str, feature_dtype: str) -> dict:
     """The vLLM backend's job, twice on one engine (the first run warms it up); its engine time is what
     `VLLMTeacher.forward` spends, vLLM's own pre/post-processing included."""
-    from genrecal_cache.cache import load_teacher
+    from genrecal_cache.teacher import load_teacher
 
     teacher = load_teacher(cfg(work / "probe"))
     try:
