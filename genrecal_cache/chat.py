@@ -1,15 +1,19 @@
 """Render a conversation exactly as a model sees it: token ids (image placeholders expanded), turn boundaries,
 label positions and targets. The trainer renders the student's side with the same code.
 
-Turn boundaries come from rendering every prefix of the conversation; a template whose prefixes are not
-prefixes of the whole (in tokens) cannot be split into turns, and the sample is rejected with that reason.
+The processor runs once per sample. Turn boundaries come from the chat template's renders of each prefix, as
+text: a template whose prefixes are not text prefixes of the whole cannot be split into turns, and the sample is
+rejected with that reason (`_Boundaries` carries them into tokens).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import json
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,18 +141,19 @@ class Renderer:
             raise RejectError("conversation starts with an assistant turn: its first token has nothing to follow")
         images = [im.load() for im in sample.images]
         text = self._text(msgs, generation_prompt=False)
-        inputs = self._encode(text, images)
+        inputs, expanded = self._encode_tapped(text, images)
         ids = inputs["input_ids"][0].numpy().astype(np.int64)
         if self.max_length is not None and len(ids) > self.max_length:
             raise RejectError(f"conversation has {len(ids)} tokens, more than --max-length {self.max_length}")
+        bounds = _Boundaries(self, text, expanded, images, ids)
         segments, start, seen_images = [], 0, 0
         for turn, m in enumerate(msgs):
             answer_start = start
             if m["role"] == "assistant":
-                answer_start = self._prefix_len(msgs[:turn], images[:seen_images], ids, True, turn)
+                answer_start = bounds.token(msgs[:turn], seen_images, True, turn)
             seen_images += sum(p["type"] == "image" for p in m["content"])
             last = turn == len(msgs) - 1
-            end = len(ids) if last else self._prefix_len(msgs[: turn + 1], images[:seen_images], ids, False, turn)
+            end = len(ids) if last else bounds.token(msgs[: turn + 1], seen_images, False, turn)
             if m["role"] == "assistant" and end <= answer_start:
                 raise RejectError(f"assistant turn {turn} renders to no tokens")
             segments.append(Segment(turn, m["role"], start, end, answer_start))
@@ -215,26 +220,46 @@ class Renderer:
         except Exception as e:  # jinja raises TemplateError and friends for conversations it refuses
             raise RejectError(f"chat template failed: {type(e).__name__}: {str(e)[:160]}") from None
 
-    def _encode(self, text: str, images: list) -> dict[str, torch.Tensor]:
+    def _encode(self, text: str, images: list, processor: Any = None) -> dict[str, torch.Tensor]:
         try:
             if self.multimodal:
-                return self.processor(text=[text], images=[images] if images else None, add_special_tokens=False,
+                return (processor or self.processor)(text=[text], images=[images] if images else None, add_special_tokens=False,
                                       return_tensors="pt")
             return self.tokenizer([text], add_special_tokens=False, return_tensors="pt")
         except Exception as e:  # processors raise ValueError (and worse) for inputs they cannot take
             raise RejectError(f"processor refused the sample: {type(e).__name__}: {str(e)[:200]}") from None
 
-    def _prefix_len(self, msgs: list[dict], images: list, ids: np.ndarray, gen: bool, turn: int) -> int:
-        """Token length of a rendered prefix, checked to be a prefix of the full ids."""
-        prefix = self._encode(self._text(msgs, gen), images)["input_ids"][0].numpy()
-        n = len(prefix)
-        if n > len(ids) or not np.array_equal(prefix, ids[:n]):
-            what = "the generation prompt before" if gen else "the end of"
-            raise RejectError(
-                f"chat template does not render prefixes consistently: the tokens up to {what} turn {turn} are not "
-                f"a prefix of the whole conversation's tokens"
-            )
-        return n
+    def _encode_tapped(self, text: str, images: list) -> tuple[dict[str, torch.Tensor], str | None]:
+        """`_encode`, and the text the tokenizer was given: `text` with every image placeholder expanded by the
+        processor (None when the processor did not tokenise one string: then boundaries take processor calls)."""
+        if not self.multimodal:
+            return self._encode(text, images), text
+        inputs = self._encode(text, images, self._tapped)
+        seen = self._tapped.tokenizer.take()
+        if isinstance(seen, (list, tuple)) and len(seen) == 1:
+            seen = seen[0]
+        return inputs, seen if isinstance(seen, str) else None
+
+    @functools.cached_property
+    def _tapped(self) -> Any:
+        """A shallow copy of the processor whose tokenizer records the (expanded) text it is called with."""
+        tapped = copy.copy(self.processor)
+        tapped.tokenizer = _TextTap(self.tokenizer)
+        return tapped
+
+    @functools.cached_property
+    def image_marker(self) -> str | None:
+        """What the chat template writes for one image (e.g. "<image>", Qwen2-VL's "<|vision_start|><|image_pad|>
+        <|vision_end|>"): the text a one-image turn has beyond its text-only twin."""
+        plain = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+        image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
+        try:
+            a, b = self._text(plain, False), self._text(image, False)
+        except RejectError:
+            return None
+        head = len(os.path.commonprefix([a, b]))
+        tail = len(os.path.commonprefix([a[head:][::-1], b[head:][::-1]]))
+        return b[head : len(b) - tail] or None
 
     def collate(self, batch: list[Rendered]) -> dict[str, torch.Tensor]:
         """Right-pad token-axis inputs and concatenate the rest along dim 0, as processors batch them.
@@ -266,6 +291,137 @@ class Renderer:
             if not isinstance(va, torch.Tensor) or va.shape[1:] != vb.shape[1:] or va.dtype != vb.dtype:
                 return False
         return True
+
+
+class _TextTap:
+    """Stands in for a processor's tokenizer: forwards every call, and keeps the text each thread last gave it."""
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        self._seen: dict[int, Any] = {}
+
+    def __call__(self, text: Any = None, *args: Any, **kwargs: Any) -> Any:
+        self._seen[threading.get_ident()] = text
+        return self._tokenizer(text, *args, **kwargs)
+
+    def take(self) -> Any:
+        return self._seen.pop(threading.get_ident(), None)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_tokenizer", "_seen"):
+            raise AttributeError(name)
+        return getattr(self._tokenizer, name)
+
+
+class _Boundaries:
+    """Token positions of one conversation's turn boundaries, from text alone (docs/DESIGN.md, "Turn boundaries").
+
+    Each prefix of the conversation (up to a turn's end, or up to the generation prompt before an answer) is
+    rendered as text, which must be a prefix of the whole text. Its end is carried into the processor's expanded
+    text (image placeholders replaced by their tokens), which is then tokenised up to there: when those tokens
+    are a prefix of the whole conversation's ids, their count is the boundary (as when each prefix was encoded
+    with its images). Otherwise the boundary comes from the whole encoding's character offsets: a token
+    straddling it is never an answer token (at an answer's start it stays with the prompt, at an answer's end
+    it goes to the turn after).
+    """
+
+    def __init__(self, renderer: Renderer, text: str, expanded: str | None, images: list, ids: np.ndarray):
+        self.renderer, self.text, self.expanded, self.images, self.ids = renderer, text, expanded, images, ids
+        self.stretches = (_stretches(text, expanded, renderer.image_marker, len(images))
+                          if expanded is not None else None)
+        self._offsets: np.ndarray | None | bool = False  # (L, 2) char spans in `expanded`, computed when needed
+
+    def token(self, msgs: list[dict], n_images: int, gen: bool, turn: int) -> int:
+        """The token position where `msgs` end (`gen`: followed by the generation prompt); `n_images` of them."""
+        r = self.renderer
+        what = "the generation prompt before" if gen else "the end of"
+        prefix = r._text(msgs, gen)
+        if not self.text.startswith(prefix):
+            raise RejectError(f"chat template does not render prefixes consistently: the text up to {what} turn "
+                              f"{turn} is not a prefix of the whole conversation's text")
+        if self.expanded is None:  # the processor did not show its text: its prefix tokens must be a prefix
+            ids = r._encode(prefix, self.images[:n_images])["input_ids"][0].numpy()
+            if self._is_prefix(ids):
+                return len(ids)
+            raise RejectError(f"chat template does not render prefixes consistently: the tokens up to {what} turn "
+                              f"{turn} are not a prefix of the whole conversation's tokens")
+        end = self._carry(len(prefix))
+        if end is None:  # the expansion cannot be placed from the text alone: the processor expands this prefix
+            _, shown = r._encode_tapped(prefix, self.images[:n_images])
+            if shown is None or not self.expanded.startswith(shown):
+                raise RejectError(f"the processor expands the images up to {what} turn {turn} differently from the "
+                                  "whole conversation's")
+            end = len(shown)
+        ids = r.tokenizer(self.expanded[:end], add_special_tokens=False)["input_ids"]
+        if self._is_prefix(ids):
+            return len(ids)
+        offsets = self._spans()
+        if offsets is None:
+            raise RejectError(f"chat template does not render prefixes consistently: the tokens up to {what} turn "
+                              f"{turn} are not a prefix of the whole conversation's tokens (and the tokenizer "
+                              "gives no character offsets to place the boundary)")
+        if gen:  # the answer starts at the first token that begins at or after the boundary
+            return int(np.searchsorted(offsets[:, 0], end, side="left"))
+        return int((offsets[:, 1] <= end).sum())  # the turn ends after the last token that ends by then
+
+    def _is_prefix(self, ids: Any) -> bool:
+        ids = np.asarray(ids)
+        return len(ids) <= len(self.ids) and np.array_equal(ids, self.ids[: len(ids)])
+
+    def _carry(self, pos: int) -> int | None:
+        """Where character `pos` of the text sits in the expanded text (None: not known from text alone)."""
+        for t_start, length, x_start in self.stretches or ():
+            if t_start <= pos <= t_start + length:
+                return None if x_start is None else x_start + pos - t_start
+        return None
+
+    def _spans(self) -> np.ndarray | None:
+        """The whole encoding's (start, end) character spans in the expanded text, when the tokenizer gives them
+        and its ids are the processor's."""
+        if self._offsets is False:
+            self._offsets = None
+            try:
+                enc = self.renderer.tokenizer(self.expanded, add_special_tokens=False, return_offsets_mapping=True)
+            except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets
+                return None
+            if list(enc["input_ids"]) == self.ids.tolist():
+                self._offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        return self._offsets
+
+
+def _stretches(text: str, expanded: str, marker: str | None, n_images: int
+               ) -> list[tuple[int, int, int | None]] | None:
+    """The stretches of `text` between image markers, each as (start in text, length, start in `expanded` or
+    None when the expansion admits more than one placement); None when `expanded` is not `text` with each marker
+    replaced by some non-empty string. Placements are found leftmost-first and rightmost-first: where the two
+    agree, the stretch has only one."""
+    pieces = text.split(marker) if n_images and marker else [text]
+    if len(pieces) != n_images + 1 or not expanded.startswith(pieces[0]) or not expanded.endswith(pieces[-1]):
+        return None
+    if len(pieces) == 1:
+        return [(0, len(text), 0)] if expanded == text else None
+    last = len(expanded) - len(pieces[-1])
+    left, pos = [0], len(pieces[0])
+    for piece in pieces[1:-1]:
+        at = expanded.find(piece, pos + 1)  # at least one character of expansion before it
+        if at < 0:
+            return None
+        left.append(at)
+        pos = at + len(piece)
+    if last < pos + 1:
+        return None
+    left.append(last)
+    right, end = [last], last
+    for piece in reversed(pieces[1:-1]):
+        end = expanded.rfind(piece, 0, end - 1)
+        right.append(end)
+    right.append(0)
+    right.reverse()
+    out, t_start = [], 0
+    for piece, a, b in zip(pieces, left, right):
+        out.append((t_start, len(piece), a if a == b else None))
+        t_start += len(piece) + len(marker or "")
+    return out
 
 
 def compatible_runs(items: list[Rendered], max_tokens: int | None = None) -> list[list[int]]:
