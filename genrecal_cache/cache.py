@@ -10,7 +10,7 @@ import errno
 import os
 import platform
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -22,8 +22,9 @@ from tqdm import tqdm
 from . import FORMAT_VERSION
 from .cache_config import CacheConfig, CacheResult, DuplicateIds
 from .chat import Rendered, compatible_runs, prompt_turns
-from .dataset import Sample, parse_row, row_sample_id
+from .dataset import Sample, row_sample_id
 from .errors import ConfigError, DatasetError, IncompatibleStoreError, RejectError, StoreError
+from .render_pool import Preparer, RenderPool, RenderWorkerError, Task
 from .sources import Source, changed_file, open_source
 from .store_format import check_settings, finished, from_storage, read_meta, to_storage
 from .store_writer import PartWriter, SampleRecord, open_or_create
@@ -142,46 +143,58 @@ class CacheJob:
                    desc=f"cache-teacher {cfg.part_name}")
         pending: list[tuple[Sample, Rendered]] = []
         since_commit = seen = 0
-        for row in self.source.rows():
-            if row.index >= total:
-                break
-            if row.index < w.rows_end or row.index % cfg.num_shards != cfg.shard_index:
-                continue
-            sample_id = renamed.get(row.index)
-            res.renamed += sample_id is not None
-            try:
-                if row.index in duplicates:
-                    raise RejectError(f"duplicate sample id {duplicates[row.index][0]!r} (first at row "
-                                      f"{duplicates[row.index][1]})")
-                sample = parse_row(row, self.image_root, cfg.allow_outside_root, need_answer=not cfg.generation,
-                                   columns=cfg.column_map, allow_remote_images=cfg.allow_remote_images,
-                                   sample_id=sample_id)
-                # With --answers generate, the prompt now (early rejects), the whole conversation once answered.
-                rendered = self.renderer.render_prompt(sample) if cfg.generation else self.renderer.render(sample)
-                pending.append((sample, rendered))
-            except RejectError as e:
-                self._reject_row(row.index, sample_id or row_sample_id(row, cfg.column_map.id), e.reason, res)
-            rows_end, since_commit, seen = row.index + 1, since_commit + 1, seen + 1
-            if sum(len(r.input_ids) for _, r in pending) >= cfg.batch_tokens:
-                self._flush(pending, res)
-                pending = []
-            if since_commit >= cfg.commit_every:
-                self._flush(pending, res)
-                pending = []
-                w.commit(rows_end)
-                since_commit = 0
-            bar.update(1)
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(tok_s=f"{res.tokens / elapsed:.0f}", rejects=res.rejects, refresh=False)
-            if seen >= MIN_ROWS_FOR_REJECT_FRACTION and res.rejects > cfg.max_reject_fraction * seen:
-                self._flush(pending, res)
-                w.commit(rows_end)
-                bar.close()
-                raise DatasetError(
-                    f"stopped: {res.rejects} of the {seen} rows processed were rejected, more than "
-                    f"--max-reject-fraction {cfg.max_reject_fraction}. Top reasons: {res.top_reasons()}. The "
-                    f"{res.samples} good rows so far are committed; fix the data (or raise --max-reject-fraction) "
-                    "and re-run the same command to continue.")
+        rows_end = w.rows_end
+
+        def tasks() -> Iterator[Task]:
+            for row in self.source.rows():
+                if row.index >= total:
+                    return
+                if row.index >= w.rows_end and row.index % cfg.num_shards == cfg.shard_index:
+                    yield Task(row, renamed.get(row.index), duplicates.get(row.index))
+
+        # With --answers generate, the prompt first (early rejects), the whole conversation once answered.
+        pool = RenderPool(Preparer(self.renderer, dict(
+            root=self.image_root, allow_outside_root=cfg.allow_outside_root, need_answer=not cfg.generation,
+            columns=cfg.column_map, allow_remote_images=cfg.allow_remote_images), prompt=bool(cfg.generation)),
+            cfg.render_workers)
+        try:
+            for task, outcome in pool.prepare(tasks()):
+                row = task.row
+                res.renamed += task.sample_id is not None
+                if isinstance(outcome, RejectError):
+                    self._reject_row(row.index, task.sample_id or row_sample_id(row, cfg.column_map.id),
+                                     outcome.reason, res)
+                else:
+                    pending.append(outcome)
+                rows_end, since_commit, seen = row.index + 1, since_commit + 1, seen + 1
+                if sum(len(r.input_ids) for _, r in pending) >= cfg.batch_tokens:
+                    self._flush(pending, res)
+                    pending = []
+                if since_commit >= cfg.commit_every:
+                    self._flush(pending, res)
+                    pending = []
+                    w.commit(rows_end)
+                    since_commit = 0
+                bar.update(1)
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(tok_s=f"{res.tokens / elapsed:.0f}", rejects=res.rejects, refresh=False)
+                if seen >= MIN_ROWS_FOR_REJECT_FRACTION and res.rejects > cfg.max_reject_fraction * seen:
+                    self._flush(pending, res)
+                    w.commit(rows_end)
+                    bar.close()
+                    raise DatasetError(
+                        f"stopped: {res.rejects} of the {seen} rows processed were rejected, more than "
+                        f"--max-reject-fraction {cfg.max_reject_fraction}. Top reasons: {res.top_reasons()}. The "
+                        f"{res.samples} good rows so far are committed; fix the data (or raise --max-reject-fraction) "
+                        "and re-run the same command to continue.")
+        except RenderWorkerError as e:
+            self._flush(pending, res)
+            w.commit(rows_end)
+            bar.close()
+            raise RenderWorkerError(f"{e}. Every row before {rows_end} is committed: re-run the same command to "
+                                    "continue (--render-workers 0 renders in the job's own process).") from None
+        finally:
+            pool.close()
         self._flush(pending, res)
         if w.num_pending or total > w.rows_end:
             w.commit(total)
@@ -205,7 +218,7 @@ class CacheJob:
         t0 = time.perf_counter()
         try:
             outs = self.teacher.forward(self.renderer, [r for _, r in batch], self.cfg.question_features,
-                                        [[im.load() for im in s.images] for s, _ in batch], self.cfg.layer_ids)
+                                        self._images(batch), self.cfg.layer_ids)
         except Exception as e:  # e.g. out of memory, or a model that refuses this input
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -249,8 +262,7 @@ class CacheJob:
             return []
         gen, t0 = self.cfg.generation, time.perf_counter()
         try:
-            outs = self.teacher.generate(self.renderer, [r for _, r in pending],
-                                         [[im.load() for im in s.images] for s, _ in pending], gen,
+            outs = self.teacher.generate(self.renderer, [r for _, r in pending], self._images(pending), gen,
                                          [gen.seed * 1_000_003 + s.source_row for s, _ in pending])
         except Exception as e:  # as in _forward: find the sample at fault
             if len(pending) > 1:
@@ -287,6 +299,12 @@ class CacheJob:
             answered.append((new, r))
         res.generate_seconds += time.perf_counter() - t0
         return answered
+
+    def _images(self, batch: list[tuple[Sample, Rendered]]) -> list[list[Any]]:
+        """Each sample's decoded images, for a backend that takes them (for the others they are in the inputs)."""
+        if not self.teacher.takes_images:
+            return [[] for _ in batch]
+        return [[im.load() for im in s.images] for s, _ in batch]
 
     def _reject(self, sample: Sample, reason: str, res: CacheResult) -> None:
         self._reject_row(sample.source_row, sample.sample_id, reason, res)

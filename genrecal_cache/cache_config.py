@@ -11,6 +11,7 @@ from .config import Choice, at_least, json_object, resolve_device, to_choice
 from .config import flag as _flag
 from .dataset import Columns
 from .errors import ConfigError, reason_kind
+from .render_pool import default_workers
 from .store_format import FEATURE_DTYPES
 from .teacher import resolve_dtype
 
@@ -91,6 +92,9 @@ class CacheConfig:
     dtype: str = _flag("Teacher compute and storage dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.", "auto")
     device: str = _flag("Device for the teacher: auto, cpu, cuda, cuda:1, ...", "auto")
     device_map: str | None = _flag("transformers device_map, e.g. 'auto' to spread a large teacher over all GPUs.", None)
+    render_workers: int | None = _flag("Processes that read images and render samples while the teacher runs, in "
+                                       "manifest order (0: in the job's own process). Default: min(8, CPUs - 1), "
+                                       "shared among --data-parallel-size copies.", None)
     commit_every: int = _flag("Commit after this many manifest rows (a crash loses at most this much work).", 256)
     strict: bool = _flag("Stop at the first bad row instead of recording it as a reject.", False)
     image_refs: bool = _flag("Keep image paths + digests in the sample table instead of the image bytes (for very large datasets).", False)
@@ -143,6 +147,11 @@ class CacheConfig:
         if not 0 <= i < n:
             raise ConfigError(f"--shard {self.shard}: need 0 <= i < n")
         self.shard_index, self.num_shards = i, n
+        if self.render_workers is None:
+            self.render_workers = default_workers()
+        elif self.render_workers < 0:
+            raise ConfigError(f"--render-workers must be >= 0 (0: render in the job's own process), got "
+                              f"{self.render_workers}")
         self.device = resolve_device(self.device)
         self.dtype = resolve_dtype(self.dtype, self.device)
         if self.dtype not in FEATURE_DTYPES:

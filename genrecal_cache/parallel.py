@@ -34,6 +34,7 @@ def run_data_parallel(cfg: CacheConfig) -> CacheResult:
     procs, tmp = [], Path(tempfile.mkdtemp(prefix="genrecal-dp-"))
     for j in range(d):
         child = replace(cfg, shard=f"{cfg.shard_index * d + j}/{cfg.num_shards * d}", data_parallel_size=1,
+                        render_workers=cfg.render_workers // d,
                         progress=cfg.progress and j == 0, result_json=tmp / f"{j}.json")  # one bar: copy 0's
         env = dict(os.environ)
         if gpus:

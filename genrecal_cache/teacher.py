@@ -38,6 +38,7 @@ class Teacher(Protocol):
     head: TeacherHead
     embed: torch.Tensor  # (V, D) input embeddings
     tied: bool
+    takes_images: bool  # whether forward/generate use the decoded images (else the rendered inputs carry them)
 
     def forward(self, renderer: Renderer, batch: list[Rendered], question: bool, images: list[list[Any]],
                 layers: tuple[int, ...] = ()) -> list[TeacherOutput | RejectError]: ...
@@ -82,6 +83,7 @@ class TeacherBase:
     embed: torch.Tensor
     tied: bool
     model_class: str
+    takes_images = False
 
     def renderer(self, max_length: int | None) -> Renderer:
         return Renderer(self.processor, max_length)

@@ -52,6 +52,8 @@ def head_tensors_of(path: Path, config: Any) -> tuple[torch.Tensor, torch.Tensor
 class VLLMTeacher(TeacherBase):
     """A teacher run by vLLM (`runner="pooling"`); `engine_args` go to `vllm.LLM` (tensor_parallel_size, ...)."""
 
+    takes_images = True  # the engine processes them itself
+
     def __init__(self, path: str, dtype: str = "float32", trust_remote_code: bool = False,
                  layers: tuple[int, ...] = (), processor_kwargs: dict | None = None, **engine_args: Any):
         try:
