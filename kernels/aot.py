@@ -113,7 +113,8 @@ def _ce_rows(v: int, softcap: bool) -> Config:
 def _matmul(site: str, a: torch.dtype, b: torch.dtype, c: torch.dtype, bias: torch.dtype | None,
             shape: tuple[int, int, int], strides: tuple[int, ...]) -> Config:
     """recal_proj._mm_triton on CUDA: uint16 operands are bf16 bits, bf16 dot when either is, 64x64x64 blocks,
-    default warps / stages. `a`, `b`: the dtypes after `_bits`; `bias` None passes `c` in its place."""
+    default warps, one stage for mixed fp32/fp16 operands (else the default). `a`, `b`: the dtypes after `_bits`;
+    `bias` None passes `c` in its place."""
     m, n, k = shape
     half = torch.uint16 in (a, b)
     args = (("a_ptr", _ptr(a)), ("b_ptr", _ptr(b)), ("c_ptr", _ptr(c)), ("bias_ptr", _ptr(bias or c)), ("M", m),
@@ -121,7 +122,8 @@ def _matmul(site: str, a: torch.dtype, b: torch.dtype, c: torch.dtype, bias: tor
     consts = (("A_BITS", a == torch.uint16), ("B_BITS", b == torch.uint16), ("HAS_BIAS", bias is not None),
               ("DOT_BF16", half), ("BLOCK_M", 64), ("BLOCK_N", 64), ("BLOCK_K", 64))
     name = f"matmul/{site}/a{SHORT[a]}-b{SHORT[b]}-c{SHORT[c]}{'-bias' if bias else ''}"
-    return Config(name, "recal_proj:_matmul_kernel", args, consts, (), (f"recal_proj.{site}",))
+    stages = (("num_stages", 1),) if a != b and not half else ()
+    return Config(name, "recal_proj:_matmul_kernel", args, consts, stages, (f"recal_proj.{site}",))
 
 
 def _matmuls() -> Iterator[Config]:

@@ -117,11 +117,13 @@ def _mm_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out_
     half = torch.bfloat16 in (a.dtype, b.dtype) or torch.uint16 in (a.dtype, b.dtype)
     dot_bf16 = half and a.is_cuda and not dispatch.INTERPRET
     bm, bn, bk = (64, 64, 64) if a.is_cuda else (32, 32, 32)
+    # fp32 x fp16 tiles converted on load spill registers when pipelined (tools/compile_report.py): one stage.
+    stages = {"num_stages": 1} if a.dtype != b.dtype and not half else {}
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _matmul_kernel[grid](a, b, c, bias if bias is not None else c, m, n, k, a.stride(0), a.stride(1),
                          b.stride(0), b.stride(1), c.stride(0), c.stride(1), A_BITS=a.dtype == torch.uint16,
                          B_BITS=b.dtype == torch.uint16, HAS_BIAS=bias is not None, DOT_BF16=dot_bf16,
-                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **stages)
     return c
 
 
