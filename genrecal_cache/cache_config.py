@@ -68,6 +68,10 @@ class CacheConfig:
     gpu_memory_utilization: float | None = _flag("vLLM: fraction of device memory the engine reserves (on the CPU "
                                                  "backend, of RAM). Default 0.9 on GPU, 0.25 on CPU. With --answers generate, two engines (one "
                                                  "writes, one reads features) share it half and half.", None)
+    enforce_eager: bool = _flag("vLLM: run the engines eagerly (no torch.compile, no CUDA graphs): quicker to start, "
+                                "slower to run. --layers makes the engine that reads features eager anyway (a "
+                                "compiled graph skips the hooks that capture layers); the one that writes answers "
+                                "stays compiled.", False)
     max_model_len: int | None = _flag("vLLM: longest sequence the engine plans for (default: --max-length).", None)
     topk: int = _flag("Top-k teacher log-probabilities stored per label token (0: none).", 20)
     question_features: bool = _flag("Also store features at every non-label position (the trainer's regularizer needs them).", False)

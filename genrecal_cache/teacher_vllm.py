@@ -75,13 +75,17 @@ class VLLMTeacher(TeacherBase):
         self.embed = embed.to(getattr(torch, dtype))
         self.model_class = (self.config.architectures or ["?"])[0]
         self.layers, self.generator = tuple(layers), None
-        self.engine_args = dict(dtype=dtype, enforce_eager=True, trust_remote_code=trust_remote_code,
-                                enable_prefix_caching=False, **engine_args)
+        # Compiled (torch.compile, CUDA graphs) unless asked otherwise; the pooling engine is eager with --layers:
+        # its forward hooks (vllm_layers.py) only run on an uncompiled model.
+        self.engine_args = dict(dtype=dtype, trust_remote_code=trust_remote_code, enable_prefix_caching=False,
+                                **engine_args)
         if processor_kwargs:  # the engine's own image processing must expand images as ours does
             self.engine_args["mm_processor_kwargs"] = processor_kwargs
-        capture = {}
-        if self.layers:  # forward hooks (vllm_layers.py) on an uncompiled model: a compiled graph skips hooks
-            capture = dict(worker_extension_cls="genrecal_cache.vllm_layers.LayerCapture",
+        eager = bool(self.engine_args.pop("enforce_eager", False))
+        self.generator_args = dict(self.engine_args, enforce_eager=eager)
+        capture: dict[str, Any] = dict(enforce_eager=eager)
+        if self.layers:
+            capture = dict(enforce_eager=True, worker_extension_cls="genrecal_cache.vllm_layers.LayerCapture",
                            compilation_config={"mode": 0})
         self.llm = LLM(model=path, runner="pooling", convert="embed",
                        pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False),
@@ -139,7 +143,7 @@ class VLLMTeacher(TeacherBase):
         from vllm import LLM, SamplingParams
 
         if self.generator is None:
-            self.generator = LLM(model=self.path, runner="generate", **self.engine_args)
+            self.generator = LLM(model=self.path, runner="generate", **self.generator_args)
         stop = renderer.stop_ids
         params = [SamplingParams(max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                                  seed=seed, logprobs=0, stop_token_ids=stop, detokenize=False) for seed in seeds]

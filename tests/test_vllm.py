@@ -80,11 +80,15 @@ def test_vllm_generated_answers_reproduce_their_logprobs(zoo, engine, clean_mani
     assert res.samples == len(generated) and res.rejects == 0
     compared = check_generated(tmp_path / "s", teacher, clean_manifest, generated)
     assert compared >= 1 and compared == res.samples - res.retokenized
+    # The hooks that capture layers need the reading engine eager; the writing one stays compiled.
+    assert teacher.llm.llm_engine.model_config.enforce_eager
+    assert not teacher.generator.llm_engine.model_config.enforce_eager
 
 
 def test_vllm_resume_after_sigkill(zoo, text_manifest, tmp_path):
     """The CLI with --backend vllm killed right after its first commit, then re-run: the store an uninterrupted
-    run gives (compared with the transformers backend's), every row once."""
+    run gives (compared with the transformers backend's), every row once. The first run's engine is compiled (the
+    default), the second eager (--enforce-eager): both write the transformers backend's features."""
     env = dict(os.environ, OMP_NUM_THREADS="1", GENRECAL_KILL_AT="committed:0")
     cmd = [sys.executable, "-m", "genrecal_cache.cli", "cache-teacher", "--teacher", str(zoo["textlm"]),
            "--manifest", str(text_manifest), "--output", str(tmp_path / "vllm"), "--backend", "vllm",
@@ -96,8 +100,10 @@ def test_vllm_resume_after_sigkill(zoo, text_manifest, tmp_path):
     os.killpg(killed.pid, signal.SIGKILL)  # as a scheduler does: the whole job, the engine's processes too
     assert len(TeacherStore(tmp_path / "vllm")) == 1
     env.pop("GENRECAL_KILL_AT")
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert "enforce_eager=False" in (tmp_path / "killed.log").read_text()  # vLLM's engine config line
+    done = subprocess.run([*cmd, "--enforce-eager"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "enforce_eager=True" in done.stderr + done.stdout
     run_cache(_cfg(zoo["textlm"], text_manifest, tmp_path / "hf", "hf", commit_every=1))
     assert_close_stores(tmp_path / "hf", tmp_path / "vllm")
     assert verify(TeacherStore(tmp_path / "vllm")).ok
