@@ -156,7 +156,7 @@ class CacheJob:
         pool = RenderPool(Preparer(self.renderer, dict(
             root=self.image_root, allow_outside_root=cfg.allow_outside_root, need_answer=not cfg.generation,
             columns=cfg.column_map, allow_remote_images=cfg.allow_remote_images), prompt=bool(cfg.generation)),
-            cfg.render_workers)
+            cfg.render_workers, ahead_tokens=2 * cfg.batch_tokens)
         try:
             for task, outcome in pool.prepare(tasks()):
                 row = task.row

@@ -145,15 +145,19 @@ class Renderer:
         ids = inputs["input_ids"][0].numpy().astype(np.int64)
         if self.max_length is not None and len(ids) > self.max_length:
             raise RejectError(f"conversation has {len(ids)} tokens, more than --max-length {self.max_length}")
-        bounds = _Boundaries(self, text, expanded, images, ids)
-        segments, start, seen_images = [], 0, 0
+        # Each turn's boundaries: before its answer (with the generation prompt) and at its end (the last: len(ids)).
+        wanted, seen_images = [], 0
         for turn, m in enumerate(msgs):
-            answer_start = start
             if m["role"] == "assistant":
-                answer_start = bounds.token(msgs[:turn], seen_images, True, turn)
+                wanted.append((msgs[:turn], seen_images, True, turn))
             seen_images += sum(p["type"] == "image" for p in m["content"])
-            last = turn == len(msgs) - 1
-            end = len(ids) if last else bounds.token(msgs[: turn + 1], seen_images, False, turn)
+            if turn < len(msgs) - 1:
+                wanted.append((msgs[: turn + 1], seen_images, False, turn))
+        found = iter(_Boundaries(self, text, expanded, images, ids).tokens(wanted))
+        segments, start = [], 0
+        for turn, m in enumerate(msgs):
+            answer_start = next(found) if m["role"] == "assistant" else start
+            end = next(found) if turn < len(msgs) - 1 else len(ids)
             if m["role"] == "assistant" and end <= answer_start:
                 raise RejectError(f"assistant turn {turn} renders to no tokens")
             segments.append(Segment(turn, m["role"], start, end, answer_start))
@@ -248,6 +252,11 @@ class Renderer:
         return tapped
 
     @functools.cached_property
+    def added_token_ids(self) -> frozenset[int]:
+        """Tokens the tokenizer matches before anything else (special and other added tokens)."""
+        return frozenset(getattr(self.tokenizer, "added_tokens_decoder", {}) or ())
+
+    @functools.cached_property
     def image_marker(self) -> str | None:
         """What the chat template writes for one image (e.g. "<image>", Qwen2-VL's "<|vision_start|><|image_pad|>
         <|vision_end|>"): the text a one-image turn has beyond its text-only twin."""
@@ -330,33 +339,62 @@ class _Boundaries:
         self.stretches = (_stretches(text, expanded, renderer.image_marker, len(images))
                           if expanded is not None else None)
         self._offsets: np.ndarray | None | bool = False  # (L, 2) char spans in `expanded`, computed when needed
+        self._added_at: np.ndarray | None = None  # positions of added tokens in `ids`
 
-    def token(self, msgs: list[dict], n_images: int, gen: bool, turn: int) -> int:
-        """The token position where `msgs` end (`gen`: followed by the generation prompt); `n_images` of them."""
+    def tokens(self, wanted: list[tuple[list[dict], int, bool, int]]) -> list[int]:
+        """The token position where each prefix ends: (its turns, how many images they hold, whether the
+        generation prompt follows, the turn it is named by in errors)."""
         r = self.renderer
-        what = "the generation prompt before" if gen else "the end of"
-        prefix = r._text(msgs, gen)
-        if not self.text.startswith(prefix):
-            raise RejectError(f"chat template does not render prefixes consistently: the text up to {what} turn "
-                              f"{turn} is not a prefix of the whole conversation's text")
-        if self.expanded is None:  # the processor did not show its text: its prefix tokens must be a prefix
-            ids = r._encode(prefix, self.images[:n_images])["input_ids"][0].numpy()
-            if self._is_prefix(ids):
-                return len(ids)
-            raise RejectError(f"chat template does not render prefixes consistently: the tokens up to {what} turn "
-                              f"{turn} are not a prefix of the whole conversation's tokens")
-        end = self._carry(len(prefix))
-        if end is None:  # the expansion cannot be placed from the text alone: the processor expands this prefix
-            _, shown = r._encode_tapped(prefix, self.images[:n_images])
-            if shown is None or not self.expanded.startswith(shown):
-                raise RejectError(f"the processor expands the images up to {what} turn {turn} differently from the "
-                                  "whole conversation's")
-            end = len(shown)
-        ids = r.tokenizer(self.expanded[:end], add_special_tokens=False)["input_ids"]
-        if self._is_prefix(ids):
-            return len(ids)
+        ends: list[int] = []
+        for msgs, n_images, gen, turn in wanted:
+            what = "the generation prompt before" if gen else "the end of"
+            prefix = r._text(msgs, gen)
+            if not self.text.startswith(prefix):
+                raise RejectError(f"chat template does not render prefixes consistently: the text up to {what} "
+                                  f"turn {turn} is not a prefix of the whole conversation's text")
+            if self.expanded is None:  # the processor did not show its text: its prefix tokens must be a prefix
+                ids = r._encode(prefix, self.images[:n_images])["input_ids"][0].numpy()
+                if not self._is_prefix(ids):
+                    raise RejectError(f"chat template does not render prefixes consistently: the tokens up to "
+                                      f"{what} turn {turn} are not a prefix of the whole conversation's tokens")
+                ends.append(len(ids))
+                continue
+            end = self._carry(len(prefix))
+            if end is None:  # the expansion cannot be placed from the text alone: the processor expands it
+                _, shown = r._encode_tapped(prefix, self.images[:n_images])
+                if shown is None or not self.expanded.startswith(shown):
+                    raise RejectError(f"the processor expands the images up to {what} turn {turn} differently "
+                                      "from the whole conversation's")
+                end = len(shown)
+            ends.append(end)
+        if self.expanded is None:
+            return ends
+        # Tokenise each prefix from the last added token (e.g. <|im_end|>) before its end: a tokenizer splits its
+        # input at added tokens first, so what comes before one encodes the same whatever follows it.
+        starts = [self._resume_at(end) for end in ends]
+        pieces = r.tokenizer([self.expanded[at:end] for (at, _), end in zip(starts, ends)],
+                             add_special_tokens=False)["input_ids"]
+        return [self._token(self.ids[:k].tolist() + list(piece), end, gen, turn)
+                for (_, k), piece, end, (_, _, gen, turn) in zip(starts, pieces, ends, wanted)]
+
+    def _resume_at(self, end: int) -> tuple[int, int]:
+        """(character, token) where the last added token that ends by character `end` starts; (0, 0) when there
+        is none or no character offsets."""
+        spans = self._spans()
+        if spans is None:
+            return 0, 0
+        if self._added_at is None:
+            self._added_at = np.flatnonzero(np.isin(self.ids, list(self.renderer.added_token_ids)))
+        before = self._added_at[spans[self._added_at, 1] <= end]
+        return (int(spans[before[-1], 0]), int(before[-1])) if len(before) else (0, 0)
+
+    def _token(self, prefix_ids: list[int], end: int, gen: bool, turn: int) -> int:
+        """The boundary at character `end` of the expanded text, whose prefix up to there encodes to `prefix_ids`."""
+        if self._is_prefix(prefix_ids):
+            return len(prefix_ids)
         offsets = self._spans()
         if offsets is None:
+            what = "the generation prompt before" if gen else "the end of"
             raise RejectError(f"chat template does not render prefixes consistently: the tokens up to {what} turn "
                               f"{turn} are not a prefix of the whole conversation's tokens (and the tokenizer "
                               "gives no character offsets to place the boundary)")

@@ -33,13 +33,20 @@ class ImageRef:
     data: bytes
     path: str | None = None
     digest: str = ""
+    _rgb: Image.Image | None = field(default=None, repr=False, compare=False)  # decoded once, not pickled
 
     def __post_init__(self) -> None:
         if not self.digest:
             self.digest = hashlib.sha256(self.data).hexdigest()
 
     def load(self) -> Image.Image:
-        return Image.open(io.BytesIO(self.data)).convert("RGB")
+        """The image as RGB, decoded on first use (parse_row decodes it to check it, and keeps it)."""
+        if self._rgb is None:
+            self._rgb = Image.open(io.BytesIO(self.data)).convert("RGB")
+        return self._rgb
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_rgb": None}  # bytes travel between processes, pixels are decoded again
 
 
 @dataclass
@@ -308,8 +315,7 @@ def _load_image(src: Any, root: Path, i: int, allow_outside_root: bool = False,
         raise RejectError(f"image {i} has an unsupported source of type {type(src).__name__}")
     ref = ImageRef(data, path)
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
+        ref.load()
     except Exception as e:  # PIL raises many types for bad bytes
         raise RejectError(f"cannot decode image {i} ({type(e).__name__}: {str(e)[:120]})") from None
     return ref

@@ -22,7 +22,8 @@ from .dataset import Row, Sample, parse_row
 from .errors import GenrecalError, RejectError
 from .faults import fault_point
 
-ROWS_IN_FLIGHT_PER_WORKER = 16  # enough to hide one batch's wait; bounds memory whatever the manifest's size
+ROWS_IN_FLIGHT_PER_WORKER = 16  # at least this many rows ahead per worker
+MAX_ROWS_IN_FLIGHT = 4096  # and never more, whatever the samples' sizes
 
 
 @dataclass
@@ -86,10 +87,13 @@ def _prepare_in_worker(task: Task) -> tuple[Sample, Rendered] | RejectError:
 
 
 class RenderPool:
-    """`prepare(tasks)` yields (task, rendered sample or RejectError) in order; `close()` stops the workers."""
+    """`prepare(tasks)` yields (task, rendered sample or RejectError) in order; `close()` stops the workers.
 
-    def __init__(self, preparer: Preparer, workers: int):
-        self.preparer, self.workers = preparer, workers
+    Rows in flight (submitted, not yet taken) cover `ahead_tokens` of rendered tokens (two of the job's batches:
+    the workers fill the next batch while the engine runs one), at least 16 rows per worker."""
+
+    def __init__(self, preparer: Preparer, workers: int, ahead_tokens: int = 0):
+        self.preparer, self.workers, self.ahead_tokens = preparer, workers, ahead_tokens
         self._executor: ProcessPoolExecutor | None = None
         if workers > 0:
             # fork, as torch's DataLoader does: workers start at once with the processor already loaded.
@@ -103,7 +107,8 @@ class RenderPool:
                 yield task, self.preparer(task)
             return
         window: deque[tuple[Task, Future]] = deque()
-        limit = self.workers * ROWS_IN_FLIGHT_PER_WORKER
+        floor = self.workers * ROWS_IN_FLIGHT_PER_WORKER
+        limit, taken, tokens = floor, 0, 0
         it = iter(tasks)
         while True:
             task = None
@@ -119,6 +124,9 @@ class RenderPool:
                 raise RenderWorkerError(f"a render worker died ({self._death()}) with manifest rows "
                                         f"{min(rows)}..{max(rows)} in flight") from None
             window.popleft()
+            if not isinstance(result, RejectError):
+                taken, tokens = taken + 1, tokens + len(result[1].input_ids)
+                limit = min(MAX_ROWS_IN_FLIGHT, max(floor, self.ahead_tokens * taken // max(tokens, 1)))
             yield task, result
 
     def _death(self) -> str:

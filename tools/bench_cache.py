@@ -6,6 +6,12 @@ bare forward's, their ratio, the part spent rendering, bytes on disk per label t
 with `--backend hf,vllm` also each backend's tokens/s on the same model and data, and the share of the job's
 wall time spent outside the engine (our own code: reading, rendering, transfer, top-k, storage).
 Writes CSV. Example: python tools/bench_cache.py --model llava --scale 4 --rows 256 --backend hf,vllm
+
+`--stub-engine-ms MS` replaces the engine by a stand-in of fixed cost per sample (it sleeps, as a GPU engine
+leaves the CPU free, and returns random features of the teacher's width), so what is measured is everything
+else: reading, decoding images, rendering, top-k and storage, on `--turns K`-turn conversations with one
+`--image-size WxH` image, with `--render-workers` (default: the job's default, and 0 for comparison). Example:
+    python tools/bench_cache.py --model qwen2vl --stub-engine-ms 25 --turns 6 --image-size 640x480 --rows 200
 """
 
 from __future__ import annotations
@@ -100,6 +106,93 @@ def bench(model: str, scale: int, rows: int, dtype: str, feature_dtype: str, bat
     }
 
 
+class StubEngine:
+    """A teacher whose forward costs `ms` per sample of sleep (the engine's time on a GPU, CPU left free) and
+    returns random features of the real teacher's width; everything else is the real teacher's."""
+
+    def __init__(self, teacher, ms: float):
+        self.teacher, self.ms = teacher, ms
+
+    def __getattr__(self, name: str):
+        if name in ("teacher", "ms"):
+            raise AttributeError(name)
+        return getattr(self.teacher, name)
+
+    def forward(self, renderer, batch, question, images=None, layers=()):
+        from genrecal_cache.teacher import TeacherOutput
+
+        time.sleep(self.ms / 1000 * len(batch))
+        d = self.teacher.head.weight.shape[1]
+        return [TeacherOutput(features=torch.randn(int(r.label_mask.sum()), d),
+                              question=torch.randn(int((~r.label_mask).sum()), d) if question else None)
+                for r in batch]
+
+
+def write_turns_manifest(out: Path, rows: int, turns: int, image_size: tuple[int, int] | None, seed: int = 0
+                         ) -> Path:
+    """`rows` conversations of `turns` question/answer pairs, the first question with one photo-like JPEG
+    (smooth gradients plus noise) of `image_size`, or none."""
+    import json
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    rng, out = random.Random(seed), out / "turns"
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    words = "what is shown here the digit image left right top bottom colour count how many one two three".split()
+    lines = []
+    for i in range(rows):
+        msgs = []
+        for t in range(turns):
+            q = " ".join(rng.choices(words, k=rng.randint(6, 16))) + "?"
+            a = " ".join(rng.choices(words, k=rng.randint(10, 40))) + "."
+            content = [{"type": "text", "text": q}]
+            if t == 0 and image_size:
+                content.insert(0, {"type": "image"})
+            msgs += [{"role": "user", "content": content}, {"role": "assistant", "content": a}]
+        row = {"id": f"r{i}", "messages": msgs}
+        if image_size:
+            w, h = image_size
+            g = np.random.default_rng(seed + i)
+            yy, xx = np.mgrid[0:h, 0:w]
+            base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1)
+            pixels = np.clip(base + g.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(out / "images" / f"{i}.jpg", quality=90)
+            row["images"] = [f"images/{i}.jpg"]
+        lines.append(json.dumps(row))
+    (out / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return out / "manifest.jsonl"
+
+
+def bench_stub(model: str, scale: int, rows: int, ms: float, turns: int, image_size: tuple[int, int] | None,
+               workers: list[int | None], feature_dtype: str, batch_tokens: int, work: Path,
+               question_features: bool) -> list[dict]:
+    """The whole job around a stand-in engine of `ms` per sample: the share of wall time outside the engine,
+    for each render-worker count (None: the job's default)."""
+    path = build_model(model, work / f"{model}-x{scale}", seed=0, scale=scale) if model in ZOO_NAMES else Path(model)
+    teacher = HFTeacher(str(path), "float32", "cpu")
+    manifest = write_turns_manifest(work, rows, turns, image_size if teacher.multimodal else None)
+    out = []
+    for n in workers:
+        cfg = CacheConfig(teacher=str(path), manifest=manifest, output=work / f"stub-{n}", dtype=feature_dtype,
+                          device="cpu", batch_tokens=batch_tokens, question_features=question_features,
+                          progress=False, max_length=0, render_workers=n, command=["bench_cache"])
+        job = CacheJob(cfg, StubEngine(teacher, ms))
+        t = time.perf_counter()
+        res = job.run()
+        t_job = time.perf_counter() - t
+        out.append({"backend": f"stub-{ms:g}ms", "model": model, "scale": scale, "turns": turns,
+                    "image_size": "x".join(map(str, image_size)) if image_size and teacher.multimodal else "",
+                    "render_workers": cfg.render_workers, "feature_dtype": feature_dtype, "samples": res.samples,
+                    "rejects": res.rejects, "tokens": res.tokens, "label_tokens": res.label_tokens,
+                    "t_job_s": round(t_job, 3), "t_engine_s": round(res.forward_seconds, 3),
+                    "ms_outside_engine_per_sample": round(1000 * (t_job - res.forward_seconds) / max(res.samples, 1), 2),
+                    **_rates(res, t_job)})
+        print(out[-1], flush=True)
+    return out
+
+
 def _rates(res, t_job: float) -> dict:
     """Tokens/s of the whole job, and the share of its wall time spent outside the teacher's forward."""
     return {"tokens_per_s": round(res.tokens / t_job, 1),
@@ -136,10 +229,26 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--question-features", action="store_true")
     ap.add_argument("--backend", default="hf", help="comma-separated: hf, vllm (vllm needs vLLM installed)")
+    ap.add_argument("--stub-engine-ms", type=float, default=None,
+                    help="replace the engine by a stand-in that sleeps this long per sample (see above)")
+    ap.add_argument("--turns", type=int, default=1, help="with --stub-engine-ms: question/answer pairs per row")
+    ap.add_argument("--image-size", default="640x480", help="with --stub-engine-ms: WxH of each row's image")
+    ap.add_argument("--render-workers", type=int, nargs="+", default=None,
+                    help="with --stub-engine-ms: worker counts to compare (default: the job's default, and 0)")
     ap.add_argument("--out", type=Path, default=Path("bench-cache.csv"))
     args = ap.parse_args()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     results = []
+    if args.stub_engine_ms is not None:
+        w, h = (int(x) for x in args.image_size.lower().split("x"))
+        for model in args.model:
+            for scale in args.scale:
+                with tempfile.TemporaryDirectory() as tmp:
+                    results += bench_stub(model, scale, args.rows, args.stub_engine_ms, args.turns, (w, h),
+                                          args.render_workers or [None, 0], args.feature_dtype[0],
+                                          args.batch_tokens, Path(tmp), args.question_features)
+        _write(results, args.out)
+        return
     for model in args.model:
         for scale in args.scale:
             for fd in args.feature_dtype:
@@ -148,12 +257,16 @@ def main() -> None:
                         results.append(bench(model, scale, args.rows, args.dtype, fd, args.batch_tokens, Path(tmp),
                                              args.question_features, backend))
                     print(results[-1], flush=True)
+    _write(results, args.out)
+
+
+def _write(results: list[dict], out: Path) -> None:
     fields = list(dict.fromkeys(k for r in results for k in r))
-    with args.out.open("w", newline="") as f:
+    with out.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(results)
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
