@@ -148,7 +148,7 @@ def load_teacher(cfg: CacheConfig) -> Teacher:
                            tensor_parallel_size=cfg.tensor_parallel_size,
                            pipeline_parallel_size=cfg.pipeline_parallel_size,
                            gpu_memory_utilization=util / 2 if cfg.generation else util,
-                           enforce_eager=cfg.enforce_eager,
+                           enforce_eager=cfg.enforce_eager, beside=cfg.output,
                            max_model_len=cfg.max_model_len or _engine_len(cfg))
     from .teacher_hf import HFTeacher
 

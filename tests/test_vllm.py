@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,3 +132,35 @@ def assert_close_stores(hf_path, vllm_path) -> None:
         assert bool((same[:, :-1] | ~gaps).all())
     ids = [np.asarray(p.samples.column("sample_id").to_pylist()) for p in (a.parts[0], b.parts[0])]
     np.testing.assert_array_equal(*ids)
+
+
+def _transformers5_llava(zoo, out):
+    """The zoo's LLaVA with its CLIP tower named as transformers 5 saves it (`vision_tower.*`)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(zoo["llava"], out)
+    for f in out.glob("*.safetensors"):
+        tensors = {k.replace("vision_tower.vision_model.", "vision_tower."): v for k, v in load_file(f).items()}
+        save_file(tensors, f, metadata={"format": "pt"})
+    return out
+
+
+def test_transformers5_llava_loads_through_a_renamed_copy(zoo, engine, clean_manifest, tmp_path):
+    engine("textlm")  # the shared engine gives way to this test's (one engine at a time)
+    model = _transformers5_llava(zoo, tmp_path / "llava-t5")
+    run_cache(_cfg(model, clean_manifest, tmp_path / "vllm", "vllm", enforce_eager=True,
+                   gpu_memory_utilization=0.15))
+    run_cache(_cfg(zoo["llava"], clean_manifest, tmp_path / "hf", "hf"))
+    assert_close_stores(tmp_path / "hf", tmp_path / "vllm")
+    (copy,) = tmp_path.glob("vllm.vllm-checkpoint-*")  # beside the store, written once
+    assert (copy / "config.json").is_symlink()
+
+
+def test_an_engine_that_cannot_start_is_a_one_line_error(zoo, text_manifest, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "genrecal_cache.cli", "cache-teacher", "--teacher", str(zoo["textlm"]),
+                        "--manifest", str(text_manifest), "--output", str(tmp_path / "s"), "--backend", "vllm",
+                        "--max-model-len", "100000", "--device", "cpu", "--no-progress"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "vLLM could not start an engine for --teacher" in p.stderr and "--backend hf" in p.stderr
+    assert "Traceback" not in p.stderr
