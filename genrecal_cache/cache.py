@@ -22,6 +22,7 @@ from tqdm import tqdm
 from . import FORMAT_VERSION
 from .cache_config import CacheConfig, CacheResult, DuplicateIds
 from .chat import Rendered, compatible_runs, prompt_turns
+from .config import write_config
 from .dataset import Sample, row_sample_id
 from .errors import ConfigError, DatasetError, IncompatibleStoreError, RejectError, StoreError
 from .render_pool import Preparer, RenderPool, RenderWorkerError, Task
@@ -95,6 +96,7 @@ class CacheJob:
         }
         self.meta = open_or_create(cfg.output, meta, t.head_tensors(), self.renderer.tokenizer)
         self.writer = PartWriter(cfg.output, cfg.part_name, self.meta, _provenance(cfg))
+        write_config(cfg, cfg.output / "configs" / f"{cfg.part_name}.yaml")  # --config of it repeats this part
         self._truncated: set[str] = set()  # generated answers kept although cut off (--truncated keep)
 
     def _settings(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import functools
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -21,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from genrecal_cache.chat import Renderer
+from genrecal_cache.config import write_config
 from genrecal_cache.errors import ConfigError, StoreError
 from genrecal_cache.faults import fault_point
 from genrecal_cache.inspection import format_verify, verify
@@ -404,6 +406,8 @@ class Trainer:
 def train(cfg: TrainConfig) -> list[Path]:
     """Run the configured stages in order; stage k+1 starts from stage k's student."""
     outs, student_from = [], None
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_config(cfg, cfg.output / "config.yaml")  # `train-student --config` of it repeats this run
     for stage in cfg.stages:
         if stage == 3 and cfg.stage == Stage.three:
             prev = cfg.output / "stage2" / "final" / "student"

@@ -29,7 +29,7 @@ from tiny_zoo import build_model  # noqa: E402
 from train_teacher import train_sft  # noqa: E402
 
 from genrecal_cache.cache import CacheConfig, run_cache  # noqa: E402
-from genrecal_cache.config import to_argv  # noqa: E402
+from genrecal_cache.config import config_from, read_config, to_argv  # noqa: E402
 from genrecal_cache.store import TeacherStore  # noqa: E402
 from genrecal_train.evaluate import EvalConfig, evaluate  # noqa: E402
 from genrecal_train.trainer import TrainConfig, train  # noqa: E402
@@ -50,8 +50,15 @@ class Arm:
     flags: dict[str, Any] = field(default_factory=dict)
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "demo"
+
+
 def _show(tool: str, cfg: Any) -> None:
-    print(f"$ {tool} " + " ".join(to_argv(cfg, skip=("command", "progress"), changed_only=True)), flush=True)
+    """The command line that runs `cfg`: its config file, and the options the demo sets over it."""
+    config = EXAMPLES / f"{tool}.yaml"
+    in_file = read_config(config, type(cfg))
+    argv = to_argv(cfg, skip=("command", "progress", *in_file), changed_only=True)
+    print(f"$ {tool} --config {config.relative_to(EXAMPLES.parents[1])} " + " ".join(argv), flush=True)
 
 
 def make_data(work: Path, gold: int, seed: int = 0, noise: float = 0.0, rotate: float = 0.0) -> dict[str, Path]:
@@ -87,9 +94,9 @@ def make_store(work: Path, name: str, teacher: Path, manifest: Path, answers: st
     out = work / "stores" / name
     if not (out / "DONE").exists():
         shutil.rmtree(out, ignore_errors=True)
-        cfg = CacheConfig(teacher=str(teacher), manifest=manifest, output=out, dtype="float32", device="cpu",
-                          question_features=True, topk=5, max_samples=rows, answers=answers, max_new_tokens=4,
-                          backend=backend, progress=False, command=["demo"])
+        cfg = config_from(CacheConfig, EXAMPLES / "cache-teacher.yaml", teacher=str(teacher), manifest=manifest,
+                          output=out, max_samples=rows, answers=answers, backend=backend, progress=False,
+                          command=["demo"])
         _show("cache-teacher", cfg)
         res = run_cache(cfg)
         if res.rejects:
@@ -119,12 +126,10 @@ def train_student(work: Path, store: Path, arm: Arm, seed: int, steps: int, tag:
         return final
     shutil.rmtree(out, ignore_errors=True)
     base = student_base(work, seed)
-    flags = {**dict(lr=1e-3, lr_end=1e-4, batch_size=16, warmup_steps=10, log_every=10, reliance_every=0,
-                    save_every=10_000, seed=seed), **arm.flags}
     sft = arm.method == "sft"  # one stage: as many student steps as the others' stages 2 and 3
-    cfg = TrainConfig(store=store, student=str(base), output=out, method=arm.method, stage="all",
-                      epochs=10_000, max_steps=2 * steps if sft else steps, device="cpu", progress=False,
-                      command=["demo"], **flags)
+    cfg = config_from(TrainConfig, EXAMPLES / "train-student.yaml", store=store, student=str(base), output=out,
+                      method=arm.method, max_steps=2 * steps if sft else steps, seed=seed, progress=False,
+                      command=["demo"], **arm.flags)
     _show("train-student", cfg)
     train(cfg)
     return final
