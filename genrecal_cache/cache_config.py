@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,10 @@ class CacheConfig:
                                  "student would learn to stop mid-answer.", Truncated.reject)
     gen_seed: int = _flag("--answers generate: sampling seed (each sample draws from its own seed and row, so a "
                           "resumed job writes the same answers).", 0)
-    shard: str = _flag("This job's share 'i/n' of the manifest rows (row r belongs to shard r % n); each writes its own part.", "0/1")
+    shard: str = _flag("This job's share 'i/n' of the manifest rows (row r belongs to shard r % n); each writes its own "
+                       "part. 'auto': from a Slurm job array (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of "
+                       "SLURM_ARRAY_TASK_COUNT) or torchrun-style RANK/WORLD_SIZE, so one script serves every node.",
+                       "0/1")
     max_samples: int | None = _flag("Use only the first N manifest rows (before sharding).", None)
     max_length: int = _flag("Reject conversations longer than this many teacher tokens (0: no limit).", 4096)
     batch_tokens: int = _flag("Token budget of one forward batch (padded tokens).", 16384)
@@ -144,6 +148,8 @@ class CacheConfig:
             raise ConfigError(f"--max-samples must be >= 0, got {self.max_samples}")
         if self.max_length == 1 or self.max_length < 0:
             raise ConfigError(f"--max-length must be >= 2 (or 0: no limit), got {self.max_length}")
+        if self.shard == "auto":
+            self.shard = shard_from_env()
         try:
             i, n = (int(x) for x in self.shard.split("/"))
         except ValueError:
@@ -171,6 +177,18 @@ class CacheConfig:
     @property
     def part_name(self) -> str:
         return f"shard-{self.shard_index:05d}-of-{self.num_shards:05d}"
+
+
+def shard_from_env(env: dict[str, str] | None = None) -> str:
+    """`--shard auto`: 'i/n' from a Slurm job array, else from torchrun-style RANK and WORLD_SIZE."""
+    env = dict(os.environ) if env is None else env
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return f"{int(env['SLURM_ARRAY_TASK_ID']) - first}/{int(env['SLURM_ARRAY_TASK_COUNT'])}"
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return f"{int(env['RANK'])}/{int(env['WORLD_SIZE'])}"
+    raise ConfigError("--shard auto needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (an sbatch --array job) or "
+                      "RANK and WORLD_SIZE in the environment; outside those, pass --shard i/n")
 
 
 @dataclass
