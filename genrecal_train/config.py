@@ -13,6 +13,7 @@ from genrecal_cache.config import Choice, at_least, flag, json_object, resolve_d
 from genrecal_cache.errors import ConfigError
 
 from .recalibrator import AnswerInputs
+from .tracking import parse_report_to
 
 
 class Stage(Choice):
@@ -109,6 +110,9 @@ class TrainConfig:
                       "(FSDP2) instead of replicating them (DDP).", False)
     log_every: int = flag("Write metrics every this many steps.", 10)
     resume: bool = flag("Continue each stage from its last checkpoint, exactly.", False)
+    report_to: str = flag("Experiment trackers besides metrics.jsonl, comma-separated: tensorboard, wandb (W&B; "
+                          "WANDB_MODE=offline works offline), mlflow (MLFLOW_TRACKING_URI, default "
+                          "the file store output/mlruns); 'auto': TensorBoard when installed; 'none'.", "auto")
     verify_store: bool = flag("Read the whole store through its checksums before training (without it, only the "
                               "checks that cost no array reads; damaged chunks still stop training when read).",
                               False)
@@ -120,6 +124,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.store, self.output = Path(self.store), Path(self.output)
+        self.report_to_backends = parse_report_to(self.report_to)
         if self.recalibrator is not None:
             self.recalibrator = Path(self.recalibrator)
         self.stage = to_choice(Stage, str(self.stage), "--stage")

@@ -34,6 +34,7 @@ from .config import Method, Stage, TrainConfig, ULDAlign, ULDSource
 from .data import Prefetcher, StoreStream, StreamState, TrainSample, block_order, is_heldout, pairs, trains_on
 from .forward import StepForward
 from .metrics import MetricsLog
+from .tracking import open_trackers
 from .models import (
     check_recalibrator,
     find_recalibrator,
@@ -87,11 +88,21 @@ class Trainer:
         if resume:
             self._load_state(saved)
             self.data_state = self.stream.state
-        self.metrics = MetricsLog(self.dir, stage, enabled=self.main, resumed_at=self.step if resume else None)
+        self.metrics = MetricsLog(self.dir, stage, enabled=self.main, resumed_at=self.step if resume else None,
+                                  trackers=self._trackers)
         if resume:
             self.metrics.log({"stage": stage, "step": self.step, "resumed_from": self.step})
 
     # --- setup --------------------------------------------------------------------------------------------------
+
+    def _trackers(self) -> list:
+        """The `--report-to` trackers of this stage, with the run's config and the store's identity as parameters."""
+        cfg, meta = self.cfg, self.store.meta
+        params = {"config": {k: str(v) for k, v in asdict(cfg).items() if k != "command"},
+                  "store": {"path": str(cfg.store), "samples": len(self.store), "teacher": meta.get("teacher", {}),
+                            "format_version": meta.get("format_version")}}
+        return open_trackers(cfg.report_to_backends, self.dir, f"{cfg.output.name}-stage{self.stage}",
+                             cfg.output.name, params)
 
     def _open_store(self) -> None:
         cfg = self.cfg
@@ -295,10 +306,12 @@ class Trainer:
         self.start_data()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and self.main),
                    dynamic_ncols=True, desc=f"train-student stage {self.stage}")
-        t0, tokens = time.perf_counter(), 0
+        t0, tokens, wait = time.perf_counter(), 0, 0.0
         while cfg.max_steps is None or self.step < cfg.max_steps:
+            waited = time.perf_counter()
             with self.timer("data_wait"):
                 micro = self.next_micro_batches()
+            wait += time.perf_counter() - waited
             passes = dist.max_(len(micro), self.device)
             if passes == 0:  # every rank is out of data
                 break
@@ -308,9 +321,12 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rate:.0f}", refresh=False)
             if self.step % cfg.log_every == 0:
+                gpu = ({"gpu_max_allocated_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
+                       if self.device.type == "cuda" else {})
                 self.metrics.log({"stage": self.stage, "step": self.step, "lr": self.lr_at(self.step - 1),
                                   "tokens_per_s": round(rate, 1), "student_rejects": len(self.stream.rejected),
-                                  **{k: round(v, 6) for k, v in m.items()}})
+                                  "data_wait_share": round(wait / max(time.perf_counter() - t0, 1e-9), 4),
+                                  **gpu, **{k: round(v, 6) for k, v in m.items()}})
             if cfg.reliance_every and self.recal is not None and self.step % cfg.reliance_every == 0:
                 self.metrics.log({"stage": self.stage, "step": self.step, **self.student_reliance()})
             if self.step % cfg.save_every == 0:
