@@ -138,6 +138,7 @@ class CacheJob:
         total, renamed, duplicates = plan_ids(self.source.ids(cfg.column_map.id), cfg.duplicate_ids)
         if cfg.max_samples is not None:
             total = min(total, cfg.max_samples)
+        w.rows_total = total
         mine = len(range(cfg.shard_index, total, cfg.num_shards))
         done = len(range(cfg.shard_index, min(w.rows_end, total), cfg.num_shards))
         res.skipped = done

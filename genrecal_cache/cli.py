@@ -49,6 +49,9 @@ class InspectConfig:
     store: Path = flag("Teacher store directory written by cache-teacher.")
     verify: bool = flag("Read every chunk through its checksum and recompute the top-k from features x head.",
                         False)
+    progress: bool = flag("Where a store being written stands, per part: rows committed (of all), samples, rate, "
+                          "ETA, time since the last commit (reads only the commit records; safe while jobs run).",
+                          False)
     sample: str | None = flag("Show this sample's teacher tokens with targets and top-k predictions.", None)
     topk: int = flag("How many of the stored top-k to show per token with --sample.", 3)
     json: bool = flag("Print machine-readable JSON instead of text.", False)
@@ -84,6 +87,14 @@ def _inspect(cfg: InspectConfig) -> None:
     from .inspection import format_sample, format_summary, format_verify, sample_view, summary, verify
     from .store import TeacherStore
 
+    if cfg.progress:
+        from .inspection import format_progress, progress
+
+        if not (Path(cfg.store) / "parts").is_dir():
+            raise ConfigError(f"--store {cfg.store}: no parts yet (is cache-teacher writing here?)")
+        rows = progress(cfg.store)
+        print(json.dumps(rows, indent=2) if cfg.json else format_progress(rows))
+        return
     store = TeacherStore(cfg.store)
     if cfg.plot is not None:
         _plot(cfg, store)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,3 +340,47 @@ def format_sample(v: dict[str, Any]) -> str:
         lines.append(f"{r['pos']:>5}  {tok[:24]:<24} {repr(r['target'])[1:-1] if 'target' in r else '':<16} {topk}")
     return "\n".join(lines)
 
+
+
+def progress(root: Path) -> list[dict[str, Any]]:
+    """Where each part of a store being written stands, from its commit files alone (no arrays read): the manifest
+    row it has committed up to, of how many (every shard's rows counted), its samples, the rate over its commits
+    and the time left at that rate."""
+    import pyarrow.parquet as pq
+
+    from .store_format import SAMPLES_DIR, read_commit
+
+    out = []
+    for part in sorted(p for p in (Path(root) / "parts").iterdir() if p.is_dir()):
+        files = sorted((part / SAMPLES_DIR).glob("*.parquet"))
+        commits = [{"time": f.stat().st_mtime, **read_commit(f)} for f in files]  # older stores record no time
+        row: dict[str, Any] = {"part": part.name, "commits": len(commits), "rows_end": 0, "rows_total": None,
+                               "samples": sum(pq.read_metadata(f).num_rows for f in files), "rows_per_s": None,
+                               "eta_s": None, "last_commit_age_s": None}
+        if commits:
+            first, last = commits[0], commits[-1]
+            row.update(rows_end=last["rows_end"], rows_total=last.get("rows_total"),
+                       last_commit_age_s=round(time.time() - last["time"], 1))
+            if len(commits) > 1 and last["time"] > first["time"]:
+                rate = (last["rows_end"] - first["rows_end"]) / (last["time"] - first["time"])
+                row["rows_per_s"] = round(rate, 2)
+                if row["rows_total"] is not None and rate > 0:
+                    row["eta_s"] = round(max(0, row["rows_total"] - last["rows_end"]) / rate)
+        out.append(row)
+    return out
+
+
+def format_progress(rows: list[dict[str, Any]]) -> str:
+    """The progress table, one line per part."""
+    def dur(s: float | None) -> str:
+        return "?" if s is None else f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{s:.0f}s"
+
+    lines = [f"{'part':<24} {'rows done':>16} {'samples':>9} {'rows/s':>8} {'ETA':>8} {'last commit':>12}"]
+    for r in rows:
+        total = r["rows_total"]
+        done = f"{r['rows_end']}/{total} ({100 * r['rows_end'] / total:.0f}%)" if total else f"{r['rows_end']}/?"
+        rate = "?" if r["rows_per_s"] is None else f"{r['rows_per_s']:.1f}"
+        eta = "done" if total and r["rows_end"] >= total else dur(r["eta_s"])
+        lines.append(f"{r['part']:<24} {done:>16} {r['samples']:>9} {rate:>8} {eta:>8} "
+                     f"{dur(r['last_commit_age_s']) + ' ago' if r['commits'] else 'none':>12}")
+    return "\n".join(lines)

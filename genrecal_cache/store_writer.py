@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +168,7 @@ class PartWriter:
         for sub in (SAMPLES_DIR, REJECTS_DIR):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.seq, self.rows_end, self.lengths = self._recover()
+        self.rows_total: int | None = None  # the manifest's rows (of every shard), recorded with each commit
         # In-memory tail of each array from its last shard boundary, rewritten whole at every commit.
         self.tail: dict[str, np.ndarray] = {}
         for spec in self.specs:
@@ -255,7 +257,8 @@ class PartWriter:
             _fsync(self.dir / spec.name / "zarr.json")
             _fsync(self.dir / spec.name)
         name = f"{self.seq:08d}.parquet"
-        commit = {"seq": self.seq, "rows_end": rows_end, "lengths": dict(new)}
+        commit = {"seq": self.seq, "rows_end": rows_end, "lengths": dict(new), "time": round(time.time(), 3),
+                  "rows_total": self.rows_total}  # time and rows_total: for inspect-cache --progress
         fault_point(f"arrays-written:{self.seq}")
         _write_table(self.dir / REJECTS_DIR / name, self._pending_rejects, REJECT_SCHEMA, commit)
         fault_point(f"rejects-written:{self.seq}")
