@@ -253,7 +253,7 @@ class PartWriter:
                 arr[s:e] = data[s - start : e - start]
                 _fsync_shard(self.dir / spec.name, s // spec.shard_rows, spec.width is not None)
             keep = new_n - new_n % spec.shard_rows
-            self.tail[spec.name] = data[keep - start :]
+            self.tail[spec.name] = data[keep - start :].copy()  # not a view: it would keep the whole commit
             _fsync(self.dir / spec.name / "zarr.json")
             _fsync(self.dir / spec.name)
         name = f"{self.seq:08d}.parquet"
