@@ -30,7 +30,9 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-_CHUNK_ELEMENTS = 1 << 25  # a chunk's logits hold at most this many fp32 values (128 MiB)
+_CHUNK_ELEMENTS = 1 << 25  # a chunk's logits hold at most this many fp32 values (128 MiB) on CUDA
+_CPU_CHUNK_BYTES = 32 << 20  # elsewhere a (C, V) fp32 slice of a chunk stays under this (tuned on a 2-core EPYC)
+_CPU_MIN_ROWS = 256  # ... unless that means fewer rows: smaller matmuls run well below the machine's rate
 
 
 class CEKLOutput(NamedTuple):
@@ -154,50 +156,87 @@ def _rows_triton(xr: torch.Tensor, xz: torch.Tensor, targets: torch.Tensor, row_
 
 # --- the row kernel (PyTorch) ---------------------------------------------------------------------------------
 
+def _softmax_lse(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """softmax(x) (C, V) written into `out`, and logsumexp(x) (C,) returned, with no (C, V) temporary: the
+    softmax's largest value is exp(0) / sum, so lse = max(x) - log(max(softmax(x)))."""
+    m = x.amax(-1)  # (C,)
+    torch.softmax(x, -1, out=out)
+    return m - out.amax(-1).log()
+
+
 def _rows_torch(xr: torch.Tensor, xz: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
-                scale: float, softcap: float | None, temperature: float, w_ce: float, w_kl: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same as `_rows_triton`, in PyTorch: row losses, and dloss/dx written into `xr` (C, V)."""
-    if softcap is not None:
-        th = torch.tanh(xr * (scale / softcap))  # (C, V)
-        a = th * softcap
-        az = torch.tanh(xz * (scale / softcap)) * softcap
+                scale: float, softcap: float | None, temperature: float, w_ce: float, w_kl: float,
+                work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same as `_rows_triton`, in PyTorch: row losses CE_i, KL_i (C,), and dloss/dx written into `xr` (C, V);
+    `xz` is overwritten too. `work`: fp32 scratch of at least (2C, V), allocated when None.
+
+    Every step is a pass over (C, V) floats, so there are few: one softmax per side (log-sum-exps from
+    `_softmax_lse`), no log-probabilities (KL_i = E_p[(a_z - a) / T] - lse_p + lse_q), at T = 1 q = softmax(a)
+    reused, and the gradient built from per-row coefficients in two fused passes."""
+    c, v = xr.shape
+    if work is None:
+        work = torch.empty(2 * c, v, device=xr.device, dtype=torch.float32)
+    sm, p = work[:c], work[c:2 * c]  # (C, V) each: softmax(a), softmax(a_z / T)
+    inv_t = 1.0 / temperature
+    if softcap is not None:  # a into xr, a_z / T into xz
+        xr.mul_(scale / softcap).tanh_().mul_(softcap)
+        xz.mul_(scale / softcap).tanh_().mul_(softcap * inv_t)
     else:
-        a, az = xr * scale, xz * scale
-    safe_t = targets.clamp(min=0).unsqueeze(1)  # ignored rows: any index, masked below
-    log_sm = torch.log_softmax(a, dim=-1)  # (C, V)
-    ce = -log_sm.gather(1, safe_t).squeeze(1)
-    log_q = torch.log_softmax(a / temperature, dim=-1)
-    del a
-    log_p = torch.log_softmax(az / temperature, dim=-1)
-    del az
-    p = log_p.exp()
-    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # p = 0 adds nothing, even at -inf logits
-    del log_p
-    g = log_sm.exp_().mul_(w_ce)  # softmax(a) * w_ce, reusing log_sm's memory
-    g.scatter_add_(1, safe_t, torch.full_like(safe_t, -w_ce, dtype=g.dtype))
-    g.add_(log_q.exp_().sub_(p).mul_(w_kl / temperature))  # w_kl holds T^2: d(T^2 KL)/da = T (q - p)
-    if softcap is not None:
-        g.mul_(th.mul_(th).neg_().add_(1.0)).mul_(scale)
-    elif scale != 1.0:
-        g.mul_(scale)
-    xr.copy_(g.mul_(row_scale.unsqueeze(1)))
+        if scale != 1.0:
+            xr.mul_(scale)
+        if scale * inv_t != 1.0:
+            xz.mul_(scale * inv_t)
+    lse_a = _softmax_lse(xr, sm)  # (C,)
+    lse_p = _softmax_lse(xz, p)  # (C,)
+    safe_t = targets.clamp(min=0).unsqueeze(1)  # (C, 1); ignored rows: any index, masked below
+    ce = lse_a - xr.gather(1, safe_t).squeeze(1)
+    # E_p[(a_z - a) / T]: nansum drops p = 0 times -inf (a masked vocabulary), which must add nothing
+    kl_dot = xz.sub_(xr, alpha=inv_t).mul_(p).nansum(-1)  # (C,); xz is free from here on
+    k = row_scale * scale  # (C,): m_i / n * s, the row's factor in dloss/dx
+    # dloss/dx = k (w_ce (softmax(a) - onehot) + w_kl / T (q - p)) f'(x) / s; at T = 1 the q term joins softmax(a)
+    g = xr if softcap is None and temperature == 1.0 else sm  # xr still holds a when q or f' needs it
+    torch.mul(sm, (k * (w_ce + w_kl if temperature == 1.0 else w_ce)).unsqueeze(1), out=g)
+    g.addcmul_(p, (k * (-w_kl * inv_t)).unsqueeze(1))
+    lse_q = lse_a
+    if temperature != 1.0:
+        lse_q = _softmax_lse(torch.mul(xr, inv_t, out=xz), p)  # q = softmax(a / T) in p's place
+        g.addcmul_(p, (k * (w_kl * inv_t)).unsqueeze(1))
+    g.scatter_add_(1, safe_t, (k * -w_ce).unsqueeze(1))
+    if softcap is not None:  # f'(x) / s = 1 - tanh^2 = 1 - (a / c)^2
+        torch.addcmul(xr.new_ones(()), xr, xr, value=-1.0 / softcap**2, out=xr).mul_(g)
+    elif g is not xr:
+        xr.copy_(g)
     active = row_scale != 0
-    return torch.where(active, ce, 0.0), torch.where(active, kl, 0.0)
+    return torch.where(active, ce, 0.0), torch.where(active, kl_dot - lse_p + lse_q, 0.0)
 
 
 # --- the chunk loop and the autograd Function -----------------------------------------------------------------
 
-def _pre_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W.T + b as fp32 (C, V). Half-precision inputs multiply in their dtype; the product is kept in fp32
-    where torch can (CUDA, `dispatch.MM_OUT_DTYPE`), else rounded to the input dtype first (as Liger-Kernel does)."""
+def _chunk_rows(n: int, v: int, device: torch.device | str) -> int:
+    """Rows per chunk of an (N, V) problem. CUDA: as many as keep a chunk's logits under `_CHUNK_ELEMENTS` (few,
+    large matmuls). Elsewhere: as many as keep a (C, V) fp32 slice under `_CPU_CHUNK_BYTES`, but at least
+    `_CPU_MIN_ROWS` (the matmuls slow down below that)."""
+    if torch.device(device).type == "cuda":
+        rows = _CHUNK_ELEMENTS // v
+    else:
+        rows = max(_CPU_MIN_ROWS, _CPU_CHUNK_BYTES // (4 * v))
+    return max(1, min(n, rows))
+
+
+def _pre_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T + b as fp32 (M, V), into `out` (M, V) where given. Half-precision inputs multiply in their dtype;
+    the product is kept in fp32 where torch can (CUDA, `dispatch.MM_OUT_DTYPE`; `out` unused), else rounded to the
+    input dtype first (as Liger-Kernel does)."""
     x = x.to(weight.dtype)
     if weight.dtype == torch.float32:
-        out = x @ weight.T
-    elif dispatch.MM_OUT_DTYPE and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(x, weight.T, out=out) if bias is None else torch.addmm(bias.float(), x, weight.T, out=out)
+    if dispatch.MM_OUT_DTYPE and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):
         out = torch.mm(x, weight.T, out_dtype=torch.float32)
-    else:
+    elif out is None:
         out = (x @ weight.T).float()
+    else:
+        out.copy_(x @ weight.T)
     if bias is not None:
         out += bias.float()
     return out
@@ -208,26 +247,34 @@ def ce_kl_forward(r: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, target
                   temperature: float, ce_weight: float, kl_weight: float, ignore_index: int,
                   normalizer: float, chunk_size: int | None, use_triton: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ce_sum, kl_sum, grad_r): weighted, normalised loss parts and dloss/dr, one row chunk at a time."""
+    """(ce_sum, kl_sum, grad_r): weighted, normalised loss parts and dloss/dr, one row chunk at a time. Off CUDA the
+    chunk buffers are allocated once and reused: a fresh CPU allocation is page-faulted in on every chunk."""
     n, _ = r.shape
     v = weight.shape[0]
-    chunk = chunk_size or max(1, min(n, _CHUNK_ELEMENTS // v))
+    chunk = max(1, min(n, chunk_size or _chunk_rows(n, v, r.device)))
     grad_r = torch.zeros_like(r)
     ce_sum = torch.zeros((), device=r.device, dtype=torch.float32)
     kl_sum = torch.zeros_like(ce_sum)
-    rows = _rows_triton if use_triton else _rows_torch
     scale = 1.0 if logit_scale is None else float(logit_scale)
     kl_w = kl_weight * temperature**2
+    reuse = not r.is_cuda
+    x_buf = torch.empty(2 * chunk, v, device=r.device, dtype=torch.float32) if reuse else None  # (2C, V)
+    work = torch.empty_like(x_buf) if reuse and not use_triton else None  # (2C, V): `_rows_torch` scratch
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
+        c = e - s
         t = targets[s:e]
         row_scale = (t != ignore_index).to(torch.float32) / normalizer  # (C,)
         if not bool(row_scale.any()):
             continue
-        xr = _pre_activation(r[s:e], weight, bias)  # (C, V)
-        xz = _pre_activation(z[s:e], weight, bias)  # (C, V)
-        ce, kl = rows(xr, xz, t, row_scale, scale, softcap, temperature, ce_weight, kl_w)
-        del xz
+        x = _pre_activation(torch.cat([r[s:e], z[s:e]]), weight, bias,
+                            None if x_buf is None else x_buf[:2 * c])  # (2C, V): r's rows, then z's
+        xr, xz = x[:c], x[c:]  # (C, V) each
+        if use_triton:
+            ce, kl = _rows_triton(xr, xz, t, row_scale, scale, softcap, temperature, ce_weight, kl_w)
+        else:
+            ce, kl = _rows_torch(xr, xz, t, row_scale, scale, softcap, temperature, ce_weight, kl_w,
+                                 None if work is None else work[:2 * c])
         ce_sum += (ce * row_scale).sum() * ce_weight
         kl_sum += (kl * row_scale).sum() * kl_w
         grad_r[s:e] = (xr.to(weight.dtype) @ weight).to(r.dtype)  # (C, D); xr now holds dloss/dx

@@ -46,6 +46,25 @@ def _liger_loss():
     return run
 
 
+def _loop_loss(rows: int = 256):
+    """The plain baseline the chunked path has to beat: the naive loss on `rows` rows at a time, each chunk's
+    gradient taken by autograd at once (one chunk's graph alive at a time) and handed back through a surrogate."""
+    from genrecal_kernels.fused_linear_ce_kl import naive_linear_ce_kl
+
+    def run(x, z, w, t):
+        normalizer = max(1, int((t != -100).sum()))
+        grad = torch.empty_like(x)  # (N, D)
+        total = torch.zeros((), device=x.device)
+        for s in range(0, len(x), rows):
+            xs = x[s:s + rows].detach().requires_grad_()  # (C, D)
+            loss = naive_linear_ce_kl(xs, z[s:s + rows], w, t[s:s + rows], normalizer=normalizer).loss
+            grad[s:s + rows] = torch.autograd.grad(loss, xs)[0]
+            total += loss.detach()
+        return total + (x * grad).sum() - (x.detach() * grad).sum()  # value: total; d/dx: grad
+
+    return run
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -60,6 +79,9 @@ def measure(impl: str, n: int, v: int, d: int, dtype: str, device: str, repeats:
     if impl == "liger":
         liger = _liger_loss()
         step = lambda x: liger(x, z, w, t)  # noqa: E731
+    elif impl == "loop":
+        loop = _loop_loss()
+        step = lambda x: loop(x, z, w, t)  # noqa: E731
     else:
         step = lambda x: fused_linear_ce_kl(x, z, w, t, impl=impl).loss  # noqa: E731
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -113,7 +135,13 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=600, help="seconds per measurement")
     ap.add_argument("--out", type=Path, default=Path("bench-kernels.csv"))
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
+    ap.add_argument("--compile-report", action="store_true", help="print the kernels' ahead-of-time compile report "
+                    "(registers, spills, shared memory for sm_80 / sm_90; tools/compile_report.py) and exit")
     args = ap.parse_args()
+    if args.compile_report:
+        import compile_report
+
+        sys.exit(compile_report.main([]))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     if args.one:

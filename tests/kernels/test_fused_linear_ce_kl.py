@@ -4,11 +4,13 @@ The Triton path runs under Triton's interpreter on CPU (conftest sets TRITON_INT
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from genrecal_kernels import fused_linear_ce_kl
-from genrecal_kernels.fused_linear_ce_kl import HAS_TRITON
+from genrecal_kernels.fused_linear_ce_kl import _CHUNK_ELEMENTS, HAS_TRITON, _chunk_rows
 
 from .utils import TOLERANCES, assert_close
 
@@ -169,3 +171,55 @@ def test_targets_out_of_range_are_refused():
     t[0] = w.shape[0]
     with pytest.raises(ValueError, match="targets must be in"):
         fused_linear_ce_kl(r, z, w, t)
+
+
+def test_cpu_chunks_stay_a_few_hundred_rows_at_large_n_times_v():
+    """Off CUDA a large N * V never runs as one chunk (its logits would be O(N V) memory): a chunk is a few hundred
+    rows whatever N, a small problem is one chunk, and CUDA keeps its large memory-bounded chunks."""
+    for v in (32000, 152064):
+        rows = _chunk_rows(1 << 20, v, "cpu")
+        assert 128 <= rows <= 512
+        assert _chunk_rows(1024, v, torch.device("cpu")) == rows
+    assert _chunk_rows(37, 1001, "cpu") == 37
+    assert _chunk_rows(1 << 20, 32000, "cuda") == _CHUNK_ELEMENTS // 32000
+
+
+def test_chunk_size_overrides_the_chosen_rows(monkeypatch):
+    """Without chunk_size, `_chunk_rows` sets the rows per chunk (its budget shrunk here to 10 rows); chunk_size=
+    overrides it; the loss and gradient match the reference either way."""
+    module = importlib.import_module("genrecal_kernels.fused_linear_ce_kl")
+    rows_torch, seen = module._rows_torch, []
+
+    def spy(xr, *args):
+        seen.append(xr.shape[0])
+        return rows_torch(xr, *args)
+
+    monkeypatch.setattr(module, "_rows_torch", spy)
+    monkeypatch.setattr(module, "_CPU_MIN_ROWS", 1)
+    monkeypatch.setattr(module, "_CPU_CHUNK_BYTES", 10 * 1001 * 4)
+    r, z, w, t = (x.cpu() for x in make())  # N = 37, V = 1001
+    ref_loss, ref_grad = reference(r, z, w, t)
+    for chunk_size, rows in ((None, [10, 10, 10, 7]), (16, [16, 16, 5])):
+        seen.clear()
+        x = r.clone().requires_grad_()
+        out = fused_linear_ce_kl(x, z, w, t, impl="chunked", chunk_size=chunk_size)
+        out.loss.backward()
+        assert seen == rows
+        assert_close(out.loss, ref_loss, 1e-5, 1e-4, f"loss, chunk_size={chunk_size}")
+        assert_close(x.grad, ref_grad, 1e-5, 3e-4, f"grad, chunk_size={chunk_size}")
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "naive"])
+def test_masked_vocabulary_with_temperature_and_scale(impl):
+    """The -inf masked vocabulary at T != 1 and a logit scale: the KL's p = 0 terms still add nothing."""
+    r, z, w, t = make(n=9, ignored=(2,))
+    bias = torch.zeros(w.shape[0], device=DEVICE)
+    bias[700:] = float("-inf")
+    t = t % 700
+    t[2] = -100
+    x = r.clone().requires_grad_()
+    out = fused_linear_ce_kl(x, z, w, t, bias=bias, logit_scale=1.7, temperature=2.0, impl=impl)
+    out.loss.backward()
+    ref_loss, ref_grad = reference(r, z, w[:700], t, bias=bias[:700], scale=1.7, T=2.0)
+    assert_close(out.loss, ref_loss, 1e-5, 1e-4, "loss")
+    assert_close(x.grad, ref_grad, 1e-5, 3e-4, "grad")
