@@ -399,7 +399,8 @@ class _Boundaries:
                               f"{turn} are not a prefix of the whole conversation's tokens (and the tokenizer "
                               "gives no character offsets to place the boundary)")
         if gen:  # the answer starts at the first token that begins at or after the boundary
-            return int(np.searchsorted(offsets[:, 0], end, side="left"))
+            after = np.flatnonzero(offsets[:, 0] >= end)
+            return int(after[0]) if len(after) else len(offsets)
         return int((offsets[:, 1] <= end).sum())  # the turn ends after the last token that ends by then
 
     def _is_prefix(self, ids: Any) -> bool:
