@@ -338,7 +338,6 @@ class _Boundaries:
         self.renderer, self.text, self.expanded, self.images, self.ids = renderer, text, expanded, images, ids
         self.stretches = (_stretches(text, expanded, renderer.image_marker, len(images))
                           if expanded is not None else None)
-        self._offsets: np.ndarray | None | bool = False  # (L, 2) char spans in `expanded`, computed when needed
         self._added_at: np.ndarray | None = None  # positions of added tokens in `ids`
 
     def tokens(self, wanted: list[tuple[list[dict], int, bool, int]]) -> list[int]:
@@ -380,7 +379,7 @@ class _Boundaries:
     def _resume_at(self, end: int) -> tuple[int, int]:
         """(character, token) where the last added token that ends by character `end` starts; (0, 0) when there
         is none or no character offsets."""
-        spans = self._spans()
+        spans = self._spans
         if spans is None:
             return 0, 0
         if self._added_at is None:
@@ -392,7 +391,7 @@ class _Boundaries:
         """The boundary at character `end` of the expanded text, whose prefix up to there encodes to `prefix_ids`."""
         if self._is_prefix(prefix_ids):
             return len(prefix_ids)
-        offsets = self._spans()
+        offsets = self._spans
         if offsets is None:
             what = "the generation prompt before" if gen else "the end of"
             raise RejectError(f"chat template does not render prefixes consistently: the tokens up to {what} turn "
@@ -414,18 +413,17 @@ class _Boundaries:
                 return None if x_start is None else x_start + pos - t_start
         return None
 
+    @functools.cached_property
     def _spans(self) -> np.ndarray | None:
-        """The whole encoding's (start, end) character spans in the expanded text, when the tokenizer gives them
-        and its ids are the processor's."""
-        if self._offsets is False:
-            self._offsets = None
-            try:
-                enc = self.renderer.tokenizer(self.expanded, add_special_tokens=False, return_offsets_mapping=True)
-            except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets
-                return None
-            if list(enc["input_ids"]) == self.ids.tolist():
-                self._offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-        return self._offsets
+        """The whole encoding's (start, end) character spans in the expanded text (L, 2), when the tokenizer
+        gives them (fast tokenizers do) and its ids are the processor's."""
+        tok = self.renderer.tokenizer
+        if not getattr(tok, "is_fast", False):
+            return None
+        enc = tok(self.expanded, add_special_tokens=False, return_offsets_mapping=True)
+        if list(enc["input_ids"]) != self.ids.tolist():
+            return None
+        return np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
 
 
 def _stretches(text: str, expanded: str, marker: str | None, n_images: int
