@@ -138,4 +138,6 @@ class StepForward:
         else:
             teacher = {"teacher_topk_logprobs": torch.cat([s.teacher.topk_logprobs[r] for s, r in zip(batch, rows)]
                                                           ).to(self.device)}
-        return uld_student_loss(h, self.model.get_output_embeddings(), self.head, normalizer, **teacher)
+        scale, softcap = self.student_scaling
+        return uld_student_loss(h, self.model.get_output_embeddings(), self.head, normalizer, **teacher,
+                                logit_scale=scale, softcap=softcap)

@@ -39,12 +39,14 @@ def student_loss(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.T
 
 
 def uld_student_loss(hidden: torch.Tensor, student_head: torch.nn.Module, head: TeacherHead, normalizer: float,
-                     teacher_z: torch.Tensor | None = None, teacher_topk_logprobs: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+                     teacher_z: torch.Tensor | None = None, teacher_topk_logprobs: torch.Tensor | None = None,
+                     logit_scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """ULD (sorted-probability L1) of the student's distributions at aligned positions, `hidden` (n, D_s),
-    against the teacher's: head(teacher_z) over its full vocabulary, or its stored top-k (n, K). Summed and
-    divided by `normalizer` (the global count of aligned pairs); never more than a chunk of either vocabulary."""
-    kw = dict(bias=getattr(student_head, "bias", None), normalizer=max(float(normalizer), 1.0))
+    (its own logits: `logit_scale`, `softcap`) against the teacher's: head(teacher_z) over its full vocabulary,
+    or its stored top-k (n, K). Summed and divided by `normalizer` (the global count of aligned pairs); never
+    more than a chunk of either vocabulary."""
+    kw = dict(bias=getattr(student_head, "bias", None), normalizer=max(float(normalizer), 1.0),
+              logit_scale=logit_scale, softcap=softcap)
     if teacher_z is not None:
         return uld_loss(hidden, student_head.weight, teacher_z=teacher_z, teacher_weight=head.weight,
                         teacher_bias=head.bias, teacher_logit_scale=head.logit_scale, teacher_softcap=head.softcap,

@@ -1,12 +1,13 @@
 """Universal Logit Distillation (Boizard et al. 2024, arXiv 2402.12030) from a student's hidden states, in row
 chunks: no more than one chunk of either vocabulary's probabilities exists at once, forward or backward.
 
-Math. Per aligned row: p = softmax(h W_s^T + b_s) over the student vocabulary (V_s), q the teacher's
-distribution (softmax of its head over V_t, or its stored top-k probabilities, zero elsewhere). With p↓, q↓ each
-sorted in decreasing order and the shorter padded with zeros, loss_row = sum_j |p↓_j - q↓_j|.
+Math. Per aligned row: p = softmax(f(h W_s^T + b_s)) over the student vocabulary (V_s), where f is the student's
+own logit function (f(x) = c * tanh(s * x / c) with softcap c and logit scale s, f(x) = s * x without softcap),
+q the teacher's distribution (softmax of its head over V_t, or its stored top-k probabilities, zero elsewhere).
+With p↓, q↓ each sorted in decreasing order and the shorter padded with zeros, loss_row = sum_j |p↓_j - q↓_j|.
 Backward: g↓_j = sign(p↓_j - q↓_j) (1 on the student's padded tail), g = g↓ scattered back through the sort's
-permutation, dlogits = p * (g - <g, p>) (the softmax Jacobian), dh = dlogits W_s, dW_s = dlogits^T h,
-db_s = sum_rows dlogits. The loss is summed over rows and divided by `normalizer`.
+permutation, da = p * (g - <g, p>) (the softmax Jacobian), dx = da * f'(x) with f'(x) = s (1 - (a / c)^2),
+dh = dx W_s, dW_s = dx^T h, db_s = sum_rows dx. The loss is summed over rows and divided by `normalizer`.
 The teacher never gets a gradient.
 """
 
@@ -50,12 +51,16 @@ class ULDTeacher:
         return logits.softmax(-1).sort(dim=-1, descending=True).values
 
 
-def _rows(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tensor
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row losses (C,) and dloss/dlogits (C, V_s) of one chunk, against sorted teacher probabilities q."""
-    logits = h.float() @ weight.float().T  # (C, V_s)
+def _rows(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tensor,
+          scale: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row losses (C,) and dloss/dx (C, V_s) of one chunk (x = h W_s^T + b_s, before the student's logit
+    scale and softcap), against sorted teacher probabilities q."""
+    logits = h.float() @ weight.float().T  # (C, V_s): x, then a = f(x) in place
     if bias is not None:
         logits += bias.float()
+    logits *= scale
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
     p = logits.softmax(-1)
     p_sorted, perm = p.sort(dim=-1, descending=True)
     m = min(p.shape[-1], q.shape[-1])
@@ -64,14 +69,19 @@ def _rows(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q: t
     g_sorted = torch.ones_like(p_sorted)  # the student's tail beyond the teacher's vocabulary: |p - 0|
     g_sorted[:, :m] = diff.sign()
     g = torch.empty_like(p).scatter_(1, perm, g_sorted)  # back to vocabulary order
-    dlogits = p * (g - (g * p).sum(-1, keepdim=True))  # (C, V_s)
+    dlogits = p * (g - (g * p).sum(-1, keepdim=True))  # (C, V_s): dloss/da
+    if softcap is not None:  # f'(x) / s = 1 - tanh^2 = 1 - (a / c)^2
+        dlogits *= 1.0 - (logits / softcap).square_()
+    if scale != 1.0:
+        dlogits *= scale
     return loss, dlogits
 
 
 def uld_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher: ULDTeacher,
-                normalizer: float, chunk_size: int | None
+                normalizer: float, chunk_size: int | None, scale: float = 1.0, softcap: float | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Loss and the gradients of h (N, D_s), W_s (V_s, D_s) and b_s, chunk by chunk."""
+    """Loss and the gradients of h (N, D_s), W_s (V_s, D_s) and b_s, chunk by chunk; `scale` and `softcap`:
+    the student's own logit function."""
     n = h.shape[0]
     v = max(weight.shape[0], teacher.width)
     chunk = chunk_size or max(1, _CHUNK_ELEMENTS // v)
@@ -82,7 +92,7 @@ def uld_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         q = teacher.sorted_probs(s, e)
-        rows, dlogits = _rows(h[s:e], weight, bias, q)
+        rows, dlogits = _rows(h[s:e], weight, bias, q, scale, softcap)
         loss += rows.sum()
         grad_h[s:e] = dlogits @ weight.float()
         grad_w += dlogits.T @ h[s:e].float()
@@ -97,8 +107,8 @@ class ULDLossFunction(torch.autograd.Function):
     computed in forward (each chunk's probabilities are dropped at once) and scaled by grad_output here."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, teacher, normalizer, chunk_size):
-        loss, gh, gw, gb = uld_forward(h, weight, bias, teacher, normalizer, chunk_size)
+    def forward(ctx, h, weight, bias, teacher, normalizer, chunk_size, scale, softcap):
+        loss, gh, gw, gb = uld_forward(h, weight, bias, teacher, normalizer, chunk_size, scale, softcap)
         ctx.save_for_backward(gh.to(h.dtype), gw.to(weight.dtype), *([gb.to(bias.dtype)] if gb is not None else []))
         ctx.has_bias = gb is not None
         return loss
@@ -106,16 +116,18 @@ class ULDLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         gh, gw, *gb = ctx.saved_tensors
-        return gh * grad_loss, gw * grad_loss, (gb[0] * grad_loss if ctx.has_bias else None), None, None, None
+        return (gh * grad_loss, gw * grad_loss, (gb[0] * grad_loss if ctx.has_bias else None),
+                None, None, None, None, None)
 
 
 def uld_loss(h: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
+             logit_scale: float | None = None, softcap: float | None = None,
              teacher_z: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
              teacher_bias: torch.Tensor | None = None, teacher_logit_scale: float | None = None,
              teacher_softcap: float | None = None, teacher_topk_logprobs: torch.Tensor | None = None,
              normalizer: float | None = None, chunk_size: int | None = None) -> torch.Tensor:
-    """ULD loss of student hidden states `h` (N, D_s) under the student head `weight` (V_s, D_s) (+ `bias`),
-    against the teacher's full distribution (`teacher_z` (N, D_l) through `teacher_weight` (V_t, D_l), with its
+    """ULD loss of student hidden states `h` (N, D_s) under the student head `weight` (V_s, D_s) (+ `bias`,
+    then the student's own `logit_scale` and `softcap`), against the teacher's full distribution (`teacher_z` (N, D_l) through `teacher_weight` (V_t, D_l), with its
     bias / logit scale / softcap) or its stored top-k (`teacher_topk_logprobs` (N, K)). `normalizer`: what the
     summed loss is divided by (default: N, at least 1)."""
     full = teacher_z is not None
@@ -131,4 +143,5 @@ def uld_loss(h: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None
     teacher = ULDTeacher(teacher_z, teacher_weight, teacher_bias, teacher_logit_scale, teacher_softcap,
                          teacher_topk_logprobs)
     normalizer = h.shape[0] if normalizer is None else normalizer
-    return ULDLossFunction.apply(h, weight, bias, teacher, float(normalizer), chunk_size)
+    return ULDLossFunction.apply(h, weight, bias, teacher, float(normalizer), chunk_size,
+                                 1.0 if logit_scale is None else float(logit_scale), softcap)

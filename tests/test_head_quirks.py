@@ -75,15 +75,15 @@ def test_the_vllm_backend_reads_the_head_bias(zoo, tmp_path):
 
 @pytest.mark.parametrize("family", ["granite", "gemma2"])
 def test_the_students_own_loss_uses_its_own_logits(family, zoo, text_manifest, tmp_path):
-    """L_s on a student with a scaled (Granite) or softcapped (Gemma-2) head is the CE of the logits the student
-    itself computes, as the trainer's forward passes it."""
+    """L_s and the ULD baseline's loss on a student with a scaled (Granite) or softcapped (Gemma-2) head use the
+    logits the student itself computes, as the trainer's forward passes them."""
     import json
 
     from genrecal_cache.chat import Renderer
     from genrecal_cache.dataset import Row, parse_row
     from genrecal_cache.models import load_model
     from genrecal_cache.teacher import head_scaling
-    from genrecal_train.losses import student_loss
+    from genrecal_train.losses import student_loss, uld_student_loss
 
     loaded = load_model(str(_teacher(zoo, tmp_path, family)))
     model = loaded.model.eval()
@@ -101,3 +101,12 @@ def test_the_students_own_loss_uses_its_own_logits(family, zoo, text_manifest, t
         plain = student_loss(model.get_output_embeddings(), hidden, ids, mask, int(mask.sum()))
     assert abs(ours.item() - theirs.item()) <= 1e-5 * max(1.0, theirs.item())
     assert abs(plain.item() - theirs.item()) > 1e-3, "the quirk does not change the loss: the test cannot tell"
+
+    top = torch.randn(int(mask.sum()), 5).log_softmax(-1)  # (n, K): a stand-in teacher's stored top-k
+    with torch.no_grad():
+        uld = uld_student_loss(hidden[mask], model.get_output_embeddings(), None, 1.0, teacher_topk_logprobs=top,
+                               logit_scale=head_scaling(model.config)[0], softcap=head_scaling(model.config)[1])
+        p = model(input_ids=ids).logits[mask].softmax(-1).sort(-1, descending=True).values  # (n, V_s)
+        q = torch.nn.functional.pad(top.exp().sort(-1, descending=True).values, (0, p.shape[1] - 5))
+    want = (p - q).abs().sum()
+    assert abs(uld.item() - want.item()) <= 1e-4 * want.item()

@@ -12,11 +12,14 @@ from genrecal_kernels import uld_loss
 from .utils import TOLERANCES, assert_close
 
 
-def reference(h, w, b, q_sorted, normalizer):
-    """ULD in float64 with autograd: softmax, sort both decreasing, pad the shorter with zeros, L1, sum / n."""
+def reference(h, w, b, q_sorted, normalizer, scale=1.0, softcap=None):
+    """ULD in float64 with autograd: the student's logit function, softmax, sort both decreasing, pad the
+    shorter with zeros, L1, sum / n."""
     h, w = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     b = b.detach().double().requires_grad_() if b is not None else None
-    logits = h @ w.T + (b if b is not None else 0.0)
+    logits = (h @ w.T + (b if b is not None else 0.0)) * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     p = logits.softmax(-1).sort(-1, descending=True).values
     q = q_sorted.double()
     width = max(p.shape[1], q.shape[1])
@@ -52,6 +55,25 @@ def test_full_distribution_matches_the_reference(v_s, v_t, dtype, chunk):
     assert_close(loss, ref[0], atol, rtol, "loss")
     for name, got, want in (("h", hh.grad, ref[1]), ("w", ww.grad, ref[2]), ("b", bb.grad, ref[3])):
         assert_close(got, 2.5 * want, atol, rtol, f"grad {name}")
+
+
+@pytest.mark.parametrize("scale,softcap", [(0.25, None), (1.0, 2.0), (3.0, 1.5)])
+def test_the_students_own_logit_scale_and_softcap(scale, softcap):
+    """A Granite-like (logits divided) or Gemma-like (softcapped) student: its distribution is the one it
+    computes itself, and the gradients go through the scale and the tanh."""
+    h, w, b, z, wt = make(17, 211, 300)
+    q = (z.double() @ wt.double().T).softmax(-1).sort(-1, descending=True).values
+    ref = reference(h, w, b, q, normalizer=17.0, scale=scale, softcap=softcap)
+    plain = reference(h, w, b, q, normalizer=17.0)
+    assert (ref[0] - plain[0]).abs() > 1e-3  # the student's logit function matters here
+    hh, ww, bb = (x.detach().clone().requires_grad_() for x in (h, w, b))
+    loss = uld_loss(hh, ww, bias=bb, logit_scale=scale, softcap=softcap, teacher_z=z, teacher_weight=wt,
+                    chunk_size=5)
+    loss.backward()
+    atol, rtol = TOLERANCES[torch.float32]
+    assert_close(loss, ref[0], atol, rtol, "loss")
+    for name, got, want in (("h", hh.grad, ref[1]), ("w", ww.grad, ref[2]), ("b", bb.grad, ref[3])):
+        assert_close(got, want, atol, rtol, f"grad {name}")
 
 
 def test_topk_teacher_pads_with_zeros():
