@@ -43,9 +43,11 @@ def committed(final: Path) -> Path:
 
 def save_models(out: Path, student: Any, processor: Any, recal: Any | None,
                 states: dict[str, dict[str, torch.Tensor] | None]) -> None:
-    """`out/student` (loads with transformers, serves with vLLM) and `out/recalibrator`; `states` replace the
-    modules' own state dicts where given (full ones gathered from FSDP shards)."""
-    student.save_pretrained(out / "student", state_dict=states["student"])
+    """`out/student` (loads with transformers, serves with vLLM; only the processor when `student` is None) and
+    `out/recalibrator`; `states` replace the modules' own state dicts where given (full ones gathered from FSDP
+    shards)."""
+    if student is not None:
+        student.save_pretrained(out / "student", state_dict=states["student"])
     processor.save_pretrained(out / "student")
     if recal is not None:
         recal.save(out / "recalibrator", states["recal"])

@@ -12,6 +12,7 @@ from pathlib import Path
 from genrecal_cache.config import Choice, at_least, flag, json_object, resolve_device, to_choice
 from genrecal_cache.errors import ConfigError
 
+from .lora import LoraSpec
 from .recalibrator import AnswerInputs
 from .tracking import parse_report_to
 
@@ -97,6 +98,16 @@ class TrainConfig:
     processor_kwargs: str = flag("Settings for the student's processor as JSON, e.g. '{\"max_pixels\": 1003520}'; "
                                  "saved with the student.", "")
     gradient_checkpointing: bool = flag("Recompute the student's activations in backward to save memory.", False)
+    lora_rank: int = flag("Train the student through LoRA adapters of this rank in stages 2-3 (0: full fine-tune, "
+                          "fp32 master weights). The projector trains in full, the Recalibrator stays full, and "
+                          "each stage saves the student with the adapters merged. Needs genrecal[lora].", 0)
+    lora_alpha: float | None = flag("LoRA scaling numerator: updates are scaled by alpha / rank (default 2 x "
+                                    "rank).", None)
+    lora_targets: str = flag("Linear layers that get adapters, by name, comma-separated (e.g. q_proj,v_proj), or "
+                             "all-linear: every linear layer of the language model (not the head; the vision "
+                             "encoder's too with --train-vision).", "all-linear")
+    save_adapter: bool = flag("--lora-rank: also save each stage's adapter (final/adapter, PEFT format, for the "
+                              "student that stage started from) beside the merged student.", False)
     block_size: int = flag("Samples per block of the shuffle (consecutive samples are read together).", 64)
     heldout_fraction: float = flag("Fraction of samples (by id) held out for the student-reliance check.", 0.05)
     reliance_every: int = flag("Run the student-reliance check every this many steps (0: never).", 200)
@@ -142,6 +153,14 @@ class TrainConfig:
         at_least(self, 0, "num_workers", "warmup_steps", "reliance_every")
         if self.max_steps is not None:
             at_least(self, 1, "max_steps")
+        at_least(self, 0, "lora_rank")
+        if self.lora_rank and self.fsdp:
+            raise ConfigError("--lora-rank with --fsdp is not supported: LoRA students are small enough to "
+                              "replicate; drop --fsdp (DDP under torchrun) or train in full with --fsdp")
+        if self.save_adapter and not self.lora_rank:
+            raise ConfigError("--save-adapter keeps a LoRA adapter and needs --lora-rank R")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_rank
         if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
             raise ConfigError("--fsdp shards the models across processes, and this is one process: launch with "
                               "`torchrun --nproc-per-node N -m genrecal_train.cli ...` (N >= 2), or drop --fsdp")
@@ -150,6 +169,15 @@ class TrainConfig:
         if not 0 <= self.heldout_fraction < 1:
             raise ConfigError(f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}")
         self.device = resolve_device(self.device)
+
+    @property
+    def lora(self) -> LoraSpec | None:
+        """The LoRA adapters of stages 2-3, or None for a full fine-tune."""
+        if not self.lora_rank:
+            return None
+        targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        return LoraSpec(self.lora_rank, self.lora_alpha, None if targets == ["all-linear"] else tuple(targets),
+                        self.train_vision)
 
     @property
     def stages(self) -> list[int]:

@@ -75,24 +75,26 @@ def check_recalibrator(recal: Recalibrator, teacher: dict[str, Any], student_con
                           f"{width}")
 
 
-def _under(name: str, modules: tuple[str, ...]) -> bool:
+def under(name: str, modules: tuple[str, ...]) -> bool:
+    """Whether parameter (or module, with a trailing dot) `name` lies inside one of `modules`."""
     return any(f".{m}." in f".{name}" for m in modules)
 
 
 def vision_parameter_names(model: torch.nn.Module) -> set[str]:
     """The vision encoder's parameters (frozen in stages 2-3 unless --train-vision); projectors are not."""
-    return {n for n, _ in model.named_parameters() if _under(n, VISION_MODULES) and not _under(n, PROJECTORS)}
+    return {n for n, _ in model.named_parameters() if under(n, VISION_MODULES) and not under(n, PROJECTORS)}
 
 
 def parameter_groups(student: torch.nn.Module, recal: torch.nn.Module | None) -> dict[str, tuple[int, int]]:
-    """(trainable, frozen) parameter counts of the vision encoder, the projector, the language model and the
-    Recalibrator, as the stage set them."""
+    """(trainable, frozen) parameter counts of the vision encoder, the projector, the language model, LoRA
+    adapters (--lora-rank) and the Recalibrator, as the stage set them."""
     groups: dict[str, list[int]] = {}
     named = [(n, p) for n, p in student.named_parameters()] + [
         (f"recalibrator.{n}", p) for n, p in (recal.named_parameters() if recal is not None else [])]
     for n, p in named:
-        group = ("Recalibrator" if n.startswith("recalibrator.") else "projector" if _under(n, PROJECTORS)
-                 else "vision encoder" if _under(n, VISION_MODULES) else "language model")
+        group = ("Recalibrator" if n.startswith("recalibrator.") else "LoRA adapters" if ".lora_" in n
+                 else "projector" if under(n, PROJECTORS)
+                 else "vision encoder" if under(n, VISION_MODULES) else "language model")
         counts = groups.setdefault(group, [0, 0])
         counts[0 if p.requires_grad else 1] += p.numel()
     return {k: (v[0], v[1]) for k, v in groups.items()}

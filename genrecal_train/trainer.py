@@ -29,7 +29,7 @@ from genrecal_cache.inspection import format_verify, verify
 from genrecal_cache.store import TeacherStore
 from genrecal_cache.store_format import TOKENIZER_DIR
 
-from . import checkpoint, dist
+from . import checkpoint, dist, lora
 from .config import Method, Stage, TrainConfig, ULDAlign, ULDSource
 from .data import Prefetcher, StoreStream, StreamState, TrainSample, block_order, is_heldout, pairs, trains_on
 from .forward import StepForward
@@ -68,10 +68,15 @@ class Trainer:
         self.rank, self.world, local = dist.init(torch.device(cfg.device).type)
         self.main = self.rank == 0
         self.device = torch.device(f"cuda:{local}" if cfg.device == "cuda" and self.world > 1 else cfg.device)
-        # fp32 master weights everywhere; on GPU the forward runs under bf16 autocast (and the frozen teacher
-        # head is kept in bf16), on CPU everything is fp32.
+        # fp32 master weights for everything that trains; on GPU the forward runs under bf16 autocast (and the
+        # frozen teacher head, and a LoRA student's frozen weights, are kept in bf16), on CPU everything is fp32.
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         torch.manual_seed(cfg.seed)
+        # A LoRA run resumes from the student it started from plus the checkpoint's adapter.
+        self.lora_base = (student_from or cfg.student) if cfg.lora and stage in (2, 3) else None
+        state = checkpoint.read_state(saved) if resume else None
+        if state is not None:
+            self._check_resumable(state)
         self._open_store()
         self._setup_models(saved if resume else None, student_from)
         self._keep = functools.partial(trains_on, heldout_fraction=cfg.heldout_fraction)
@@ -85,8 +90,8 @@ class Trainer:
         self._heldout: list[TrainSample] | None = None  # the reliance check's samples, drawn once
         self.times: dict[str, float] | None = None  # set to {} to time the phases of each step (tools/bench_train.py)
         self.dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            self._load_state(saved)
+        if state is not None:
+            self._load_state(state)
             self.data_state = self.stream.state
         self.metrics = MetricsLog(self.dir, stage, enabled=self.main, resumed_at=self.step if resume else None,
                                   trackers=self._trackers)
@@ -127,8 +132,9 @@ class Trainer:
         """Student and Recalibrator from the checkpoint being resumed (`saved`), else from `student_from` (the
         previous stage) or --student; frozen for the stage, wrapped for DDP/FSDP; the optimizer over the rest."""
         cfg = self.cfg
-        loaded = load_student(str(saved / "student") if saved else (student_from or cfg.student), self.device,
-                              cfg.gradient_checkpointing, trust_remote_code=cfg.trust_remote_code,
+        lora_spec = cfg.lora if self.stage in (2, 3) else None
+        loaded = load_student(str(saved / "student") if saved and not lora_spec else (student_from or cfg.student),
+                              self.device, cfg.gradient_checkpointing, trust_remote_code=cfg.trust_remote_code,
                               processor_kwargs=cfg.processor_kwargs_map)
         self.student, self.processor = loaded.model, loaded.processor
         self.renderer = Renderer(self.processor)
@@ -137,6 +143,15 @@ class Trainer:
         if self.stage == 1 and saved is None and self.main:  # the start, for inspect-cache --plot (before FSDP)
             self.recal.save(self.dir / "init" / "recalibrator")
         freeze(self.student, self.recal, self.stage, cfg.train_vision, cfg.freeze_recalibrator)
+        self.peft = None  # the PEFT wrapper of self.student (whose layers it changed in place) under --lora-rank
+        if lora_spec:
+            self.peft = lora.attach(self.student, lora_spec)
+            if saved:
+                lora.load_adapter(self.peft, saved / lora.ADAPTER_DIR)
+            if self.device.type == "cuda":  # frozen weights only feed bf16 autocast: store them in bf16
+                for p in self.student.parameters():
+                    if not p.requires_grad:
+                        p.data = p.data.to(torch.bfloat16)
         if self.main:
             print(f"train-student stage {self.stage}: {describe_groups(parameter_groups(self.student, self.recal))}",
                   flush=True)
@@ -336,13 +351,19 @@ class Trainer:
         self._stop_data()  # before saving: DataLoader workers and the prefetch thread hold memory
         if self.recal is not None:
             self.metrics.log({"stage": self.stage, "step": self.step, **self.student_reliance()})
+        self.save_checkpoint()  # first: merging LoRA adapters below removes them
         final = self.dir / "final"
         states = self._model_states()
         if self.main:
             tmp = checkpoint.atomic_dir(final)
-            checkpoint.save_models(tmp, self.student, self.processor, self.recal, states)
+            student = self.student
+            if self.peft is not None:
+                if self.cfg.save_adapter:
+                    lora.save_adapter(self.peft, tmp / lora.ADAPTER_DIR)
+                student = lora.merged(self.peft, self.dtype)
+            checkpoint.save_models(tmp, student, self.processor, self.recal, states)
             checkpoint.commit_dir(tmp, final)
-        self.save_checkpoint()
+        dist.barrier()
         return final
 
     def _stop_data(self) -> None:
@@ -398,8 +419,13 @@ class Trainer:
         states, optimizer = self._model_states(), dist.optimizer_state(self.models, self.opt)
         if self.main:
             tmp = checkpoint.atomic_dir(self.ckpt)
-            checkpoint.save_models(tmp, self.student, self.processor, self.recal, states)
+            if self.peft is not None:  # the adapter; the student it adapts is `lora_base`
+                lora.save_adapter(self.peft, tmp / lora.ADAPTER_DIR)
+                checkpoint.save_models(tmp, None, self.processor, self.recal, states)
+            else:
+                checkpoint.save_models(tmp, self.student, self.processor, self.recal, states)
             checkpoint.write_state(tmp, {
+                "lora_base": self.lora_base,
                 "step": self.step, "total_steps": self.total_steps, "stage": self.stage, "world": self.world,
                 "streams": streams, "optimizer": optimizer,  # keyed by parameter name, with or without FSDP
                 "torch_rng": torch.get_rng_state(),
@@ -408,11 +434,18 @@ class Trainer:
             checkpoint.commit_dir(tmp, self.ckpt)
         dist.barrier()  # nobody moves on (or reads it) before it is complete
 
-    def _load_state(self, saved: Path) -> None:
-        state = checkpoint.read_state(saved)
+    def _check_resumable(self, state: dict) -> None:
+        """Refuse a checkpoint written by another number of processes, or with other --lora-rank choices."""
         if state["world"] != self.world:
             raise ConfigError(f"the checkpoint in {self.ckpt} was written by {state['world']} processes, this run "
                               f"has {self.world}: resume with the same number of processes")
+        if state.get("lora_base") != self.lora_base:
+            raise ConfigError(f"the checkpoint in {self.ckpt} was trained " + (
+                f"with LoRA adapters on {state['lora_base']}" if state.get("lora_base") else "without --lora-rank")
+                + ", this run asks for " + (f"adapters on {self.lora_base}" if self.lora_base else "a full fine-tune")
+                + ": resume with the options it was started with")
+
+    def _load_state(self, state: dict) -> None:
         self.step, self.total_steps = state["step"], state["total_steps"]
         self.stream.state = StreamState(**state["streams"][self.rank])
         dist.load_optimizer_state(self.models, self.opt, state["optimizer"])
