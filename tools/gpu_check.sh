@@ -6,7 +6,8 @@
 #   device run:   command "tools/gpu_check.sh", carry [".whl"]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHEELS="zarr==3.1.6 numcodecs==0.16.5 google-crc32c==1.9.0 donfig==0.8.1.post1 liger-kernel==0.8.5"
+WHEELS="zarr==3.1.6 numcodecs==0.16.5 google-crc32c==1.9.0 donfig==0.8.1.post1 liger-kernel==0.8.5 peft==0.21.2
+        accelerate==1.15.0 psutil==7.2.2"
 
 if [ "${1:-}" = prepare ]; then
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude

@@ -108,3 +108,16 @@ def test_targets_and_bad_options_are_named(zoo, store, tmp_path):
                           "4", "--lora-targets", "q_prj", "--device", "cpu", "--no-progress"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "--lora-targets q_prj" in bad.stderr, bad.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lora_stages_run_on_a_gpu_with_bf16_frozen_weights(store, zoo, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    train(_cfg(store, zoo, tmp_path, method="sft", device="cuda", max_steps=3, epochs=1, lora_rank=4,
+               report_to="none"))
+    losses = _losses(tmp_path, 3)
+    assert losses and all(x == x and x < 1e4 for x in losses), losses  # finite, no NaN
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "stage3" / "final" / "student")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
