@@ -166,7 +166,8 @@ class Renderer:
 
     @functools.cached_property
     def stop_ids(self) -> list[int]:
-        """Tokens that end an answer: EOS, and the special tokens the chat template closes an answer with."""
+        """Tokens that end an answer: EOS, and the special tokens the chat template closes an answer with (named
+        or extra special tokens, or added tokens marked special: Llama 3's <|eot_id|> when EOS is another)."""
         tok = self.tokenizer
         ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         probe = Sample("probe", 0, [{"role": "user", "content": [{"type": "text", "text": "x"}]},
@@ -176,14 +177,16 @@ class Renderer:
         except RejectError:
             return sorted(ids)
         start, end = r.answer_spans[-1]
-        special = set(tok.all_special_ids)
+        special = set(tok.all_special_ids) | {i for i, t in (getattr(tok, "added_tokens_decoder", {}) or {}).items()
+                                             if getattr(t, "special", False)}
         ids |= {int(t) for t in r.input_ids[start:end] if int(t) in special}
         return sorted(ids)
 
     @functools.cached_property
     def image_token_ids(self) -> list[int]:
-        """The tokens the processor writes for an image (placeholders, image start/end markers): those of a
-        one-image prompt that its text-only twin lacks. A model should never write them in an answer."""
+        """The tokens the processor writes for an image (placeholders, image start/end markers): the added tokens
+        of a one-image prompt that its text-only twin lacks (text next to the image may tokenise otherwise, e.g.
+        "x" for "▁x": no image token). A model should never write them in an answer."""
         if not self.multimodal:
             return []
         from PIL import Image
@@ -199,7 +202,7 @@ class Renderer:
             image = self.render_prompt(Sample("probe", 0, with_image, [ImageRef(buf.getvalue())])).input_ids
         except RejectError:
             return []
-        return sorted(set(image.tolist()) - set(plain.tolist()))
+        return sorted((set(image.tolist()) - set(plain.tolist())) & self.added_token_ids)
 
     def render_prompt(self, sample: Sample) -> Rendered:
         """What the model continues to write the conversation's last answer: every turn before it (all of them
@@ -224,11 +227,28 @@ class Renderer:
         except Exception as e:  # jinja raises TemplateError and friends for conversations it refuses
             raise RejectError(f"chat template failed: {type(e).__name__}: {str(e)[:160]}") from None
 
+    @functools.cached_property
+    def bos_by_tokenizer(self) -> str | None:
+        """The BOS a processor's tokenizer adds (and nothing else) in front of a text: transformers' processor
+        `apply_chat_template` lets it add special tokens when the template's text does not start with BOS
+        (llava-1.5's template leaves BOS to the tokenizer), and so does `_encode`. None for text-only models (a
+        tokenizer's `apply_chat_template` never adds any) and for tokenizers that add nothing, or more than a BOS."""
+        tok = self.tokenizer
+        if not self.multimodal or tok.bos_token is None:
+            return None
+        bare = list(tok("x", add_special_tokens=False)["input_ids"])
+        return tok.bos_token if list(tok("x")["input_ids"]) == [tok.bos_token_id, *bare] else None
+
+    def _lead(self, text: str) -> int:
+        """How many tokens the tokenizer puts before `text` (a BOS the template left to it): 0 or 1."""
+        bos = self.bos_by_tokenizer
+        return int(bos is not None and not text.startswith(bos))
+
     def _encode(self, text: str, images: list, processor: Any = None) -> dict[str, torch.Tensor]:
         try:
             if self.multimodal:
-                return (processor or self.processor)(text=[text], images=[images] if images else None, add_special_tokens=False,
-                                      return_tensors="pt")
+                return (processor or self.processor)(text=[text], images=[images] if images else None,
+                                                     add_special_tokens=bool(self._lead(text)), return_tensors="pt")
             return self.tokenizer([text], add_special_tokens=False, return_tensors="pt")
         except Exception as e:  # processors raise ValueError (and worse) for inputs they cannot take
             raise RejectError(f"processor refused the sample: {type(e).__name__}: {str(e)[:200]}") from None
@@ -338,7 +358,8 @@ class _Boundaries:
         self.renderer, self.text, self.expanded, self.images, self.ids = renderer, text, expanded, images, ids
         self.stretches = (_stretches(text, expanded, renderer.image_marker, len(images))
                           if expanded is not None else None)
-        self._added_at: np.ndarray | None = None  # positions of added tokens in `ids`
+        self._added_at: np.ndarray | None = None  # positions of added tokens in `ids` (after the lead)
+        self.lead = renderer._lead(text)  # tokens before the text's own (a BOS the tokenizer adds)
 
     def tokens(self, wanted: list[tuple[list[dict], int, bool, int]]) -> list[int]:
         """The token position where each prefix ends: (its turns, how many images they hold, whether the
@@ -377,15 +398,16 @@ class _Boundaries:
                 for (_, k), piece, end, (_, _, gen, turn) in zip(starts, pieces, ends, wanted)]
 
     def _resume_at(self, end: int) -> tuple[int, int]:
-        """(character, token) where the last added token that ends by character `end` starts; (0, 0) when there
-        is none or no character offsets."""
+        """(character, token) where the last added token that ends by character `end` starts; (0, lead) when
+        there is none or no character offsets."""
         spans = self._spans
         if spans is None:
-            return 0, 0
+            return 0, self.lead
         if self._added_at is None:
-            self._added_at = np.flatnonzero(np.isin(self.ids, list(self.renderer.added_token_ids)))
+            added = np.flatnonzero(np.isin(self.ids, list(self.renderer.added_token_ids)))
+            self._added_at = added[added >= self.lead]
         before = self._added_at[spans[self._added_at, 1] <= end]
-        return (int(spans[before[-1], 0]), int(before[-1])) if len(before) else (0, 0)
+        return (int(spans[before[-1], 0]), int(before[-1])) if len(before) else (0, self.lead)
 
     def _token(self, prefix_ids: list[int], end: int, gen: bool, turn: int) -> int:
         """The boundary at character `end` of the expanded text, whose prefix up to there encodes to `prefix_ids`."""
@@ -421,9 +443,10 @@ class _Boundaries:
         if not getattr(tok, "is_fast", False):
             return None
         enc = tok(self.expanded, add_special_tokens=False, return_offsets_mapping=True)
-        if list(enc["input_ids"]) != self.ids.tolist():
+        if list(enc["input_ids"]) != self.ids[self.lead :].tolist():
             return None
-        return np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        spans = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        return np.concatenate([np.zeros((self.lead, 2), dtype=np.int64), spans])  # the lead spans no text
 
 
 def _stretches(text: str, expanded: str, marker: str | None, n_images: int
