@@ -322,6 +322,10 @@ class CacheJob:
 
 def run_cache(cfg: CacheConfig, teacher: Teacher | None = None) -> CacheResult:
     """Run the job; a teacher it loads itself (none given) is closed at the end (a vLLM engine's processes)."""
+    if cfg.ray:
+        from .ray_launch import run_ray
+
+        return run_ray(cfg)
     if cfg.data_parallel_size > 1:
         from .parallel import run_data_parallel
 

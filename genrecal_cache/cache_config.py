@@ -64,8 +64,19 @@ class CacheConfig:
                              Backend.hf)
     tensor_parallel_size: int = _flag("vLLM: GPUs per engine (tensor parallelism).", 1)
     pipeline_parallel_size: int = _flag("vLLM: pipeline stages per engine (GPUs per engine: tensor x pipeline).", 1)
-    data_parallel_size: int = _flag("Engines (or transformers teachers) run at once on this machine, each on its "
-                                    "own GPUs and writing its own part: job --shard i/n runs parts i*d+j of n*d.", 1)
+    data_parallel_size: int = _flag("Engines (or transformers teachers) run at once on this machine (with --ray: "
+                                    "on the Ray cluster), each on its own GPUs and writing its own part: job --shard "
+                                    "i/n runs parts i*d+j of n*d.", 1)
+    ray: bool = _flag("Run the --data-parallel-size copies as Ray tasks on a Ray cluster instead of subprocesses here "
+                      "(Ray and genrecal on every node: the 'ray' extra). Each reserves tensor x pipeline GPUs with "
+                      "--device cuda (pass it where this machine has no GPU) and writes the part it would write here; "
+                      "one whose job crashes or whose node is lost is re-run (--ray-retries) and resumes after its "
+                      "last commit. --output must be on a filesystem every node sees.", False)
+    ray_address: str | None = _flag("--ray: the cluster's address (as for ray.init, e.g. 10.0.0.1:6379), or 'local' "
+                                    "(a new one on this machine). Default: RAY_ADDRESS, else the cluster `ray start` "
+                                    "started here, else a new local one.", None)
+    ray_retries: int = _flag("--ray: how many times a part is re-run after its job crashed or its node was lost (a "
+                             "user error, which says its fix, is not re-run).", 3)
     gpu_memory_utilization: float | None = _flag("vLLM: fraction of device memory the engine reserves (on the CPU "
                                                  "backend, of RAM). Default 0.9 on GPU, 0.25 on CPU. With --answers generate, two engines (one "
                                                  "writes, one reads features) share it half and half.", None)
@@ -144,6 +155,9 @@ class CacheConfig:
             raise ConfigError(f"--topk must be >= 0, got {self.topk}")
         at_least(self, 1, "batch_tokens", "commit_every", "tensor_parallel_size", "pipeline_parallel_size",
                  "data_parallel_size")
+        at_least(self, 0, "ray_retries")
+        if self.ray_address is not None and not self.ray:
+            raise ConfigError("--ray-address is for --ray: add --ray, or drop --ray-address")
         if self.max_samples is not None and self.max_samples < 0:
             raise ConfigError(f"--max-samples must be >= 0, got {self.max_samples}")
         if self.max_length == 1 or self.max_length < 0:
