@@ -321,7 +321,7 @@ class Trainer:
         self.start_data()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and self.main),
                    dynamic_ncols=True, desc=f"train-student stage {self.stage}")
-        t0, tokens, wait = time.perf_counter(), 0, 0.0
+        t0, tokens, wait, m = time.perf_counter(), 0, 0.0, None
         while cfg.max_steps is None or self.step < cfg.max_steps:
             waited = time.perf_counter()
             with self.timer("data_wait"):
@@ -336,18 +336,15 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rate:.0f}", refresh=False)
             if self.step % cfg.log_every == 0:
-                gpu = ({"gpu_max_allocated_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
-                       if self.device.type == "cuda" else {})
-                self.metrics.log({"stage": self.stage, "step": self.step, "lr": self.lr_at(self.step - 1),
-                                  "tokens_per_s": round(rate, 1), "student_rejects": len(self.stream.rejected),
-                                  "data_wait_share": round(wait / max(time.perf_counter() - t0, 1e-9), 4),
-                                  **gpu, **{k: round(v, 6) for k, v in m.items()}})
+                self._log_step(m, rate, wait / max(time.perf_counter() - t0, 1e-9))
             if cfg.reliance_every and self.recal is not None and self.step % cfg.reliance_every == 0:
                 self.metrics.log({"stage": self.stage, "step": self.step, **self.student_reliance()})
             if self.step % cfg.save_every == 0:
                 self.save_checkpoint()
             fault_point(f"train-step:{self.stage}:{self.step}")
         bar.close()
+        if m is not None and self.step % cfg.log_every:  # the last step, when --log-every skipped it
+            self._log_step(m, rate, wait / max(time.perf_counter() - t0, 1e-9))
         self._stop_data()  # before saving: DataLoader workers and the prefetch thread hold memory
         if self.recal is not None:
             self.metrics.log({"stage": self.stage, "step": self.step, **self.student_reliance()})
@@ -365,6 +362,14 @@ class Trainer:
             checkpoint.commit_dir(tmp, final)
         dist.barrier()
         return final
+
+    def _log_step(self, m: dict[str, float], rate: float, wait_share: float) -> None:
+        """One metrics record of the step just taken: its losses and the run's rates so far."""
+        gpu = ({"gpu_max_allocated_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
+               if self.device.type == "cuda" else {})
+        self.metrics.log({"stage": self.stage, "step": self.step, "lr": self.lr_at(self.step - 1),
+                          "tokens_per_s": round(rate, 1), "student_rejects": len(self.stream.rejected),
+                          "data_wait_share": round(wait_share, 4), **gpu, **{k: round(v, 6) for k, v in m.items()}})
 
     def _stop_data(self) -> None:
         """Stop the prefetch thread (joined) or the DataLoader workers (the generator's close shuts them)."""

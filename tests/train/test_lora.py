@@ -45,6 +45,8 @@ def test_only_adapters_and_the_projector_train(lora_run):
     line = next(x for x in done.stdout.splitlines() if x.startswith("train-student stage 3:"))
     assert "LoRA adapters" in line and "language model 0 trained" in line and "vision encoder 0 trained" in line
     assert "projector 0 trained" not in line
+    logged = [r for r in map(json.loads, (out / "stage3" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in logged] == [3]  # --log-every 10 > 3 steps: the last step is still logged
 
 
 def test_the_merged_student_loads_and_matches_base_plus_adapter(lora_run, zoo):
