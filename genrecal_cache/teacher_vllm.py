@@ -143,7 +143,8 @@ class VLLMTeacher(TeacherBase):
         if tuple(layers) != self.layers:
             raise ConfigError(f"this engine captures layers {self.layers}, not {tuple(layers)}: build VLLMTeacher "
                               "with layers=...")
-        outs = self.llm.encode(_prompts(batch, images), pooling_task="token_embed", use_tqdm=False)
+        outs = self.llm.encode(_prompts(batch, images), pooling_task="token_embed", use_tqdm=False,
+                               tokenization_kwargs=_AS_TOKENIZED)
         captured: list[dict[int, torch.Tensor]] = [{} for _ in outs]
         if self.layers:
             captured = split(self.llm.collective_rpc("genrecal_take"), [len(o.prompt_token_ids) for o in outs],
@@ -175,7 +176,8 @@ class VLLMTeacher(TeacherBase):
         stop = renderer.stop_ids
         params = [SamplingParams(max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                                  seed=seed, logprobs=0, stop_token_ids=stop, detokenize=False) for seed in seeds]
-        outs = self.generator.generate(_prompts(prompts, images), params, use_tqdm=False)
+        outs = self.generator.generate(_prompts(prompts, images), params, use_tqdm=False,
+                                       tokenization_kwargs=_AS_TOKENIZED)
         results = []
         for o in outs:
             c = o.outputs[0]
@@ -183,6 +185,11 @@ class VLLMTeacher(TeacherBase):
             results.append(Generated.cut(ids, [c.logprobs[i][t].logprob for i, t in enumerate(ids)], stop,
                                          stopped=c.finish_reason == "stop"))
         return results
+
+
+# A text prompt is tokenised as it is: `Rendered.text` already holds the BOS a tokenizer adds (vLLM would add one
+# even where the chat template wrote it).
+_AS_TOKENIZED = {"add_special_tokens": False}
 
 
 def _prompts(batch: list[Rendered], images: list[list[Any]] | None) -> list[dict[str, Any]]:

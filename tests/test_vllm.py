@@ -156,6 +156,45 @@ def test_transformers5_llava_loads_through_a_renamed_copy(zoo, engine, clean_man
     assert (copy / "config.json").is_symlink()
 
 
+def _llava_with_bos(zoo, out, template_writes_bos: bool):
+    """The zoo's LLaVA with a tokenizer that adds BOS (as Llama's does), its template leaving BOS to the tokenizer
+    (llava-1.5) or writing it too (Llama 2, Mistral, Gemma)."""
+    shutil.copytree(zoo["llava"], out)
+    tok = json.loads((out / "tokenizer.json").read_text())
+    bos = {"id": "<s>", "ids": [1], "tokens": ["<s>"]}
+    tok["post_processor"] = {"type": "TemplateProcessing", "special_tokens": {"<s>": bos},
+                             "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                        {"Sequence": {"id": "A", "type_id": 0}}],
+                             "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                      {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}]}
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+    if template_writes_bos:
+        for name in ("chat_template.jinja", "chat_template.json"):
+            f = out / name
+            if f.exists() and name.endswith(".jinja"):
+                f.write_text("{{ bos_token }}" + f.read_text())
+            elif f.exists():
+                d = json.loads(f.read_text())
+                d["chat_template"] = "{{ bos_token }}" + d["chat_template"]
+                f.write_text(json.dumps(d))
+    return out
+
+
+@pytest.mark.parametrize("template_writes_bos", [False, True])
+def test_one_bos_whoever_writes_it(template_writes_bos, zoo, engine, clean_manifest, tmp_path):
+    """A tokenizer that adds BOS: the ids start with exactly one BOS on both backends, whether the template leaves
+    it to the tokenizer or writes it itself (vLLM must not add a second one)."""
+    engine("textlm")  # the shared engine gives way to this test's (one engine at a time)
+    model = _llava_with_bos(zoo, tmp_path / "llava-bos", template_writes_bos)
+    run_cache(_cfg(model, clean_manifest, tmp_path / "hf", "hf"))
+    run_cache(_cfg(model, clean_manifest, tmp_path / "vllm", "vllm", enforce_eager=True,
+                   gpu_memory_utilization=0.15))
+    store = TeacherStore(tmp_path / "hf")
+    assert store.rejects().num_rows == 0 and all(
+        store[i].token_ids[0] == 1 and store[i].token_ids[1] != 1 for i in range(len(store)))
+    assert_close_stores(tmp_path / "hf", tmp_path / "vllm")
+
+
 def test_an_engine_that_cannot_start_is_a_one_line_error(zoo, text_manifest, tmp_path):
     p = subprocess.run([sys.executable, "-m", "genrecal_cache.cli", "cache-teacher", "--teacher", str(zoo["textlm"]),
                         "--manifest", str(text_manifest), "--output", str(tmp_path / "s"), "--backend", "vllm",
