@@ -47,7 +47,8 @@ class Rendered:
     input_ids: np.ndarray  # (L,) int64
     segments: list[Segment]
     inputs: dict[str, torch.Tensor]  # the processor's model inputs, batch dim 1
-    text: str  # before image expansion, with any BOS the tokenizer added: it encodes to input_ids unchanged
+    text: str  # the chat template's text, before image expansion
+    tokenizer_bos: bool = False  # the tokenizer put a BOS before `text` (a template that leaves BOS to it)
 
     @property
     def answer_spans(self) -> list[tuple[int, int]]:
@@ -162,7 +163,7 @@ class Renderer:
                 raise RejectError(f"assistant turn {turn} renders to no tokens")
             segments.append(Segment(turn, m["role"], start, end, answer_start))
             start = end
-        return Rendered(ids, segments, dict(inputs), self._as_tokenized(text))
+        return Rendered(ids, segments, dict(inputs), text, bool(self._lead(text)))
 
     @functools.cached_property
     def stop_ids(self) -> list[int]:
@@ -217,7 +218,7 @@ class Renderer:
         if self.max_length is not None and len(ids) >= self.max_length:
             raise RejectError(f"prompt has {len(ids)} tokens, no room for an answer within --max-length "
                               f"{self.max_length}")
-        return Rendered(ids, [], dict(inputs), self._as_tokenized(text))
+        return Rendered(ids, [], dict(inputs), text, bool(self._lead(text)))
 
     def _text(self, msgs: list[dict], generation_prompt: bool) -> str:
         if not self.multimodal:  # text-only templates expect string content
@@ -243,11 +244,6 @@ class Renderer:
         """How many tokens the tokenizer puts before `text` (a BOS the template left to it): 0 or 1."""
         bos = self.bos_by_tokenizer
         return int(bos is not None and not text.startswith(bos))
-
-    def _as_tokenized(self, text: str) -> str:
-        """The template's text with the BOS the tokenizer put before it: the text whose tokens, with no special
-        tokens added, are the ids (what vLLM is given, so that it adds no second BOS)."""
-        return self.bos_by_tokenizer + text if self._lead(text) else text
 
     def _encode(self, text: str, images: list, processor: Any = None) -> dict[str, torch.Tensor]:
         try:

@@ -143,12 +143,15 @@ class VLLMTeacher(TeacherBase):
         if tuple(layers) != self.layers:
             raise ConfigError(f"this engine captures layers {self.layers}, not {tuple(layers)}: build VLLMTeacher "
                               "with layers=...")
-        outs = self.llm.encode(_prompts(batch, images), pooling_task="token_embed", use_tqdm=False,
-                               tokenization_kwargs=_AS_TOKENIZED)
-        captured: list[dict[int, torch.Tensor]] = [{} for _ in outs]
-        if self.layers:
-            captured = split(self.llm.collective_rpc("genrecal_take"), [len(o.prompt_token_ids) for o in outs],
-                             list(self.layers))
+        outs, captured, groups = [], [], _by_special_tokens(batch)
+        for idx, kw in groups:
+            part = self.llm.encode(_prompts([batch[i] for i in idx], images and [images[i] for i in idx]),
+                                   pooling_task="token_embed", use_tqdm=False, tokenization_kwargs=kw)
+            outs += part
+            captured += (split(self.llm.collective_rpc("genrecal_take"), [len(o.prompt_token_ids) for o in part],
+                               list(self.layers)) if self.layers else [{} for _ in part])
+        order = [i for idx, _ in groups for i in idx]
+        outs, captured = _unsort(outs, order), _unsort(captured, order)
         results: list[TeacherOutput | RejectError] = []
         for r, o, hidden in zip(batch, outs, captured):
             ids = list(o.prompt_token_ids)
@@ -176,10 +179,13 @@ class VLLMTeacher(TeacherBase):
         stop = renderer.stop_ids
         params = [SamplingParams(max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                                  seed=seed, logprobs=0, stop_token_ids=stop, detokenize=False) for seed in seeds]
-        outs = self.generator.generate(_prompts(prompts, images), params, use_tqdm=False,
-                                       tokenization_kwargs=_AS_TOKENIZED)
+        outs, order = [], []
+        for idx, kw in _by_special_tokens(prompts):
+            outs += self.generator.generate(_prompts([prompts[i] for i in idx], images and [images[i] for i in idx]),
+                                            [params[i] for i in idx], use_tqdm=False, tokenization_kwargs=kw)
+            order += idx
         results = []
-        for o in outs:
+        for o in _unsort(outs, order):
             c = o.outputs[0]
             ids = list(c.token_ids)
             results.append(Generated.cut(ids, [c.logprobs[i][t].logprob for i, t in enumerate(ids)], stop,
@@ -187,9 +193,21 @@ class VLLMTeacher(TeacherBase):
         return results
 
 
-# A text prompt is tokenised as it is: `Rendered.text` already holds the BOS a tokenizer adds (vLLM would add one
-# even where the chat template wrote it).
-_AS_TOKENIZED = {"add_special_tokens": False}
+def _by_special_tokens(batch: list[Rendered]) -> list[tuple[list[int], dict[str, bool]]]:
+    """The batch's indices split by how vLLM must tokenise their text prompts, with those tokenisation settings:
+    with special tokens only where our tokenizer added a BOS (vLLM adds them by default, and so would put a second
+    BOS after one the chat template wrote)."""
+    groups = [([i for i, r in enumerate(batch) if r.tokenizer_bos == bos], {"add_special_tokens": bos})
+              for bos in (False, True)]
+    return [g for g in groups if g[0]]
+
+
+def _unsort(items: list[Any], order: list[int]) -> list[Any]:
+    """`items[k]` belongs to sample `order[k]`: back in sample order."""
+    out: list[Any] = [None] * len(items)
+    for k, i in enumerate(order):
+        out[i] = items[k]
+    return out
 
 
 def _prompts(batch: list[Rendered], images: list[list[Any]] | None) -> list[dict[str, Any]]:

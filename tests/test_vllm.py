@@ -157,10 +157,12 @@ def test_transformers5_llava_loads_through_a_renamed_copy(zoo, engine, clean_man
 
 
 def _llava_with_bos(zoo, out, template_writes_bos: bool):
-    """The zoo's LLaVA with a tokenizer that adds BOS (as Llama's does), its template leaving BOS to the tokenizer
-    (llava-1.5) or writing it too (Llama 2, Mistral, Gemma)."""
+    """The zoo's LLaVA with a tokenizer that adds BOS and '▁' only before the text's start (as Llama's and
+    Mistral's, `prepend_scheme="first"`), its template leaving BOS to the tokenizer (llava-1.5) or writing it too
+    (Llama 2, Mistral, Gemma)."""
     shutil.copytree(zoo["llava"], out)
     tok = json.loads((out / "tokenizer.json").read_text())
+    tok["pre_tokenizer"]["prepend_scheme"] = tok["decoder"]["prepend_scheme"] = "first"
     bos = {"id": "<s>", "ids": [1], "tokens": ["<s>"]}
     tok["post_processor"] = {"type": "TemplateProcessing", "special_tokens": {"<s>": bos},
                              "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
