@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the Ray worker imports this module to run `run_part`: it st
     from .cache_config import CacheConfig, CacheResult
 
 ERROR_LINES = 12  # of a failed part's stderr, shown on the console
+_PASSED_ON = ("HF_", "TRANSFORMERS_", "VLLM_", "GENRECAL_", "TOKENIZERS_")  # environment the tasks get from here
 
 
 class PartFailed(Exception):
@@ -39,9 +40,16 @@ def run_part(argv: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="genrecal-ray-") as tmp:
         result, log = Path(tmp) / "result.json", Path(tmp) / "stderr.log"
         env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1")  # its stderr is a log: no bars in it
-        with open(log, "wb") as err:
-            rc = subprocess.run([sys.executable, "-m", "genrecal_cache.ray_launch", *argv, "--result-json",
-                                 str(result)], env=env, stdout=subprocess.DEVNULL, stderr=err).returncode
+        with open(log, "wb") as err:  # its own process group: whatever it started (engine processes) ends with it
+            p = subprocess.Popen([sys.executable, "-m", "genrecal_cache.ray_launch", *argv, "--result-json",
+                                  str(result)], env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+            try:
+                rc = p.wait()
+            finally:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         if rc == 0:
             return json.loads(result.read_text())
         tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-ERROR_LINES:]
@@ -62,12 +70,13 @@ def run_ray(cfg: CacheConfig) -> CacheResult:
     from .parallel import add_counts, copy_configs, parts_failed
 
     gpus = cfg.tensor_parallel_size * cfg.pipeline_parallel_size if cfg.device.startswith("cuda") else 0
-    children = [replace(c, progress=False) for c in copy_configs(cfg)]  # no bar: their stderr is a log
+    children = [replace(c, progress=False) for c in copy_configs(_absolute(cfg))]  # no bar: stderr is a log
     cpus = 1 + children[0].render_workers
     # Ray's logs and the workers' output stay off this console (Ray still announces each retry); a failed part's
     # last lines are shown below.
     try:
-        ray.init(address=cfg.ray_address, logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
+        ray.init(address=cfg.ray_address, logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False,
+                 runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(_PASSED_ON)}})
     except ConnectionError as e:
         where = cfg.ray_address or f"(RAY_ADDRESS={os.environ.get('RAY_ADDRESS', '')})"
         raise ConfigError(f"--ray-address {where}: {e} (start one with `ray start --head`, or leave "
@@ -75,6 +84,9 @@ def run_ray(cfg: CacheConfig) -> CacheResult:
     res, failed = CacheResult(), []
     try:
         _warn_if_unplaceable(ray.nodes(), gpus, cpus)
+        if not gpus and ray.cluster_resources().get("GPU", 0):
+            print(f"cache-teacher: warning: --device is {cfg.device} (resolved on this machine), so the parts run "
+                  "on CPU although the cluster has GPUs: pass --device cuda", file=sys.stderr)
         task = ray.remote(run_part)
         refs = [(task.options(name=f"cache-teacher part {c.shard}", num_gpus=gpus, num_cpus=cpus,
                               max_retries=cfg.ray_retries, retry_exceptions=[PartCrashed]).remote(to_argv(c)), c)
@@ -95,6 +107,14 @@ def run_ray(cfg: CacheConfig) -> CacheResult:
     if failed:
         raise parts_failed(failed)
     return res
+
+
+def _absolute(cfg: CacheConfig) -> CacheConfig:
+    """Relative paths made absolute here: a task runs in its node's own working folder."""
+    teacher = os.path.abspath(cfg.teacher) if os.path.exists(cfg.teacher) else cfg.teacher  # else a hub id
+    manifest = cfg.manifest if cfg.manifest.startswith("hub:") else os.path.abspath(cfg.manifest)
+    return replace(cfg, teacher=teacher, manifest=manifest, output=cfg.output.absolute(),
+                   image_root=cfg.image_root and cfg.image_root.absolute())
 
 
 def _why(e: Exception) -> str:

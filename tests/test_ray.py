@@ -120,3 +120,17 @@ def test_without_ray_installed_the_error_names_the_extra(tmp_path, monkeypatch):
         run_ray(cfg)
     with pytest.raises(ConfigError, match="--ray-address is for --ray"):
         CacheConfig(teacher="t", manifest="m", output=tmp_path / "s", ray_address="local")
+
+
+def test_relative_paths_reach_every_node_absolute(zoo, tmp_path, monkeypatch):
+    """A task runs in its node's own working folder: the driver sends absolute paths (hub ids stay as they are)."""
+    from genrecal_cache.ray_launch import _absolute
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    cfg = _absolute(CacheConfig(teacher=str(zoo["textlm"]), manifest="data/rows.jsonl", output="stores/s",
+                                image_root="data", command=["t"]))
+    assert cfg.manifest == str(tmp_path / "data" / "rows.jsonl") and cfg.output == tmp_path / "stores" / "s"
+    assert cfg.image_root == tmp_path / "data"
+    assert _absolute(CacheConfig(teacher="org/model", manifest="hub:org/set", output="s", command=["t"])
+                     ).manifest == "hub:org/set"
