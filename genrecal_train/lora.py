@@ -49,9 +49,11 @@ def target_names(model: torch.nn.Module, spec: LoraSpec) -> list[str]:
             continue
         if spec.targets is None or name.rsplit(".", 1)[-1] in spec.targets:
             names.append(name)
-    if not names:
-        raise ConfigError(f"--lora-targets {','.join(spec.targets or ())}: no linear layer of the student has that "
-                          "name; name layers as the student does (e.g. q_proj,v_proj) or use all-linear")
+    unknown = sorted(set(spec.targets or ()) - {n.rsplit(".", 1)[-1] for n in names})
+    if not names or unknown:
+        raise ConfigError(f"--lora-targets {','.join(spec.targets or ())}: no linear layer of the student is named "
+                          f"{', '.join(unknown)}; name layers as the student does (e.g. q_proj,v_proj) or use "
+                          "all-linear")
     return names
 
 
@@ -59,7 +61,8 @@ def attach(model: torch.nn.Module, spec: LoraSpec) -> Any:
     """Wrap `model` (changed in place: its linear layers get adapters, everything else is frozen) in a PEFT model;
     the projector, if any, trains in full and is saved with the adapter."""
     peft = _peft()
-    projectors = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in PROJECTORS})
+    projectors = [n for n, _ in model.named_modules()  # full names, outermost only (PEFT matches by suffix)
+                  if n.rsplit(".", 1)[-1] in PROJECTORS and not under(n.rsplit(".", 1)[0] + ".", PROJECTORS)]
     config = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
                              target_modules=target_names(model, spec), modules_to_save=projectors or None)
     return peft.get_peft_model(model, config)
@@ -74,10 +77,23 @@ def load_adapter(wrapped: Any, folder: Path) -> None:
     """Adapter weights saved by `save_adapter` back into `wrapped` (a resumed checkpoint)."""
     from safetensors.torch import load_file
 
-    missing = _peft().set_peft_model_state_dict(wrapped, load_file(folder / "adapter_model.safetensors"))
-    if getattr(missing, "unexpected_keys", None):
-        raise ConfigError(f"{folder}: the adapter does not fit this student ({missing.unexpected_keys[:3]} ...); "
-                          "resume with the same --student and --lora-* options")
+    result = _peft().set_peft_model_state_dict(wrapped, load_file(folder / "adapter_model.safetensors"))
+    missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+    if result.unexpected_keys or missing:
+        raise ConfigError(f"{folder}: the adapter does not fit this student ({(result.unexpected_keys + missing)[:3]} "
+                          "...); resume with the same --student and --lora-* options")
+
+
+def frozen_linears_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen weights of linear layers (never the output head, tied to the embeddings in some models) in
+    `dtype`: they only feed autocast matmuls, which cast them anyway. Embeddings and norms keep fp32, so the
+    residual stream stays as precise as in a full fine-tune."""
+    head = model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            for p in module.parameters(recurse=False):
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
 
 
 def merged(wrapped: Any, dtype: torch.dtype) -> torch.nn.Module:

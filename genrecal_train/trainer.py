@@ -69,7 +69,7 @@ class Trainer:
         self.main = self.rank == 0
         self.device = torch.device(f"cuda:{local}" if cfg.device == "cuda" and self.world > 1 else cfg.device)
         # fp32 master weights for everything that trains; on GPU the forward runs under bf16 autocast (and the
-        # frozen teacher head, and a LoRA student's frozen weights, are kept in bf16), on CPU everything is fp32.
+        # frozen teacher head, and a LoRA student's frozen linear weights, are kept in bf16); on CPU all is fp32.
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         torch.manual_seed(cfg.seed)
         # A LoRA run resumes from the student it started from plus the checkpoint's adapter.
@@ -148,10 +148,8 @@ class Trainer:
             self.peft = lora.attach(self.student, lora_spec)
             if saved:
                 lora.load_adapter(self.peft, saved / lora.ADAPTER_DIR)
-            if self.device.type == "cuda":  # frozen weights only feed bf16 autocast: store them in bf16
-                for p in self.student.parameters():
-                    if not p.requires_grad:
-                        p.data = p.data.to(torch.bfloat16)
+            if self.device.type == "cuda":
+                lora.frozen_linears_to(self.student, torch.bfloat16)
         if self.main:
             print(f"train-student stage {self.stage}: {describe_groups(parameter_groups(self.student, self.recal))}",
                   flush=True)
@@ -430,7 +428,7 @@ class Trainer:
             else:
                 checkpoint.save_models(tmp, self.student, self.processor, self.recal, states)
             checkpoint.write_state(tmp, {
-                "lora_base": self.lora_base,
+                "lora_base": self.lora_base, "lora": asdict(self.cfg.lora) if self.lora_base else None,
                 "step": self.step, "total_steps": self.total_steps, "stage": self.stage, "world": self.world,
                 "streams": streams, "optimizer": optimizer,  # keyed by parameter name, with or without FSDP
                 "torch_rng": torch.get_rng_state(),
@@ -444,6 +442,10 @@ class Trainer:
         if state["world"] != self.world:
             raise ConfigError(f"the checkpoint in {self.ckpt} was written by {state['world']} processes, this run "
                               f"has {self.world}: resume with the same number of processes")
+        lora_now = asdict(self.cfg.lora) if self.lora_base else None
+        if state.get("lora_base") == self.lora_base and state.get("lora") != lora_now:
+            raise ConfigError(f"the checkpoint in {self.ckpt} was trained with LoRA {state.get('lora')}, this run "
+                              f"asks for {lora_now}: resume with the --lora-* options it was started with")
         if state.get("lora_base") != self.lora_base:
             raise ConfigError(f"the checkpoint in {self.ckpt} was trained " + (
                 f"with LoRA adapters on {state['lora_base']}" if state.get("lora_base") else "without --lora-rank")

@@ -53,12 +53,13 @@ class ULDTeacher:
 
 def _rows(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tensor,
           scale: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row losses (C,) and dloss/dx (C, V_s) of one chunk (x = h W_s^T + b_s, before the student's logit
-    scale and softcap), against sorted teacher probabilities q."""
-    logits = h.float() @ weight.float().T  # (C, V_s): x, then a = f(x) in place
+    """Row losses (C,) and dloss/dx (C, V_s) of one chunk (x = h W_s^T + b_s with `weight` in fp32, before the
+    student's logit scale and softcap), against sorted teacher probabilities q."""
+    logits = h.float() @ weight.T  # (C, V_s): x, then a = f(x) in place
     if bias is not None:
         logits += bias.float()
-    logits *= scale
+    if scale != 1.0:
+        logits *= scale
     if softcap is not None:
         logits.div_(softcap).tanh_().mul_(softcap)
     p = logits.softmax(-1)
@@ -78,28 +79,31 @@ def _rows(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q: t
 
 
 def uld_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher: ULDTeacher,
-                normalizer: float, chunk_size: int | None, scale: float = 1.0, softcap: float | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Loss and the gradients of h (N, D_s), W_s (V_s, D_s) and b_s, chunk by chunk; `scale` and `softcap`:
-    the student's own logit function."""
+                normalizer: float, chunk_size: int | None, scale: float = 1.0, softcap: float | None = None,
+                grad_weight: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Loss and the gradients of h (N, D_s), W_s (V_s, D_s; None unless `grad_weight`: a frozen head, as under
+    LoRA) and b_s, chunk by chunk; `scale` and `softcap`: the student's own logit function."""
     n = h.shape[0]
     v = max(weight.shape[0], teacher.width)
     chunk = chunk_size or max(1, _CHUNK_ELEMENTS // v)
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     grad_h = torch.zeros_like(h, dtype=torch.float32)
-    grad_w = torch.zeros_like(weight, dtype=torch.float32)
+    w = weight.float()  # once, not per chunk
+    grad_w = torch.zeros_like(w) if grad_weight else None
     grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         q = teacher.sorted_probs(s, e)
-        rows, dlogits = _rows(h[s:e], weight, bias, q, scale, softcap)
+        rows, dlogits = _rows(h[s:e], w, bias, q, scale, softcap)
         loss += rows.sum()
-        grad_h[s:e] = dlogits @ weight.float()
-        grad_w += dlogits.T @ h[s:e].float()
+        grad_h[s:e] = dlogits @ w
+        if grad_w is not None:
+            grad_w += dlogits.T @ h[s:e].float()
         if grad_b is not None:
             grad_b += dlogits.sum(0)
-    scale = 1.0 / max(float(normalizer), 1.0)
-    return loss * scale, grad_h * scale, grad_w * scale, None if grad_b is None else grad_b * scale
+    k = 1.0 / max(float(normalizer), 1.0)
+    return (loss * k, grad_h * k, None if grad_w is None else grad_w * k, None if grad_b is None else grad_b * k)
 
 
 class ULDLossFunction(torch.autograd.Function):
@@ -108,16 +112,19 @@ class ULDLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, teacher, normalizer, chunk_size, scale, softcap):
-        loss, gh, gw, gb = uld_forward(h, weight, bias, teacher, normalizer, chunk_size, scale, softcap)
-        ctx.save_for_backward(gh.to(h.dtype), gw.to(weight.dtype), *([gb.to(bias.dtype)] if gb is not None else []))
-        ctx.has_bias = gb is not None
+        loss, gh, gw, gb = uld_forward(h, weight, bias, teacher, normalizer, chunk_size, scale, softcap,
+                                       grad_weight=ctx.needs_input_grad[1])
+        ctx.has_w, ctx.has_bias = gw is not None, gb is not None
+        ctx.save_for_backward(gh.to(h.dtype), *([gw.to(weight.dtype)] if ctx.has_w else []),
+                              *([gb.to(bias.dtype)] if ctx.has_bias else []))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        gh, gw, *gb = ctx.saved_tensors
-        return (gh * grad_loss, gw * grad_loss, (gb[0] * grad_loss if ctx.has_bias else None),
-                None, None, None, None, None)
+        gh, *rest = ctx.saved_tensors
+        gw = rest.pop(0) * grad_loss if ctx.has_w else None
+        gb = rest.pop(0) * grad_loss if ctx.has_bias else None
+        return gh * grad_loss, gw, gb, None, None, None, None, None
 
 
 def uld_loss(h: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
@@ -127,9 +134,9 @@ def uld_loss(h: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None
              teacher_softcap: float | None = None, teacher_topk_logprobs: torch.Tensor | None = None,
              normalizer: float | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """ULD loss of student hidden states `h` (N, D_s) under the student head `weight` (V_s, D_s) (+ `bias`,
-    then the student's own `logit_scale` and `softcap`), against the teacher's full distribution (`teacher_z` (N, D_l) through `teacher_weight` (V_t, D_l), with its
-    bias / logit scale / softcap) or its stored top-k (`teacher_topk_logprobs` (N, K)). `normalizer`: what the
-    summed loss is divided by (default: N, at least 1)."""
+    then the student's own `logit_scale` and `softcap`), against the teacher's full distribution (`teacher_z`
+    (N, D_l) through `teacher_weight` (V_t, D_l), with its bias / logit scale / softcap) or its stored top-k
+    (`teacher_topk_logprobs` (N, K)). `normalizer`: what the summed loss is divided by (default: N, at least 1)."""
     full = teacher_z is not None
     if full == (teacher_topk_logprobs is not None):
         raise ValueError("give the teacher as teacher_z + teacher_weight (full distribution) or as "

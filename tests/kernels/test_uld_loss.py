@@ -76,6 +76,17 @@ def test_the_students_own_logit_scale_and_softcap(scale, softcap):
         assert_close(got, want, atol, rtol, f"grad {name}")
 
 
+def test_a_frozen_student_head_gets_no_gradient_and_h_the_same():
+    """Under LoRA the student's head is frozen: no V_s x D_s gradient is computed, h's gradient is unchanged."""
+    h, w, b, z, wt = make(11, 97, 130, bias=False)
+    q = (z.double() @ wt.double().T).softmax(-1).sort(-1, descending=True).values
+    ref = reference(h, w, None, q, normalizer=11.0, softcap=2.0)
+    hh = h.clone().requires_grad_()
+    uld_loss(hh, w, softcap=2.0, teacher_z=z, teacher_weight=wt, chunk_size=4).backward()
+    assert w.grad is None
+    assert_close(hh.grad, ref[1], *TOLERANCES[torch.float32], "grad h")
+
+
 def test_topk_teacher_pads_with_zeros():
     h, w, b, z, wt = make(13, 211, 400, bias=False)
     logp = (z @ wt.T).log_softmax(-1)

@@ -91,6 +91,8 @@ def test_lora_resumes_exactly_and_refuses_other_options(store, zoo, tmp_path):
                        ).read_text())["r"] == 4
     with pytest.raises(ConfigError, match="trained with LoRA adapters"):
         train(_cfg(store, zoo, tmp_path / "resumed", max_steps=6, resume=True, method="sft", report_to="none"))
+    with pytest.raises(ConfigError, match=r"the --lora-\* options it was started with"):
+        train(_cfg(store, zoo, tmp_path / "resumed", max_steps=6, resume=True, **{**kw, "lora_alpha": 3.0}))
 
 
 def test_targets_and_bad_options_are_named(zoo, store, tmp_path):
@@ -103,6 +105,8 @@ def test_targets_and_bad_options_are_named(zoo, store, tmp_path):
     assert all(n.endswith("q_proj") for n in target_names(model, LoraSpec(4, 8.0, ("q_proj",))))
     with pytest.raises(ConfigError, match="no linear layer"):
         target_names(model, LoraSpec(4, 8.0, ("nope",)))
+    with pytest.raises(ConfigError, match="is named q_prj"):  # one typo among good names is not ignored
+        target_names(model, LoraSpec(4, 8.0, ("q_proj", "q_prj")))
     with pytest.raises(ConfigError, match="needs --lora-rank"):
         _cfg(store, zoo, tmp_path, save_adapter=True)
     bad = subprocess.run([sys.executable, "-m", "genrecal_train.cli", "--store", str(store), "--student",
