@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -126,19 +127,29 @@ class TeacherBase:
 # transformers, so that head(features) is the logits the model itself computes (tests/test_families.py).
 _COMPOSITES_THAT_SCALE = ("Gemma3nForConditionalGeneration", "Gemma4ForConditionalGeneration",
                           "Gemma4UnifiedForConditionalGeneration", "Granite4VisionForConditionalGeneration")
+_COMPOSITES_THAT_DO_NOT = ("Gemma3ForConditionalGeneration", "PaliGemmaForConditionalGeneration",
+                           "LlavaNextForConditionalGeneration", "AyaVisionForConditionalGeneration")
 
 
 def head_scaling(config: Any) -> tuple[float | None, float | None]:
     """(logit scale, softcap) the model applies to its LM head's output, from its (text) config: Cohere's
     `logit_scale` multiplies, Granite's `logits_scaling` divides, Gemma's `final_logit_softcapping` caps.
-    A vision-language model applies them only when its class does (`_COMPOSITES_THAT_SCALE`)."""
+    A vision-language model applies them only when its class does (`_COMPOSITES_THAT_SCALE`); a class in neither
+    list whose text config sets them is warned about."""
     text = config.get_text_config()
-    if text is not config and (getattr(config, "architectures", None) or [""])[0] not in _COMPOSITES_THAT_SCALE:
-        return None, None
     scale = getattr(text, "logit_scale", None)
     if scale is None and getattr(text, "logits_scaling", None):
         scale = 1.0 / text.logits_scaling
-    return scale, getattr(text, "final_logit_softcapping", None)
+    softcap = getattr(text, "final_logit_softcapping", None)
+    arch = (getattr(config, "architectures", None) or ["?"])[0]
+    if text is config or arch in _COMPOSITES_THAT_SCALE:
+        return scale, softcap
+    if (scale is not None or softcap is not None) and arch not in _COMPOSITES_THAT_DO_NOT:
+        warnings.warn(f"{arch}: its text config sets a logit scale {scale} / softcap {softcap}, and GenRecal does not "
+                      "know whether this class applies them; it assumes not (as transformers' Gemma 3 and PaliGemma "
+                      "do not). Check head(stored features) against the model's own logits before training "
+                      "(tests/test_families.py shows how)", stacklevel=2)
+    return None, None
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

@@ -110,3 +110,22 @@ def test_the_students_own_loss_uses_its_own_logits(family, zoo, text_manifest, t
         q = torch.nn.functional.pad(top.exp().sort(-1, descending=True).values, (0, p.shape[1] - 5))
     want = (p - q).abs().sum()
     assert abs(uld.item() - want.item()) <= 1e-4 * want.item()
+
+
+def test_a_vlm_class_of_unknown_habit_with_a_scaled_text_config_is_warned_about():
+    """transformers' composite classes differ in whether they apply their text config's softcap; one GenRecal has
+    not checked gets a warning (and the bare head, like Gemma 3), the checked ones none."""
+    import warnings
+
+    from genrecal_cache.teacher import head_scaling
+
+    config = transformers.Gemma3Config(text_config={"final_logit_softcapping": 30.0})
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert head_scaling(config) == (None, None)
+    config.architectures = ["SomeNewVLForConditionalGeneration"]
+    with pytest.warns(UserWarning, match="SomeNewVLForConditionalGeneration.*softcap 30.0"):
+        assert head_scaling(config) == (None, None)
+    config.architectures = ["Gemma4ForConditionalGeneration"]  # a class that applies it
+    assert head_scaling(config) == (None, 30.0)
