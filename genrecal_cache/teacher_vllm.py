@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,17 +144,15 @@ class VLLMTeacher(TeacherBase):
         if tuple(layers) != self.layers:
             raise ConfigError(f"this engine captures layers {self.layers}, not {tuple(layers)}: build VLLMTeacher "
                               "with layers=...")
-        outs, captured, groups = [], [], _by_special_tokens(batch)
-        for idx, kw in groups:
-            part = self.llm.encode(_prompts([batch[i] for i in idx], images and [images[i] for i in idx]),
+        def encode(idx: list[int], kw: dict[str, bool]) -> list[tuple[Any, dict[int, torch.Tensor]]]:
+            outs = self.llm.encode(_prompts([batch[i] for i in idx], images and [images[i] for i in idx]),
                                    pooling_task="token_embed", use_tqdm=False, tokenization_kwargs=kw)
-            outs += part
-            captured += (split(self.llm.collective_rpc("genrecal_take"), [len(o.prompt_token_ids) for o in part],
-                               list(self.layers)) if self.layers else [{} for _ in part])
-        order = [i for idx, _ in groups for i in idx]
-        outs, captured = _unsort(outs, order), _unsort(captured, order)
+            captured = (split(self.llm.collective_rpc("genrecal_take"), [len(o.prompt_token_ids) for o in outs],
+                              list(self.layers)) if self.layers else [{} for _ in outs])
+            return list(zip(outs, captured))
+
         results: list[TeacherOutput | RejectError] = []
-        for r, o, hidden in zip(batch, outs, captured):
+        for r, (o, hidden) in zip(batch, _per_tokenisation(batch, encode)):
             ids = list(o.prompt_token_ids)
             if ids != r.input_ids.tolist():
                 first = next((i for i, (a, b) in enumerate(zip(ids, r.input_ids.tolist())) if a != b),
@@ -179,13 +178,11 @@ class VLLMTeacher(TeacherBase):
         stop = renderer.stop_ids
         params = [SamplingParams(max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                                  seed=seed, logprobs=0, stop_token_ids=stop, detokenize=False) for seed in seeds]
-        outs, order = [], []
-        for idx, kw in _by_special_tokens(prompts):
-            outs += self.generator.generate(_prompts([prompts[i] for i in idx], images and [images[i] for i in idx]),
-                                            [params[i] for i in idx], use_tqdm=False, tokenization_kwargs=kw)
-            order += idx
+        outs = _per_tokenisation(prompts, lambda idx, kw: self.generator.generate(
+            _prompts([prompts[i] for i in idx], images and [images[i] for i in idx]), [params[i] for i in idx],
+            use_tqdm=False, tokenization_kwargs=kw))
         results = []
-        for o in _unsort(outs, order):
+        for o in outs:
             c = o.outputs[0]
             ids = list(c.token_ids)
             results.append(Generated.cut(ids, [c.logprobs[i][t].logprob for i, t in enumerate(ids)], stop,
@@ -193,20 +190,16 @@ class VLLMTeacher(TeacherBase):
         return results
 
 
-def _by_special_tokens(batch: list[Rendered]) -> list[tuple[list[int], dict[str, bool]]]:
-    """The batch's indices split by how vLLM must tokenise their text prompts, with those tokenisation settings:
-    with special tokens only where our tokenizer added a BOS (vLLM adds them by default, and so would put a second
-    BOS after one the chat template wrote)."""
-    groups = [([i for i, r in enumerate(batch) if r.tokenizer_bos == bos], {"add_special_tokens": bos})
-              for bos in (False, True)]
-    return [g for g in groups if g[0]]
-
-
-def _unsort(items: list[Any], order: list[int]) -> list[Any]:
-    """`items[k]` belongs to sample `order[k]`: back in sample order."""
-    out: list[Any] = [None] * len(items)
-    for k, i in enumerate(order):
-        out[i] = items[k]
+def _per_tokenisation(batch: list[Rendered], run: Callable[[list[int], dict[str, bool]], list[Any]]) -> list[Any]:
+    """`run(indices, tokenization_kwargs)` once per group of samples vLLM must tokenise alike, its results back in
+    sample order. Text prompts get special tokens only where our tokenizer added a BOS (vLLM adds them by default,
+    and so would put a second BOS after one the chat template wrote)."""
+    out: list[Any] = [None] * len(batch)
+    for bos in (False, True):
+        idx = [i for i, r in enumerate(batch) if r.tokenizer_bos == bos]
+        if idx:
+            for i, result in zip(idx, run(idx, {"add_special_tokens": bos})):
+                out[i] = result
     return out
 
 
