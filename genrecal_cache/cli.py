@@ -6,21 +6,18 @@ Options map 1:1 onto the config dataclasses (`config.command_from`); a user erro
 from __future__ import annotations
 
 import json
-import os
-import sys
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from .config import command_from, flag
-from .errors import ConfigError, StoreError
+from genrecal_cache.core.config import flag, run_app
+from genrecal_cache.core.errors import ConfigError, StoreError
 
 
 def _cache(cfg: Any) -> None:
-    from .cache import run_cache
+    from genrecal_cache.job.launch import run_cache
 
     res = run_cache(cfg)
     if cfg.result_json is not None:
@@ -37,7 +34,7 @@ def _cache(cfg: Any) -> None:
 
 
 def _config_class() -> type:
-    from .cache_config import CacheConfig
+    from genrecal_cache.job.config import CacheConfig
 
     return CacheConfig
 
@@ -84,11 +81,12 @@ def _plot(cfg: InspectConfig, store: Any) -> None:
 
 
 def _inspect(cfg: InspectConfig) -> None:
-    from .inspection import format_sample, format_summary, format_verify, sample_view, summary, verify
-    from .store import TeacherStore
+    from genrecal_cache.inspection import format_sample, format_summary, sample_view, summary
+    from genrecal_cache.store.reader import TeacherStore
+    from genrecal_cache.store.verify import format_verify, verify
 
     if cfg.progress:
-        from .inspection import format_progress, progress
+        from genrecal_cache.inspection import format_progress, progress
 
         if not (Path(cfg.store) / "parts").is_dir():
             raise ConfigError(f"--store {cfg.store}: no parts yet (is cache-teacher writing here?)")
@@ -128,21 +126,9 @@ def _inspect(cfg: InspectConfig) -> None:
         raise typer.Exit(1)
 
 
-def run_app(cls: type, run: Callable[[Any], None], name: str) -> None:
-    """Run one typer command whose options are the fields of `cls`."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=cls.__doc__)
-    app.command(name=name, help=cls.__doc__)(command_from(cls, run))
-    app(prog_name=name)
-
-
 def cache_teacher_app() -> None:
     run_app(_config_class(), _cache, "cache-teacher")
 
 
 def inspect_cache_app() -> None:
     run_app(InspectConfig, _inspect, "inspect-cache")
-
-
-if __name__ == "__main__":
-    {"cache-teacher": cache_teacher_app, "inspect-cache": inspect_cache_app}[sys.argv.pop(1)]()

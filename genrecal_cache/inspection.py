@@ -1,24 +1,20 @@
-"""`inspect-cache`: what is in a teacher store (summary), whether it is intact (verify), and one sample's
-tokens with the teacher's targets and top-k predictions (sample view).
+"""`inspect-cache`'s views: what is in a teacher store (summary), one sample's tokens with the teacher's targets
+and top-k predictions (sample view), and where a store being written stands (progress). Integrity is
+`store/verify.py`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from .errors import reason_kind
-from .head import TeacherHead
-from .store import Part, TeacherStore
-from .store_format import TOKENIZER_DIR, shard_file, to_storage
+from genrecal_cache.core.errors import reason_kind
+from genrecal_cache.store.format import TOKENIZER_DIR
+from genrecal_cache.store.reader import TeacherStore
 
 
 def _du(path: Path) -> int:
@@ -70,166 +66,6 @@ def summary(store: TeacherStore) -> dict[str, Any]:
         "generation": store.meta.get("generation"),
         "provenance": store.meta["provenance"],
     }
-
-
-@dataclass
-class VerifyReport:
-    chunks_read: int = 0
-    samples_checked: int = 0
-    label_tokens_checked: int = 0
-    topk_compared: int = 0
-    topk_mismatches: int = 0
-    failures: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    def fail(self, part: str, what: str, samples: tuple[int, int] | None, message: str, ids: list[str]) -> None:
-        self.failures.append({"part": part, "array": what, "samples": list(samples) if samples else None,
-                              "sample_ids": ids[:3], "message": message})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "chunks_read": self.chunks_read, "samples_checked": self.samples_checked,
-                "label_tokens_checked": self.label_tokens_checked, "topk_compared": self.topk_compared,
-                "topk_mismatches": self.topk_mismatches, "failures": self.failures,
-                "first_failing_sample": next((f["sample_ids"][0] for f in self.failures if f["sample_ids"]), None)}
-
-
-def _samples_for_rows(p: Part, unit: str, lo: int, hi: int) -> tuple[int, int] | None:
-    """The sample range whose `unit` rows overlap [lo, hi)."""
-    starts, counts = p.starts[unit], p.counts[unit]
-    hit = np.flatnonzero((starts < hi) & (starts + counts > lo))
-    return (int(hit[0]), int(hit[-1])) if len(hit) else None
-
-
-def verify(store: TeacherStore, block: int = 64, atol: float | None = None, full: bool = True) -> VerifyReport:
-    """Read every chunk through its checksum, check every sample's bookkeeping, and recompute the top-k.
-
-    `full=False` does only what costs no array reads (the check train-student runs before it starts): the head
-    against the teacher identity in the attributes, the commit files, every manifest row accounted for, every
-    shard file present, array lengths against the commits."""
-    rep = VerifyReport()
-    meta = store.meta
-    try:
-        head = store.teacher_head()
-    except Exception as e:  # a damaged head array
-        rep.fail("head", "head", None, f"{type(e).__name__}: {e}", [])
-        return rep
-    digest = hashlib.sha256(to_storage(head.weight, meta["head"]["dtype"]).tobytes()).hexdigest()
-    if digest != meta["teacher"].get("head_digest"):
-        rep.fail("head", "head/weight", None, "the stored head is not the head of the teacher the attributes "
-                 f"name ({meta['teacher'].get('name_or_path')}): the attributes or the head were changed", [])
-    atol = atol if atol is not None else {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}[meta["feature_dtype"]]
-    seen: dict[str, str] = {}
-    for p in store.parts:
-        ids = p.samples.column("sample_id").to_pylist()
-        for sid in ids:
-            if sid in seen:
-                rep.fail(p.name, "samples", None, f"sample id {sid!r} also in part {seen[sid]}", [sid])
-            seen[sid] = p.name
-        for problem in p.problems + _coverage_problems(p):
-            rep.fail(p.name, "samples", None, problem, [])
-        damaged = _verify_chunks(p, rep, ids, read=full)
-        for s in range(0, len(p) if full else 0, block):
-            e = min(s + block, len(p))
-            if any(lo <= e - 1 and s <= hi for lo, hi in damaged):
-                continue
-            try:
-                samples = p.read(s, e)
-            except Exception as err:
-                rep.fail(p.name, "read", (s, e - 1), str(err), ids[s:e])
-                continue
-            for i, smp in enumerate(samples):
-                _verify_sample(p, s + i, smp, head, meta["topk"], atol, rep)
-    return rep
-
-
-def _coverage_problems(p: Part) -> list[str]:
-    """Every manifest row this part owns below its last commit is committed or rejected, exactly once."""
-    m = re.fullmatch(r"shard-(\d+)-of-(\d+)", p.name)
-    if not m:
-        return []
-    i, n = int(m.group(1)), int(m.group(2))
-    rows = p.samples.column("source_row").to_pylist() + p.rejects.column("source_row").to_pylist()
-    owned = set(range(i, p.commit["rows_end"], n))
-    problems = []
-    if len(rows) != len(set(rows)):
-        problems.append(f"{len(rows) - len(set(rows))} manifest row(s) recorded twice")
-    missing = sorted(owned - set(rows))
-    if missing:
-        problems.append(f"{len(missing)} manifest row(s) neither committed nor rejected, first {missing[:5]} "
-                        "(a samples or rejects file is missing)")
-    return problems
-
-
-def _verify_chunks(p: Part, rep: VerifyReport, ids: list[str], read: bool = True) -> list[tuple[int, int]]:
-    """Check each array shard by shard (its file present; with `read`, its chunks read through their
-    checksums); returns the sample ranges that failed."""
-    damaged = []
-    for name, spec in p.specs.items():
-        expected = p.commit["lengths"].get(spec.unit, 0) if len(p) else 0
-        try:
-            arr = p.array(name)
-        except Exception as e:
-            rep.fail(p.name, name, (0, len(p) - 1) if len(p) else None, str(e), ids)
-            damaged.append((0, len(p)))
-            continue
-        if arr.shape[0] < expected:
-            rng = _samples_for_rows(p, spec.unit, arr.shape[0], expected)
-            rep.fail(p.name, name, rng, f"array has {arr.shape[0]} rows, commit says {expected}", ids[rng[0]:] if rng else [])
-            damaged.append(rng or (0, len(p)))
-        for lo in range(0, min(arr.shape[0], expected), spec.shard_rows):
-            hi = min(lo + spec.shard_rows, expected)
-            try:
-                if not shard_file(p.dir / name, lo // spec.shard_rows, spec.width is not None).exists():
-                    raise FileNotFoundError(f"shard file {lo // spec.shard_rows} is missing")
-                if read:
-                    arr[lo:hi]
-                    rep.chunks_read += -(-(hi - lo) // spec.chunk_rows)
-            except Exception as e:
-                rng = _samples_for_rows(p, spec.unit, lo, hi)
-                rep.fail(p.name, name, rng, f"rows {lo}..{hi - 1} unreadable ({type(e).__name__}: {str(e)[:160]})",
-                         ids[rng[0]: rng[1] + 1] if rng else [])
-                damaged.append(rng or (0, len(p)))
-    return damaged
-
-
-def _verify_sample(p: Part, j: int, smp: Any, head: TeacherHead, k: int, atol: float, rep: VerifyReport) -> None:
-    rep.samples_checked += 1
-    where = (j, j)
-
-    def bad(what: str, msg: str) -> None:
-        rep.fail(p.name, what, where, msg, [smp.sample_id])
-
-    pos = smp.label_positions
-    if len(pos) != len(smp.targets) or len(pos) == 0:
-        return bad("label_mask", f"{len(pos)} label positions but {len(smp.targets)} targets")
-    if pos[-1] + 1 >= len(smp.token_ids) or not torch.equal(smp.token_ids[pos + 1], smp.targets):
-        return bad("targets", "targets are not the tokens that follow the label positions")
-    feats = smp.features.float()
-    n_bad = int((~torch.isfinite(feats)).sum())
-    if n_bad:
-        return bad("features", f"{n_bad} NaN/inf values")
-    if smp.question_features is not None and len(smp.question_features) != len(smp.token_ids) - len(pos):
-        return bad("question_features", "question features do not cover every non-label position")
-    rep.label_tokens_checked += len(pos)
-    if k:
-        ids, lps = head.topk(feats, min(k + 1, head.weight.shape[0]))  # one more, to see ties at the edge
-        stored = smp.topk_logprobs.float()
-        rep.topk_compared += smp.topk_ids.numel()
-        # Ids may swap only where neighbouring log-probabilities tie within tolerance (the k-th with the k+1-th
-        # included): compare the log-probabilities always, the ids only where there is a clear gap.
-        tie = (lps[:, :-1] - lps[:, 1:]) <= atol  # (A, k) when k + 1 were taken
-        same = ids[:, :k] == smp.topk_ids
-        same |= tie[:, :k]
-        same[:, 1:] |= tie[:, : k - 1]
-        lps = lps[:, :k]
-        diff = (lps - stored).abs()
-        mism = int((~same).sum()) + int((diff > atol).sum())
-        rep.topk_mismatches += mism
-        if mism:
-            bad("topk", f"{mism} top-k entries differ from features x head (max |dlogp| {diff.max():.2e})")
 
 
 def sample_view(store: TeacherStore, sample_id: str, k: int = 3) -> dict[str, Any]:
@@ -316,21 +152,6 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_verify(r: VerifyReport) -> str:
-    d = r.to_dict()
-    lines = [f"verify: {'OK' if r.ok else 'FAILED'}  chunks read {d['chunks_read']}, samples {d['samples_checked']}, "
-             f"label tokens {d['label_tokens_checked']}, top-k entries compared {d['topk_compared']}, "
-             f"mismatches {d['topk_mismatches']}"]
-    for f in r.failures[:20]:
-        rng = f"samples {f['samples'][0]}..{f['samples'][1]}" if f["samples"] else "-"
-        lines.append(f"  part {f['part']}, array {f['array']}, {rng}: {f['message']}")
-    if len(r.failures) > 20:
-        lines.append(f"  ... and {len(r.failures) - 20} more")
-    if d["first_failing_sample"]:
-        lines.append(f"first failing sample: {d['first_failing_sample']}")
-    return "\n".join(lines)
-
-
 def format_sample(v: dict[str, Any]) -> str:
     lines = [f"sample {v['sample_id']} (part {v['part']}, row {v['source_row']}): {v['num_tokens']} tokens, "
              f"{v['num_labels']} label positions", f"{'pos':>5}  {'token':<24} {'target':<16} top-k"]
@@ -348,7 +169,7 @@ def progress(root: Path) -> list[dict[str, Any]]:
     and the time left at that rate."""
     import pyarrow.parquet as pq
 
-    from .store_format import SAMPLES_DIR, read_commit
+    from genrecal_cache.store.format import SAMPLES_DIR, read_commit
 
     out = []
     for part in sorted(p for p in (Path(root) / "parts").iterdir() if p.is_dir()):

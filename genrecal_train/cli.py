@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from genrecal_cache.cli import run_app
+from genrecal_cache.core.config import run_app
 
 from .evaluate import EvalConfig, evaluate
 from .trainer import TrainConfig, train

@@ -9,8 +9,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from genrecal_cache.config import Choice, at_least, flag, json_object, resolve_device, to_choice
-from genrecal_cache.errors import ConfigError
+from genrecal_cache.core.config import Choice, at_least, flag, json_object, resolve_device, to_choice
+from genrecal_cache.core.errors import ConfigError
 
 from .lora import LoraSpec
 from .recalibrator import AnswerInputs

@@ -8,13 +8,9 @@ very next batch, whatever the number of workers.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import pickle
 import queue
 import random
-import signal
-import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterator
@@ -24,10 +20,11 @@ from typing import Any
 
 from torch.utils.data import IterableDataset
 
-from genrecal_cache.chat import Rendered, Renderer
-from genrecal_cache.dataset import Row, parse_row
-from genrecal_cache.errors import RejectError, StoreError
-from genrecal_cache.store import TeacherSample, TeacherStore
+from genrecal_cache.core.errors import RejectError, StoreError
+from genrecal_cache.core.process import die_with_parent
+from genrecal_cache.data.render import Rendered, Renderer
+from genrecal_cache.data.rows import Row, parse_row
+from genrecal_cache.store.reader import TeacherSample, TeacherStore
 
 from .sequence import answer_spans
 
@@ -205,12 +202,9 @@ def _identity(x: Any) -> Any:
 
 
 def _die_with_parent(_: int) -> None:
-    """Linux: end this worker when its trainer dies. A trainer killed with SIGKILL (or by the OOM killer) would
-    otherwise leave its workers behind, blocked writing to a pipe nobody reads, holding memory and its stdio."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the trainer died before the line above
-        os._exit(1)
+    """A DataLoader worker's init: it ends with its trainer (a trainer killed with SIGKILL would otherwise leave
+    its workers behind, blocked writing to a pipe nobody reads)."""
+    die_with_parent()
 
 
 class _BlockDataset(IterableDataset):

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from genrecal_cache.chat import Renderer
-from genrecal_cache.config import at_least, flag, json_object, resolve_device
-from genrecal_cache.dataset import Columns, Sample, parse_row
-from genrecal_cache.errors import ConfigError, RejectError
-from genrecal_cache.models import load_model
-from genrecal_cache.sources import Source, open_source
+from genrecal_cache.core.config import at_least, flag, json_object, resolve_device
+from genrecal_cache.core.errors import ConfigError, RejectError
+from genrecal_cache.core.models import load_model
+from genrecal_cache.data.render import Renderer
+from genrecal_cache.data.rows import Columns, Sample, parse_row
+from genrecal_cache.data.sources import Source, open_source
 
 
 @dataclass

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from genrecal_cache.chat import Renderer, compatible_runs
-from genrecal_cache.head import TeacherHead
-from genrecal_cache.teacher import head_scaling
+from genrecal_cache.core.models import head_scaling
+from genrecal_cache.data.render import Renderer, compatible_runs
+from genrecal_cache.store.head import TeacherHead
 
 from . import dist
 from .alignment import answer_pairs

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from genrecal_cache.errors import ConfigError
+from genrecal_cache.core.errors import ConfigError
 
 from .models import PROJECTORS, VISION_MODULES, under
 

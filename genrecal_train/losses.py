@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from genrecal_cache.head import TeacherHead
+from genrecal_cache.store.head import TeacherHead
 from genrecal_kernels import CEKLOutput, fused_linear_ce_kl, uld_loss
 
 
@@ -26,7 +26,7 @@ def student_loss(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.T
                  normalizer: float, logit_scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """L_s: the student's CE at its own label positions (label_mask[b, p]: token p+1 is an answer token),
     summed and divided by `normalizer`, on the logits the student itself computes (its `logit_scale` and final
-    softcap, `genrecal_cache.teacher.head_scaling`). Logits exist only at the label positions (n, V_s), never
+    softcap, `genrecal_cache.core.models.head_scaling`). Logits exist only at the label positions (n, V_s), never
     (B, L, V_s)."""
     selected = hidden[label_mask]  # (n, D_s)
     targets = input_ids.roll(-1, dims=1)[label_mask]  # (n,): the token after each label position

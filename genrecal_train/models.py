@@ -1,4 +1,4 @@
-"""The models a stage trains: the student (loaded like every model here, through `genrecal_cache.models`), the
+"""The models a stage trains: the student (loaded like every model here, through `genrecal_cache.core.models`), the
 Recalibrator (new, from stage 1, or from a checkpoint, checked against the store's teacher), what each stage
 freezes, and what FSDP shards on its own.
 """
@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from genrecal_cache.errors import ConfigError
-from genrecal_cache.models import LoadedModel, load_model
+from genrecal_cache.core.errors import ConfigError
+from genrecal_cache.core.models import LoadedModel, load_model
 
 from .recalibrator import AnswerInputs, Recalibrator, RecalibratorConfig
 

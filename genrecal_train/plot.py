@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genrecal_cache.chat import Renderer
-from genrecal_cache.errors import ConfigError
-from genrecal_cache.models import load_model
-from genrecal_cache.store import TeacherStore
-from genrecal_cache.store_format import TOKENIZER_DIR
+from genrecal_cache.core.errors import ConfigError
+from genrecal_cache.core.models import load_model
+from genrecal_cache.data.render import Renderer
+from genrecal_cache.store.format import TOKENIZER_DIR
+from genrecal_cache.store.reader import TeacherStore
 
 from .data import is_heldout, pairs
 from .models import find_recalibrator

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genrecal_cache.config import Choice
+from genrecal_cache.core.config import Choice
 from genrecal_kernels import proj_post_ln, proj_pre
 
 

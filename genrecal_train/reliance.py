@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from genrecal_cache.head import TeacherHead
+from genrecal_cache.store.head import TeacherHead
 
 from .data import TrainSample
 from .recalibrator import AnswerInputs, Recalibrator

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from genrecal_cache.store import TeacherSample
+from genrecal_cache.store.reader import TeacherSample
 
 from .recalibrator import AnswerInputs, RecalBatch
 

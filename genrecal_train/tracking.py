@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from genrecal_cache.errors import ConfigError
+from genrecal_cache.core.errors import ConfigError
 
 BACKENDS = ("tensorboard", "wandb", "mlflow")
 _PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),

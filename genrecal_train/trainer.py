@@ -21,32 +21,32 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from genrecal_cache.chat import Renderer
-from genrecal_cache.config import write_config
-from genrecal_cache.errors import ConfigError, StoreError
-from genrecal_cache.faults import fault_point
-from genrecal_cache.inspection import format_verify, verify
-from genrecal_cache.store import TeacherStore
-from genrecal_cache.store_format import TOKENIZER_DIR
+from genrecal_cache.core.config import write_config
+from genrecal_cache.core.errors import ConfigError, StoreError
+from genrecal_cache.core.faults import fault_point
+from genrecal_cache.data.render import Renderer
+from genrecal_cache.store.format import TOKENIZER_DIR
+from genrecal_cache.store.reader import TeacherStore
+from genrecal_cache.store.verify import format_verify, verify
 
 from . import checkpoint, dist, lora
 from .config import Method, Stage, TrainConfig, ULDAlign, ULDSource
 from .data import Prefetcher, StoreStream, StreamState, TrainSample, block_order, is_heldout, pairs, trains_on
 from .forward import StepForward
 from .metrics import MetricsLog
-from .tracking import open_trackers
 from .models import (
     check_recalibrator,
+    describe_groups,
     find_recalibrator,
     freeze,
     fsdp_units,
     load_student,
-    describe_groups,
     new_recalibrator,
     parameter_groups,
 )
 from .recalibrator import Recalibrator
 from .reliance import student_reliance
+from .tracking import open_trackers
 
 LOSS_KEYS = ("student", "recal", "reg", "uld", "ar", "kl", "reg_ar", "reg_kl")
 TRAINED_LOSSES = ("student", "recal", "reg", "uld")  # the parts that carry gradient; the others are their pieces

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,16 +12,12 @@ import torch
 if not torch.cuda.is_available():  # before any kernel is decorated: run Triton kernels on CPU tensors
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # 2 threads on a busy 2-core machine is slower
 
 from demo_data import write_demo_manifest  # noqa: E402
 from tiny_zoo import FAMILY_NAMES, build_zoo  # noqa: E402
-
-VLMS = ("llava", "idefics3", "qwen2vl")
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +56,10 @@ def clean_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def family_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The families built only for the family matrix (tests/test_families.py): Gemma 3, InternVL, Granite, mllama."""
     return build_zoo(tmp_path_factory.mktemp("family_zoo"), seed=0, names=FAMILY_NAMES)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """Run a console command as users do: `cli("cache-teacher", "--teacher", path, ...)` returns the completed
+    subprocess (`returncode`, `stdout`, `stderr`); see `tests/helpers.run_command`."""
+    return run_command

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genrecal_cache.cache import CacheConfig, run_cache
-from genrecal_cache.inspection import verify
-from genrecal_cache.store import TeacherStore
+from genrecal_cache.job.config import CacheConfig
+from genrecal_cache.job.launch import run_cache
+from genrecal_cache.store.reader import TeacherStore
+from genrecal_cache.store.verify import verify
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -31,13 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_data import write_demo_manifest  # noqa: E402
 from tiny_zoo import ZOO_NAMES, build_model  # noqa: E402
 
-from genrecal_cache.cache import CacheConfig, CacheJob  # noqa: E402
-from genrecal_cache.dataset import parse_row  # noqa: E402
-from genrecal_cache.sources import read_manifest  # noqa: E402
-from genrecal_cache.errors import RejectError  # noqa: E402
+from genrecal_cache.core.errors import RejectError  # noqa: E402
+from genrecal_cache.data.rows import parse_row  # noqa: E402
+from genrecal_cache.data.sources import read_manifest  # noqa: E402
 from genrecal_cache.inspection import summary  # noqa: E402
-from genrecal_cache.store import TeacherStore  # noqa: E402
-from genrecal_cache.teacher_hf import HFTeacher  # noqa: E402
+from genrecal_cache.job.cache_job import CacheJob  # noqa: E402
+from genrecal_cache.job.config import CacheConfig
+from genrecal_cache.store.reader import TeacherStore  # noqa: E402
+from genrecal_cache.teacher.hf import HFTeacher  # noqa: E402
 
 
 def bench(model: str, scale: int, rows: int, dtype: str, feature_dtype: str, batch_tokens: int, work: Path,
@@ -119,7 +120,7 @@ class StubEngine:
         return getattr(self.teacher, name)
 
     def forward(self, renderer, batch, question, images=None, layers=()):
-        from genrecal_cache.teacher import TeacherOutput
+        from genrecal_cache.teacher.base import TeacherOutput
 
         time.sleep(self.ms / 1000 * len(batch))
         d = self.teacher.head.weight.shape[1]
@@ -202,9 +203,9 @@ def _rates(res, t_job: float) -> dict:
 def bench_engine(cfg, work: Path, model: str, scale: int, device: str, feature_dtype: str) -> dict:
     """The vLLM backend's job, twice on one engine (the first run warms it up); its engine time is what
     `VLLMTeacher.forward` spends, vLLM's own pre/post-processing included."""
-    from genrecal_cache.teacher import load_teacher
+    from genrecal_cache.teacher.load import load_teacher
 
-    teacher = load_teacher(cfg(work / "probe"))
+    teacher = load_teacher(cfg(work / "probe").teacher_spec)
     try:
         runs = []
         for i in range(2):

@@ -69,11 +69,12 @@ import numpy as np
 import torch
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from genrecal_cache import FORMAT_VERSION, store_format, store_writer
-from genrecal_cache.dataset import ImageRef
-from genrecal_cache.store import TeacherStore
-from genrecal_cache.store_format import to_storage
-from genrecal_cache.store_writer import PartWriter, SampleRecord, open_or_create
+from genrecal_cache.data.rows import ImageRef
+from genrecal_cache.store import format as store_format
+from genrecal_cache.store import writer as store_writer
+from genrecal_cache.store.format import FORMAT_VERSION, to_storage
+from genrecal_cache.store.reader import TeacherStore
+from genrecal_cache.store.writer import PartWriter, SampleRecord, open_or_create
 
 MB = 1e6
 POOL_BYTES = 64 << 20
@@ -174,8 +175,9 @@ def conversations(model: Path, n: int, answer: tuple[int, int], question: tuple[
     """`n` conversations (one image, a question, an answer) rendered by the tiny Qwen2-VL's processor."""
     from tiny_zoo import _WORDS
 
-    from genrecal_cache.chat import Renderer, load_processor
-    from genrecal_cache.dataset import Row, parse_row
+    from genrecal_cache.core.models import load_processor
+    from genrecal_cache.data.render import Renderer
+    from genrecal_cache.data.rows import Row, parse_row
 
     renderer = Renderer(load_processor(model))
     words = [w for w in _WORDS if w.strip() and ":" not in w and "\n" not in w]
@@ -610,7 +612,8 @@ def encoder(d: int, data: np.ndarray, work: Path, repeats: int) -> list[dict]:
 def per_core(args: argparse.Namespace, work: Path, model: Path) -> list[dict]:
     """Run in a child pinned to one core: write/read MB/s and the trainer's StoreStream in label tokens/s."""
     torch.set_num_threads(1)
-    from genrecal_cache.chat import Renderer, load_processor
+    from genrecal_cache.core.models import load_processor
+    from genrecal_cache.data.render import Renderer
     from genrecal_train.data import StoreStream
 
     renderer = Renderer(load_processor(model))

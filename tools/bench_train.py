@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 from demo_data import write_demo_manifest  # noqa: E402
 from tiny_zoo import build_model  # noqa: E402
 
-from genrecal_cache.cache import CacheConfig, run_cache  # noqa: E402
+from genrecal_cache.job.config import CacheConfig
+from genrecal_cache.job.launch import run_cache  # noqa: E402
 from genrecal_train.trainer import TrainConfig, Trainer  # noqa: E402
 
 PHASES = ("data_wait", "student_forward", "recalibrator", "loss", "backward")

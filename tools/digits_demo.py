@@ -28,9 +28,10 @@ from digits_vqa import write_digits  # noqa: E402
 from tiny_zoo import build_model  # noqa: E402
 from train_teacher import train_sft  # noqa: E402
 
-from genrecal_cache.cache import CacheConfig, run_cache  # noqa: E402
-from genrecal_cache.config import config_from, read_config, to_argv  # noqa: E402
-from genrecal_cache.store import TeacherStore  # noqa: E402
+from genrecal_cache.core.config import config_from, read_config, to_argv  # noqa: E402
+from genrecal_cache.job.config import CacheConfig
+from genrecal_cache.job.launch import run_cache  # noqa: E402
+from genrecal_cache.store.reader import TeacherStore  # noqa: E402
 from genrecal_train.evaluate import EvalConfig, evaluate  # noqa: E402
 from genrecal_train.trainer import TrainConfig, train  # noqa: E402
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from genrecal_cache.store import TeacherStore
+from genrecal_cache.store.reader import TeacherStore
 from genrecal_train.plot import feature_picture, loss_curves
 from genrecal_train.recalibrator import Recalibrator
 

@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_zoo import build_model  # noqa: E402
 
-from genrecal_cache.chat import Renderer, compatible_runs, load_processor  # noqa: E402
-from genrecal_cache.dataset import parse_row  # noqa: E402
-from genrecal_cache.sources import read_manifest  # noqa: E402
+from genrecal_cache.core.models import load_processor  # noqa: E402
+from genrecal_cache.data.render import Renderer, compatible_runs
+from genrecal_cache.data.rows import parse_row  # noqa: E402
+from genrecal_cache.data.sources import read_manifest  # noqa: E402
 from genrecal_train.evaluate import EvalConfig, evaluate  # noqa: E402
 from genrecal_train.losses import student_loss  # noqa: E402
 

@@ -9,11 +9,10 @@ import sys
 
 import pytest
 
-from genrecal_cache.inspection import verify
-from genrecal_cache.store import TeacherStore
-
-from ..conftest import ROOT
-from ..test_cache_teacher import assert_same_store
+from genrecal_cache.store.reader import TeacherStore
+from genrecal_cache.store.verify import verify
+from tests.cache.job.test_cache_teacher import assert_same_store
+from tests.helpers import ROOT
 
 KILL_POINTS = ["array-write:0:token_ids", "array-write:1:features", "array-write:2:question_features",
                "arrays-written:1", "rejects-written:2", "committed:0", "committed:3"]
@@ -26,7 +25,7 @@ def _run(zoo, manifest, out, shard="0/1", **faults) -> subprocess.Popen:
     for k in ("GENRECAL_KILL_AT", "GENRECAL_ENOSPC_AT"):
         env.pop(k, None)
     env.update(faults)
-    cmd = [sys.executable, "-m", "genrecal_cache.cli", "cache-teacher", "--teacher", str(zoo["qwen2vl"]),
+    cmd = [sys.executable, "-m", "genrecal_cache", "cache-teacher", "--teacher", str(zoo["qwen2vl"]),
            "--manifest", str(manifest), "--output", str(out), "--commit-every", "3", "--batch-tokens", "200",
            "--dtype", "float32", "--device", "cpu", "--question-features", "--shard", shard, "--no-progress"]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -123,8 +122,8 @@ def _edit_teacher(d):
 def test_corruption_is_named_by_verify_and_refused_by_train_student(zoo, reference, tmp_path, damage):
     import shutil
 
-    from genrecal_cache.errors import StoreError
-    from genrecal_cache.inspection import format_verify
+    from genrecal_cache.core.errors import StoreError
+    from genrecal_cache.store.verify import format_verify
     from genrecal_train.trainer import TrainConfig, Trainer
 
     store = tmp_path / "s"
@@ -147,7 +146,7 @@ def test_without_full_verification_damage_is_refused_at_start_or_stops_the_first
                                                                                      damage):
     import shutil
 
-    from genrecal_cache.errors import StoreError
+    from genrecal_cache.core.errors import StoreError
     from genrecal_train.trainer import TrainConfig, Trainer
 
     store = tmp_path / "s"

@@ -14,13 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from genrecal_cache.cache import CacheConfig, run_cache
-from genrecal_cache.chat import Renderer
-from genrecal_cache.dataset import parse_row
-from genrecal_cache.sources import read_manifest
-from genrecal_cache.errors import DatasetError, RejectError
-from genrecal_cache.store import TeacherStore
-from genrecal_cache.teacher_hf import HFTeacher
+from genrecal_cache.core.errors import DatasetError, RejectError
+from genrecal_cache.data.render import Renderer
+from genrecal_cache.data.rows import parse_row
+from genrecal_cache.data.sources import read_manifest
+from genrecal_cache.job.config import CacheConfig
+from genrecal_cache.job.launch import run_cache
+from genrecal_cache.store.reader import TeacherStore
+from genrecal_cache.teacher.hf import HFTeacher
 
 pytestmark = pytest.mark.reliability
 

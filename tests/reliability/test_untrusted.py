@@ -6,7 +6,7 @@ import ast
 
 import pytest
 
-from ..conftest import ROOT
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.reliability
 SOURCES = sorted(p for d in ("genrecal_cache", "genrecal_train", "kernels") for p in (ROOT / d).rglob("*.py"))
@@ -45,7 +45,7 @@ def test_no_pickle_and_remote_code_only_from_the_flag():
 
 
 def test_the_cli_default_is_no_remote_code():
-    from genrecal_cache.cache import CacheConfig
+    from genrecal_cache.job.config import CacheConfig
 
     assert CacheConfig.__dataclass_fields__["trust_remote_code"].default is False
 
@@ -53,8 +53,8 @@ def test_the_cli_default_is_no_remote_code():
 def test_a_store_whose_attributes_are_not_ours_is_refused(tmp_path):
     import json
 
-    from genrecal_cache.errors import StoreError
-    from genrecal_cache.store import TeacherStore
+    from genrecal_cache.core.errors import StoreError
+    from genrecal_cache.store.reader import TeacherStore
 
     (tmp_path / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
                                                    "attributes": {"genrecal": {"format_version": 999}}}))

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import tqdm
 
-from genrecal_cache.store import TeacherStore
+from genrecal_cache.store.reader import TeacherStore
 from genrecal_train.data import Prefetcher
 from genrecal_train.models import find_recalibrator, new_recalibrator
 from genrecal_train.recalibrator import AnswerInputs
 from genrecal_train.trainer import TrainConfig, train
-
-from ..conftest import ROOT
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +92,7 @@ def test_find_recalibrator_takes_a_stage_folder_or_its_subfolder(tmp_path, zoo):
     want = tmp_path / "stage1" / "final" / "recalibrator"
     for given in (want, want.parent, want.parent.parent):
         assert find_recalibrator(given) == want
-    from genrecal_cache.errors import ConfigError
+    from genrecal_cache.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--recalibrator .*no Recalibrator there.*stage1/final"):
         find_recalibrator(tmp_path)
@@ -103,7 +102,8 @@ def test_plot_with_a_text_only_student_and_a_stage_folder(zoo, text_manifest, tm
     """The picture once died for a text-only student (an image-text-to-text class was forced) and for a stage
     folder given as --recalibrator."""
     pytest.importorskip("sklearn")
-    from genrecal_cache.cache import CacheConfig, run_cache
+    from genrecal_cache.job.config import CacheConfig
+    from genrecal_cache.job.launch import run_cache
 
     out = tmp_path / "store"
     run_cache(CacheConfig(teacher=str(zoo["textlm"]), manifest=text_manifest, output=out, dtype="float32",
@@ -112,7 +112,7 @@ def test_plot_with_a_text_only_student_and_a_stage_folder(zoo, text_manifest, tm
     train(TrainConfig(store=out, student=str(zoo["textlm"]), output=run, stage="1", max_steps=1, batch_size=2,
                       heldout_fraction=0.0, reliance_every=0, progress=False, device="cpu", command=["t"]))
     png = tmp_path / "f.png"
-    r = subprocess.run([sys.executable, "-m", "genrecal_cache.cli", "inspect-cache", "--store", str(out), "--plot",
+    r = subprocess.run([sys.executable, "-m", "genrecal_cache", "inspect-cache", "--store", str(out), "--plot",
                         str(png), "--student", str(zoo["textlm"]), "--recalibrator", str(run / "stage1" / "final"),
                         "--plot-samples", "3"],
                        env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT, capture_output=True, text=True,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from genrecal_cache.chat import Renderer, load_processor
+from genrecal_cache.core.models import load_processor
+from genrecal_cache.data.render import Renderer
 from genrecal_train.data import StoreStream, StreamState
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ..conftest import ROOT
+from tests.helpers import ROOT
+
 from .test_trainer import _store
 
 
@@ -78,7 +79,7 @@ def test_two_processes_with_dataloader_workers_match_one(store, zoo, one, tmp_pa
 
 
 def test_fsdp_needs_torchrun(store, zoo, tmp_path, monkeypatch):
-    from genrecal_cache.errors import ConfigError
+    from genrecal_cache.core.errors import ConfigError
     from genrecal_train.trainer import TrainConfig
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process, whatever launched the tests

@@ -44,7 +44,7 @@ def test_eval_student_reads_a_flat_vqa_table_through_a_column_mapping(zoo, clean
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..conftest import ROOT
+    from tests.helpers import ROOT
 
     img = (clean_manifest.parent / "images" / "0000.png").read_bytes()
     table = pa.table({"qid": [1, 2], "query": ["What digit?", "Which digit is it?"], "answers": [["seven"], ["two"]],
@@ -67,9 +67,9 @@ def test_eval_never_lets_the_student_write_image_placeholders(zoo, clean_manifes
     """A student whose head favours the image token (as an untrained one may) still answers in text."""
     import torch
 
-    from genrecal_cache.chat import Renderer
-    from genrecal_cache.dataset import Row, parse_row
-    from genrecal_cache.models import load_model
+    from genrecal_cache.core.models import load_model
+    from genrecal_cache.data.render import Renderer
+    from genrecal_cache.data.rows import Row, parse_row
     from genrecal_train.evaluate import answer_ids
 
     loaded = load_model(str(zoo["llava"]))

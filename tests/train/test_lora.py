@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from genrecal_cache.errors import ConfigError
+from genrecal_cache.core.errors import ConfigError
 from genrecal_train.lora import LoraSpec, target_names
 from genrecal_train.models import vision_parameter_names
 from genrecal_train.trainer import train
+from tests.helpers import ROOT
 
-from ..conftest import ROOT
 from .test_trainer import _cfg, _losses, _store
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from genrecal_cache.errors import ConfigError
-from genrecal_cache.store_format import TOKENIZER_DIR
+from genrecal_cache.core.errors import ConfigError
+from genrecal_cache.store.format import TOKENIZER_DIR
 from genrecal_train.alignment import answer_pairs
 from genrecal_train.sequence import answer_spans
 from genrecal_train.trainer import TrainConfig, Trainer, train

@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 
-from genrecal_cache.cache import CacheConfig, run_cache
-from genrecal_cache.chat import Renderer, load_processor
-from genrecal_cache.dataset import Row, parse_row
-from genrecal_cache.store import TeacherStore
+from genrecal_cache.core.models import load_processor
+from genrecal_cache.data.render import Renderer
+from genrecal_cache.data.rows import Row, parse_row
+from genrecal_cache.job.config import CacheConfig
+from genrecal_cache.job.launch import run_cache
+from genrecal_cache.store.reader import TeacherStore
 from genrecal_train.losses import teacher_head_loss
 from genrecal_train.recalibrator import Recalibrator, RecalibratorConfig
 from genrecal_train.sequence import (

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from genrecal_cache.errors import ConfigError
+from genrecal_cache.core.errors import ConfigError
 from genrecal_train import tracking
-
-from ..conftest import ROOT
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from genrecal_cache.cache import CacheConfig, run_cache
-from genrecal_cache.errors import ConfigError
+from genrecal_cache.core.errors import ConfigError
+from genrecal_cache.job.config import CacheConfig
+from genrecal_cache.job.launch import run_cache
 from genrecal_train.models import vision_parameter_names
 from genrecal_train.trainer import TrainConfig, Trainer, train
-
-from ..conftest import ROOT
+from tests.helpers import ROOT
 
 
 def _store(zoo, manifest, out, question_features=True) -> Path:
@@ -205,7 +205,7 @@ def test_pictures_of_a_run(trained, store, tmp_path):
     """Stage 1 keeps its starting Recalibrator; `inspect-cache --plot` draws start and end, and the loss curves
     draw every stage."""
     pytest.importorskip("sklearn")
-    from genrecal_cache.store import TeacherStore
+    from genrecal_cache.store.reader import TeacherStore
     from genrecal_train.plot import feature_points, loss_curves
     from genrecal_train.recalibrator import Recalibrator
 
@@ -218,7 +218,7 @@ def test_pictures_of_a_run(trained, store, tmp_path):
     assert len({tuple(x) for x in pts["teacher"].tolist()}) == 8, "a sample drawn twice"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     png = tmp_path / "f.png"
-    done = subprocess.run([sys.executable, "-m", "genrecal_cache.cli", "inspect-cache", "--store", str(store), "--plot",
+    done = subprocess.run([sys.executable, "-m", "genrecal_cache", "inspect-cache", "--store", str(store), "--plot",
                            str(png), "--student", str(trained / "stage1" / "final" / "student"), "--recalibrator",
                            str(trained / "stage1" / "init" / "recalibrator"), "--recalibrator",
                            str(trained / "stage1" / "final" / "recalibrator"), "--plot-samples", "12"],

@@ -1,0 +1,333 @@
+"""Where manifest rows come from, as users have them: JSONL, a JSON array (streamed), Parquet, Arrow, a folder or
+glob of such shards, a `datasets.save_to_disk` folder, or a Hub dataset in the local cache (`hub:ORG/NAME`).
+
+Rows are numbered across the files in order, so a row's index is the same in every run and every shard; the
+source's identity (each file's size and digest) lets a resumed job refuse data that changed.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from genrecal_cache.core.errors import DatasetError
+
+from .rows import Row
+
+SHARD_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+HUB_PREFIX = "hub:"
+_SPLITS = ("train", "validation", "valid", "val", "dev", "test")
+
+
+@dataclass
+class Source:
+    """The files of one dataset (split), in row order; `root` is where relative image paths resolve by default."""
+
+    spec: str  # what the user passed to --manifest
+    files: list[Path]
+    root: Path
+
+    def rows(self) -> Iterator[Row]:
+        """Every row of every file, numbered 0, 1, ... across the files."""
+        index = 0
+        for f in self.files:
+            for record, error in _read_file(f):
+                yield Row(index, record, error)
+                index += 1
+
+    def ids(self, column: str = "id") -> Iterator[Any]:
+        """Each row's raw id from `column` (None where it has none), reading as little as each format allows."""
+        for f in self.files:
+            yield from _read_ids(f, column)
+
+    def identity(self) -> dict[str, Any]:
+        """What the store records of its source: every file's name (relative to the root), size and sha256."""
+        return {"files": [{"name": _relative(f, self.root), "bytes": f.stat().st_size, "sha256": file_digest(f)}
+                          for f in self.files]}
+
+
+def open_source(spec: str | Path, split: str | None = None) -> Source:
+    """The source `spec` names: a file, a folder of shards (or a save_to_disk folder), a glob, or hub:ORG/NAME."""
+    spec = str(spec)
+    if spec.startswith(HUB_PREFIX):
+        return _hub(spec, split)
+    if glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).suffix in SHARD_SUFFIXES)
+        if not files:
+            raise DatasetError(f"--manifest {spec}: the pattern matches no {'/'.join(SHARD_SUFFIXES)} file")
+        return Source(spec, _only_split(files, split, spec), Path(_common_dir(files)))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _folder(spec, path, split)
+    if not path.is_file():
+        raise DatasetError(f"--manifest {spec}: no such file or folder (pass a .jsonl, .json, .parquet or .arrow "
+                           "file, a folder or glob of them, a datasets.save_to_disk folder, or hub:ORG/NAME)")
+    if path.suffix not in SHARD_SUFFIXES:
+        raise DatasetError(f"--manifest {spec}: unknown file type {path.suffix!r} (expected one of "
+                           f"{', '.join(SHARD_SUFFIXES)})")
+    return Source(spec, [path], path.parent)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def changed_file(recorded: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """How the source a store was written from differs from the one given now (None: it does not)."""
+    old = {f["name"]: f for f in recorded.get("files", [])}
+    new = {f["name"]: f for f in now.get("files", [])}
+    for name in sorted(old.keys() | new.keys()):
+        if name not in new:
+            return f"{name} is no longer part of it"
+        if name not in old:
+            return f"{name} was not part of it"
+        if old[name]["sha256"] != new[name]["sha256"]:
+            return f"{name} has changed since (sha256 {old[name]['sha256'][:12]}… then, {new[name]['sha256'][:12]}… now)"
+    if [f["name"] for f in recorded.get("files", [])] != [f["name"] for f in now.get("files", [])]:
+        return "its files come in another order"
+    return None
+
+
+# --- what a spec names -----------------------------------------------------------------------------------------
+
+def _folder(spec: str, path: Path, split: str | None) -> Source:
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return _saved(spec, path, split)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SHARD_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise DatasetError(f"--manifest {spec}: the folder holds no {'/'.join(SHARD_SUFFIXES)} file")
+    return Source(spec, _only_split(files, split, spec, path), path)
+
+
+def _saved(spec: str, path: Path, split: str | None) -> Source:
+    """A `datasets` save_to_disk folder (a Dataset, or a DatasetDict of splits): its Arrow files, as datasets
+    itself lists them."""
+    try:
+        from datasets import DatasetDict, load_from_disk
+    except ImportError as e:
+        raise DatasetError(f"--manifest {spec} is a datasets.save_to_disk folder: pip install datasets ({e})") from e
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as e:  # datasets raises several types for a damaged folder
+        raise DatasetError(f"--manifest {spec}: datasets cannot load this save_to_disk folder ({e})") from e
+    if isinstance(ds, DatasetDict):
+        if split is None and len(ds) > 1:
+            raise DatasetError(f"--manifest {spec} holds the splits {', '.join(ds)}: pass --split (e.g. --split "
+                               f"{next(iter(ds))})")
+        name = split or next(iter(ds))
+        if name not in ds:
+            raise DatasetError(f"--split {name}: {spec} holds the splits {', '.join(ds)}")
+        ds = ds[name]
+    files = [Path(f["filename"]) for f in ds.cache_files]
+    if ds._indices is not None:  # noqa: SLF001 (a filtered view: its rows are not the files' rows)
+        raise DatasetError(f"--manifest {spec}: the dataset was saved as a view of another (select/filter); save "
+                           "it with flatten_indices() first")
+    return Source(spec, files, path)
+
+
+def _hub(spec: str, split: str | None) -> Source:
+    """A Hub dataset already in the local Hugging Face cache (nothing is downloaded)."""
+    repo = spec[len(HUB_PREFIX):]
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo, repo_type="dataset", local_files_only=True))
+    except Exception as e:  # not cached (LocalEntryNotFoundError), or a malformed id
+        raise DatasetError(f"--manifest {spec}: not in the local Hugging Face cache ({type(e).__name__}); download "
+                           f"it where the Hub is reachable (`huggingface-cli download --repo-type dataset {repo}`) "
+                           "and copy the cache (HF_HOME) here") from None
+    return _folder(spec, folder, split or "train")
+
+
+def _split_of(file: Path, base: Path | None) -> str | None:
+    """The split a shard belongs to by its name (`train-00000-of-00004.parquet`) or folder (`train/`)."""
+    parts = file.relative_to(base).parts if base is not None else (file.name,)
+    for part in parts:
+        stem = part.split(".")[0]
+        for s in _SPLITS:
+            if stem == s or stem.startswith((f"{s}-", f"{s}_")):
+                return s
+    return None
+
+
+def _only_split(files: list[Path], split: str | None, spec: str, base: Path | None = None) -> list[Path]:
+    splits = {f: _split_of(f, base) for f in files}
+    if split is not None:
+        chosen = [f for f in files if splits[f] == split]
+        if not chosen:
+            found = ", ".join(sorted({s for s in splits.values() if s})) or "no split names; drop --split"
+            raise DatasetError(f"--split {split}: no file of {spec} belongs to it (found: {found})")
+        return chosen
+    named = sorted({s for s in splits.values() if s})
+    if len(named) > 1:
+        raise DatasetError(f"--manifest {spec} holds the splits {', '.join(named)}: pass --split (e.g. --split "
+                           f"{named[0]})")
+    return files
+
+
+def _common_dir(files: list[Path]) -> str:
+    return os.path.commonpath([str(f.resolve().parent) for f in files])
+
+
+def _relative(f: Path, root: Path) -> str:
+    try:
+        return str(f.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return f.name
+
+
+# --- reading one file ------------------------------------------------------------------------------------------
+
+def _read_file(path: Path) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    """(record, None) per good row, (None, why) per row that cannot be decoded."""
+    if path.suffix == ".parquet":
+        yield from ((r, None) for r in _parquet_records(path))
+    elif path.suffix == ".arrow":
+        yield from ((r, None) for r in _arrow_records(path))
+    elif _is_json_array(path):
+        yield from _json_array(path)
+    else:
+        yield from _jsonl(path)
+
+
+def _read_ids(path: Path, column: str) -> Iterator[Any]:
+    if path.suffix in (".parquet", ".arrow"):
+        for batch in _parquet_batches(path, [column]) if path.suffix == ".parquet" else _arrow_batches(path):
+            yield from batch.column(column).to_pylist() if column in batch.schema.names else [None] * batch.num_rows
+    elif _is_json_array(path):
+        yield from _json_array_ids(path, column)
+    else:
+        for record, _ in _jsonl(path):
+            yield record.get(column) if isinstance(record, dict) else None
+
+
+def _jsonl(path: Path) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    name = path.name
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield None, f"{name} line {n} is not valid UTF-8 ({e.reason} at byte {e.start})"
+                continue
+            if not line.strip():
+                yield None, f"{name} line {n} is empty"
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield None, f"malformed JSON on {name} line {n}: {e.msg} at column {e.colno}"
+                continue
+            if not isinstance(record, dict):
+                yield None, f"{name} line {n} is a JSON {type(record).__name__}, not an object"
+                continue
+            yield record, None
+
+
+def _is_json_array(path: Path) -> bool:
+    """A `.json` file whose first non-blank character opens an array (LLaVA, ShareGPT4V, LLaMA-Factory files)."""
+    if path.suffix != ".json":
+        return False
+    with path.open("rb") as f:
+        while block := f.read(4096):
+            text = block.lstrip()
+            if text:
+                return text.startswith(b"[")
+    return False
+
+
+def _json_array(path: Path) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    """The items of a JSON array, streamed (bounded memory whatever the file's size)."""
+    import ijson
+
+    n = 0
+    with path.open("rb") as f:
+        try:
+            for item in ijson.items(f, "item", use_float=True):
+                n += 1
+                if isinstance(item, dict):
+                    yield item, None
+                else:
+                    yield None, f"{path.name} item {n - 1} is a JSON {type(item).__name__}, not an object"
+        except ijson.JSONError as e:
+            raise DatasetError(f"{path}: the JSON array is malformed after item {n - 1} ({e}); fix the file (every "
+                               "row before that point was read)") from None
+
+
+def _json_array_ids(path: Path, column: str) -> Iterator[Any]:
+    """Each item's top-level `column`, from the parser's events (no item is built)."""
+    import ijson
+
+    current, started = None, False
+    with path.open("rb") as f:
+        try:
+            for prefix, event, value in ijson.parse(f, use_float=True):
+                if prefix == "item" and event not in ("map_key", "end_map", "end_array"):  # an item starts
+                    if started:
+                        yield current
+                    current, started = None, True
+                elif prefix == f"item.{column}" and event in ("string", "number"):
+                    current = value
+        except ijson.JSONError as e:
+            raise DatasetError(f"{path}: the JSON array is malformed ({e})") from None
+    if started:
+        yield current
+
+
+def _parquet_batches(path: Path, columns: list[str] | None = None) -> Iterator[Any]:
+    """Record batches of a Parquet file; `columns` that the file lacks are left out (a batch may then have none)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DatasetError(f"cannot read Parquet file {path}: {e}") from e
+    if columns is not None and not set(columns) & set(pf.schema_arrow.names):  # only the row counts
+        for i in range(pf.num_row_groups):
+            yield pa.record_batch({"_": pa.nulls(pf.metadata.row_group(i).num_rows)})
+        return
+    yield from pf.iter_batches(batch_size=256, columns=columns and [c for c in columns if c in pf.schema_arrow.names])
+
+
+def _parquet_records(path: Path) -> Iterator[dict[str, Any]]:
+    for batch in _parquet_batches(path):
+        yield from batch.to_pylist()
+
+
+def _arrow_batches(path: Path) -> Iterator[Any]:
+    """Record batches of an Arrow IPC file or stream (datasets writes streams), memory-mapped."""
+    import pyarrow as pa
+
+    try:
+        source = pa.memory_map(str(path))
+        try:
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            source.seek(0)
+            batches = iter(pa.ipc.open_stream(source))
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DatasetError(f"cannot read Arrow file {path}: {e}") from e
+    yield from batches
+
+
+def _arrow_records(path: Path) -> Iterator[dict[str, Any]]:
+    for batch in _arrow_batches(path):
+        yield from batch.to_pylist()
+
+
+def read_manifest(spec: str | Path, split: str | None = None) -> Iterator[Row]:
+    """Every row of the source `spec` names, in order."""
+    return open_source(spec, split).rows()

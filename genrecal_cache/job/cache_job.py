@@ -1,0 +1,340 @@
+"""The `cache-teacher` job: read a manifest, render each conversation for the teacher, run it teacher-forced,
+and append features, targets and top-k to this writer's part of the store, committing as it goes.
+
+Re-running the same command resumes after the last commit; every manifest row ends committed or rejected.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from genrecal_cache.core.config import write_config
+from genrecal_cache.core.errors import ConfigError, DatasetError, IncompatibleStoreError, RejectError, StoreError
+from genrecal_cache.core.provenance import provenance
+from genrecal_cache.data.render import Rendered, Truncated, compatible_runs, prompt_turns
+from genrecal_cache.data.render_pool import Preparer, RenderPool, RenderWorkerError, Task
+from genrecal_cache.data.rows import Sample, row_sample_id
+from genrecal_cache.data.sources import Source, changed_file, open_source
+from genrecal_cache.store.format import FORMAT_VERSION, check_settings, finished, from_storage, read_meta, to_storage
+from genrecal_cache.store.writer import PartWriter, SampleRecord, open_or_create
+from genrecal_cache.teacher.base import Teacher
+from genrecal_cache.teacher.load import load_teacher
+
+from .config import CacheConfig, CacheResult, DuplicateIds
+
+MIN_ROWS_FOR_REJECT_FRACTION = 100  # --max-reject-fraction judges no fewer rows than this
+
+
+def _check_output(path: Path) -> None:
+    parent = path if path.exists() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--output {path}: {parent} is not writable; choose a directory you can write to")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output {path} is a file; pass a directory for the store")
+    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists():
+        raise ConfigError(f"--output {path} is a non-empty directory that is not a teacher store; "
+                          "pass a new or empty directory")
+
+
+class CacheJob:
+    """One writer: `run()` processes this shard's rows from where the last run committed."""
+
+    def __init__(self, cfg: CacheConfig, teacher: Teacher | None = None):
+        self.source: Source = open_source(cfg.manifest, cfg.split)
+        self.image_root = cfg.image_root or self.source.root
+        if not self.image_root.is_dir():
+            raise ConfigError(f"--image-root {self.image_root}: no such folder")
+        _check_output(cfg.output)
+        self.cfg = cfg
+        settings = self._settings()
+        _check_source(cfg.output, settings["source"])
+        check_settings(cfg.output, settings)  # before loading a teacher that may take minutes to load
+        self.teacher = teacher or load_teacher(cfg.teacher_spec)
+        self.renderer = self.teacher.renderer(cfg.max_length or None)
+        t = self.teacher
+        n_layers = t.config.get_text_config().num_hidden_layers
+        if cfg.layer_ids and cfg.layer_ids[-1] >= n_layers:
+            raise ConfigError(f"--layers {cfg.layers}: the teacher has {n_layers} decoder layers, choose among "
+                              f"0..{n_layers - 1} (after the last one come the final features, always stored)")
+        if cfg.topk >= t.head.weight.shape[0]:
+            raise ConfigError(f"--topk {cfg.topk} must be smaller than the teacher's vocabulary "
+                              f"({t.head.weight.shape[0]})")
+        prov = provenance(cfg)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            **settings,
+            "teacher": t.identity(),
+            "head": {"dtype": cfg.dtype, "tied": t.tied, "bias": t.head.bias is not None,
+                     "logit_scale": t.head.logit_scale, "softcap": t.head.softcap},
+            "provenance": prov,
+        }
+        self.meta = open_or_create(cfg.output, meta, t.head_tensors(), self.renderer.tokenizer)
+        self.writer = PartWriter(cfg.output, cfg.part_name, self.meta, prov)
+        write_config(cfg, cfg.output / "configs" / f"{cfg.part_name}.yaml")  # --config of it repeats this part
+        self._truncated: set[str] = set()  # generated answers kept although cut off (--truncated keep)
+
+    def _settings(self) -> dict[str, Any]:
+        """What decides the store's content besides the teacher; every job writing to a store must agree."""
+        cfg = self.cfg
+        return {
+            "dtype": cfg.dtype,
+            "feature_dtype": cfg.dtype,
+            "topk": cfg.topk,
+            "question_features": cfg.question_features,
+            "layers": list(cfg.layer_ids),
+            "max_length": cfg.max_length,
+            "num_shards": cfg.num_shards,
+            "answers": cfg.answers.value,
+            "generation": asdict(cfg.generation) if cfg.generation else None,
+            "manifest": cfg.manifest,
+            "source": self.source.identity(),
+            "split": cfg.split,
+            "columns": asdict(cfg.column_map),
+            "duplicate_ids": cfg.duplicate_ids.value,
+            "processor_kwargs": cfg.processor_kwargs_map,
+            "backend": cfg.backend.value,
+        }
+
+    def run(self) -> CacheResult:
+        try:
+            return self._run()
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise StoreError(
+                f"out of disk space writing {self.cfg.output} ({e.strerror}); everything up to commit "
+                f"{self.writer.seq - 1} is kept (manifest rows < {self.writer.rows_end}). Free space and re-run "
+                "the same command to continue.") from None
+
+    def _run(self) -> CacheResult:
+        cfg, w = self.cfg, self.writer
+        res, t0 = CacheResult(), time.perf_counter()
+        total, renamed, duplicates = plan_ids(self.source.ids(cfg.column_map.id), cfg.duplicate_ids)
+        if cfg.max_samples is not None:
+            total = min(total, cfg.max_samples)
+        w.rows_total = total
+        mine = len(range(cfg.shard_index, total, cfg.num_shards))
+        done = len(range(cfg.shard_index, min(w.rows_end, total), cfg.num_shards))
+        res.skipped = done
+        bar = tqdm(total=mine, initial=done, unit="sample", disable=not cfg.progress, dynamic_ncols=True,
+                   desc=f"cache-teacher {cfg.part_name}")
+        pending: list[tuple[Sample, Rendered]] = []
+        since_commit = seen = 0
+        rows_end = w.rows_end
+
+        def tasks() -> Iterator[Task]:
+            for row in self.source.rows():
+                if row.index >= total:
+                    return
+                if row.index >= w.rows_end and row.index % cfg.num_shards == cfg.shard_index:
+                    yield Task(row, renamed.get(row.index), duplicates.get(row.index))
+
+        # With --answers generate, the prompt first (early rejects), the whole conversation once answered.
+        pool = RenderPool(Preparer(self.renderer, dict(
+            root=self.image_root, allow_outside_root=cfg.allow_outside_root, need_answer=not cfg.generation,
+            columns=cfg.column_map, allow_remote_images=cfg.allow_remote_images), prompt=bool(cfg.generation)),
+            cfg.render_workers, ahead_tokens=2 * cfg.batch_tokens)
+        try:
+            for task, outcome in pool.prepare(tasks()):
+                row = task.row
+                res.renamed += task.sample_id is not None
+                if isinstance(outcome, RejectError):
+                    self._reject_row(row.index, task.sample_id or row_sample_id(row, cfg.column_map.id),
+                                     outcome.reason, res)
+                else:
+                    pending.append(outcome)
+                rows_end, since_commit, seen = row.index + 1, since_commit + 1, seen + 1
+                if sum(len(r.input_ids) for _, r in pending) >= cfg.batch_tokens:
+                    self._flush(pending, res)
+                    pending = []
+                if since_commit >= cfg.commit_every:
+                    self._flush(pending, res)
+                    pending = []
+                    w.commit(rows_end)
+                    since_commit = 0
+                bar.update(1)
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(tok_s=f"{res.tokens / elapsed:.0f}", rejects=res.rejects, refresh=False)
+                if seen >= MIN_ROWS_FOR_REJECT_FRACTION and res.rejects > cfg.max_reject_fraction * seen:
+                    self._flush(pending, res)
+                    w.commit(rows_end)
+                    bar.close()
+                    raise DatasetError(
+                        f"stopped: {res.rejects} of the {seen} rows processed were rejected, more than "
+                        f"--max-reject-fraction {cfg.max_reject_fraction}. Top reasons: {res.top_reasons()}. The "
+                        f"{res.samples} good rows so far are committed; fix the data (or raise --max-reject-fraction) "
+                        "and re-run the same command to continue.")
+        except RenderWorkerError as e:
+            self._flush(pending, res)
+            w.commit(rows_end)
+            bar.close()
+            raise RenderWorkerError(f"{e}. Every row before {rows_end} is committed: re-run the same command to "
+                                    "continue (--render-workers 0 renders in the job's own process).") from None
+        finally:
+            pool.close()
+        self._flush(pending, res)
+        if w.num_pending or total > w.rows_end:
+            w.commit(total)
+        bar.close()
+        res.seconds = time.perf_counter() - t0
+        if w.lengths["tokens"] == 0:
+            raise DatasetError(
+                f"no sample committed: {res.rejects} of {res.rejects + res.samples} rows rejected (top reasons: "
+                f"{res.top_reasons()}). Check --manifest, --columns and --image-root; `inspect-cache --store "
+                f"{cfg.output}` lists every reject.")
+        return res
+
+    def _flush(self, pending: list[tuple[Sample, Rendered]], res: CacheResult) -> None:
+        """Run the teacher over pending samples in token-budget batches and hand the results to the writer."""
+        if self.cfg.generation:
+            pending = self._write_answers(pending, res)
+        for run in compatible_runs([r for _, r in pending], self.cfg.batch_tokens):
+            self._forward([pending[i] for i in run], res)
+
+    def _forward(self, batch: list[tuple[Sample, Rendered]], res: CacheResult) -> None:
+        t0 = time.perf_counter()
+        try:
+            outs = self.teacher.forward(self.renderer, [r for _, r in batch], self.cfg.question_features,
+                                        self._images(batch), self.cfg.layer_ids)
+        except Exception as e:  # e.g. out of memory, or a model that refuses this input
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(batch) > 1:  # find the sample at fault: one at a time
+                for item in batch:
+                    self._forward([item], res)
+                return
+            sample, r = batch[0]
+            reason = f"teacher forward failed ({len(r.input_ids)} tokens): {type(e).__name__}: {str(e)[:200]}"
+            self._reject(sample, reason, res)
+            return
+        head = self.teacher.head
+        for (sample, r), out in zip(batch, outs):
+            if isinstance(out, RejectError):  # e.g. the engine tokenised the sample differently
+                self._reject(sample, out.reason, res)
+                continue
+            # Round to the stored dtype first, so the top-k is exactly what head(stored features) gives.
+            feats = from_storage(to_storage(out.features, self.meta["feature_dtype"]),
+                                 self.meta["feature_dtype"])  # (A, D)
+            rec = SampleRecord(
+                sample_id=sample.sample_id, source_row=sample.source_row, messages=sample.messages,
+                images=sample.images, token_ids=r.input_ids, label_mask=r.label_mask, features=feats,
+                targets=r.targets, segments=[s.to_dict() for s in r.segments],
+                question_features=out.question, layers=out.layers,
+                answers_generated=self.cfg.generation is not None,
+                answer_truncated=sample.sample_id in self._truncated,
+            )
+            if self.cfg.topk:
+                ids, lps = head.topk(feats.to(head.weight.device), self.cfg.topk)
+                rec.topk_ids, rec.topk_logprobs = ids.cpu(), lps.cpu()
+            self.writer.add(rec, keep_image_bytes=not self.cfg.image_refs)
+            res.samples += 1
+            res.tokens += len(r.input_ids)
+            res.label_tokens += len(r.targets)
+        res.forward_seconds += time.perf_counter() - t0
+
+    def _write_answers(self, pending: list[tuple[Sample, Rendered]], res: CacheResult
+                       ) -> list[tuple[Sample, Rendered]]:
+        """Let the teacher write each sample's last answer; returns the answered samples, rendered whole."""
+        if not pending:
+            return []
+        gen, t0 = self.cfg.generation, time.perf_counter()
+        try:
+            outs = self.teacher.generate(self.renderer, [r for _, r in pending], self._images(pending), gen,
+                                         [gen.seed * 1_000_003 + s.source_row for s, _ in pending])
+        except Exception as e:  # as in _forward: find the sample at fault
+            if len(pending) > 1:
+                return [item for p in pending for item in self._write_answers([p], res)]
+            self._reject(pending[0][0], f"teacher generation failed: {type(e).__name__}: {str(e)[:200]}", res)
+            return []
+        answered = []
+        for (sample, _), g in zip(pending, outs):
+            if isinstance(g, RejectError):
+                self._reject(sample, f"the teacher could not write an answer: {g.reason}", res)
+                continue
+            if not g.stopped and gen.truncated == Truncated.reject:
+                self._reject(sample, f"the teacher's answer was cut off at --max-new-tokens {gen.max_new_tokens} "
+                             "without ending (raise --max-new-tokens, or --truncated keep)", res)
+                continue
+            # Special tokens the teacher wrote inside its answer (grounding boxes, ...) stay: only the stop token,
+            # already cut, is dropped.
+            text = self.renderer.tokenizer.decode(g.token_ids, skip_special_tokens=False)
+            new = Sample(sample.sample_id, sample.source_row,
+                         [*prompt_turns(sample.messages), {"role": "assistant", "content": [{"type": "text", "text": text}]}],
+                         sample.images)
+            try:
+                if not text.strip():
+                    raise RejectError("it is empty (the teacher ended its answer at once)")
+                r = self.renderer.render(new)
+            except RejectError as e:
+                self._reject(sample, f"the teacher's generated answer cannot be used: {e.reason}", res)
+                continue
+            start = r.answer_spans[-1][0]
+            if r.input_ids[start : start + len(g.token_ids)].tolist() != g.token_ids:
+                res.retokenized += 1  # still teacher-forced on its own text, tokenised canonically
+            if not g.stopped:
+                self._truncated.add(sample.sample_id)
+            answered.append((new, r))
+        res.generate_seconds += time.perf_counter() - t0
+        return answered
+
+    def _images(self, batch: list[tuple[Sample, Rendered]]) -> list[list[Any]]:
+        """Each sample's decoded images, for a backend that takes them (for the others they are in the inputs)."""
+        if not self.teacher.takes_images:
+            return [[] for _ in batch]
+        return [[im.load() for im in s.images] for s, _ in batch]
+
+    def _reject(self, sample: Sample, reason: str, res: CacheResult) -> None:
+        self._reject_row(sample.source_row, sample.sample_id, reason, res)
+
+    def _reject_row(self, row: int, sample_id: str, reason: str, res: CacheResult) -> None:
+        if self.cfg.strict:
+            raise DatasetError(f"{self.cfg.manifest}, row {row} ({sample_id}): {reason} (drop --strict to record "
+                               "bad rows as rejects and go on)")
+        self.writer.reject(row, sample_id, reason)
+        res.add_reject(reason)
+
+
+def plan_ids(ids: Iterable[Any], mode: DuplicateIds) -> tuple[int, dict[int, str], dict[int, tuple[str, int]]]:
+    """One pass over the rows' ids: the row count, the rows whose repeated id is renamed (`suffix`: the k-th
+    occurrence of `x` becomes `x#k`, never an id the data already has) and, with `reject`, each repeat with
+    its id and the row of its first occurrence. Every shard computes the same plan."""
+    sids = [str(x) if x is not None else f"row-{i}" for i, x in enumerate(ids)]
+    taken, first, count = set(sids), {}, {}
+    renamed: dict[int, str] = {}
+    rejected: dict[int, tuple[str, int]] = {}
+    for i, sid in enumerate(sids):
+        if sid not in first:
+            first[sid] = i
+            continue
+        if mode == DuplicateIds.reject:
+            rejected[i] = (sid, first[sid])
+            continue
+        count[sid] = count.get(sid, 1) + 1
+        new = f"{sid}#{count[sid]}"
+        while new in taken:
+            new += "#"
+        taken.add(new)
+        renamed[i] = new
+    return len(sids), renamed, rejected
+
+
+def _check_source(path: Path, source: dict[str, Any]) -> None:
+    """A store resumed on other data is refused, naming the file that differs."""
+    if not finished(path):
+        return
+    recorded = read_meta(path).get("source")
+    why = changed_file(recorded or {}, source) if recorded is not None else "the store records no source"
+    if why is not None:
+        raise IncompatibleStoreError(f"{path} was written from other data: {why}. Re-run on the data it was "
+                                     "written from, or write to a new --output")

@@ -1,0 +1,206 @@
+"""The teacher store's format (docs/DESIGN.md, "The teacher store"): names, schemas, array layout, dtypes and
+the group attributes every reader and writer agree on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from genrecal_cache.core.errors import IncompatibleStoreError, StoreError, StoreNotFoundError
+
+FORMAT_VERSION = 1  # of the store layout; a store of another version is refused
+ATTR = "genrecal"
+CHUNK_BYTES = 1 << 20  # chunks of at least 1 MiB (docs/DESIGN.md)
+CHUNKS_PER_SHARD = 16
+FEATURE_DTYPES = ("bfloat16", "float16", "float32")
+SAMPLES_DIR, REJECTS_DIR = "samples", "rejects"
+TOKENIZER_DIR = "teacher_tokenizer"  # the teacher tokenizer, so a store decodes its own tokens
+
+SAMPLE_SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("source_row", pa.int64()),
+    ("messages", pa.string()),  # JSON, transformers messages format
+    ("images", pa.list_(pa.binary())),  # encoded bytes; null where kept by reference (--image-refs)
+    ("image_paths", pa.list_(pa.string())),
+    ("image_digests", pa.list_(pa.string())),  # sha256 of the encoded bytes
+    ("token_start", pa.int64()),
+    ("num_tokens", pa.int64()),
+    ("label_start", pa.int64()),
+    ("num_labels", pa.int64()),
+    ("question_start", pa.int64()),
+    ("num_question", pa.int64()),
+    ("segments", pa.string()),  # JSON list of {turn, role, start, end, answer_start}
+    ("answers_generated", pa.bool_()),
+    ("answer_truncated", pa.bool_()),  # a generated answer cut off at --max-new-tokens (--truncated keep)
+])
+REJECT_SCHEMA = pa.schema([("source_row", pa.int64()), ("sample_id", pa.string()), ("reason", pa.string())])
+
+
+# --- dtypes -------------------------------------------------------------------------------------------------
+
+def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """A tensor as the numpy array the store keeps: bf16 as its uint16 bits (Zarr has no bfloat16)."""
+    x = x.detach().to("cpu", getattr(torch, dtype)).contiguous()
+    return x.view(torch.uint16).numpy() if dtype == "bfloat16" else x.numpy()
+
+
+def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """The inverse of `to_storage` (no copy for bf16)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+
+def np_dtype(dtype: str) -> str:
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+# --- array layout -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One token-axis array of a part: `rows` grows by `unit` ("tokens", "labels" or "question")."""
+
+    name: str
+    unit: str
+    width: int | None  # None for 1-D arrays
+    dtype: str  # numpy dtype name as stored
+
+    @property
+    def row_bytes(self) -> int:
+        return np.dtype(self.dtype).itemsize * (self.width or 1)
+
+    @property
+    def chunk_rows(self) -> int:
+        return max(1, 2 ** math.ceil(math.log2(math.ceil(CHUNK_BYTES / self.row_bytes))))
+
+    @property
+    def shard_rows(self) -> int:
+        return self.chunk_rows * CHUNKS_PER_SHARD
+
+    def shape(self, rows: int) -> tuple[int, ...]:
+        return (rows,) if self.width is None else (rows, self.width)
+
+
+def part_arrays(meta: dict[str, Any]) -> list[ArraySpec]:
+    """The arrays every part of a store with these attributes holds."""
+    d, k, fd = meta["teacher"]["hidden_size"], meta["topk"], np_dtype(meta["feature_dtype"])
+    specs = [
+        ArraySpec("token_ids", "tokens", None, "int32"),
+        ArraySpec("label_mask", "tokens", None, "uint8"),
+        ArraySpec("features", "labels", d, fd),
+        ArraySpec("targets", "labels", None, "int32"),
+    ]
+    if k:
+        specs += [ArraySpec("topk_ids", "labels", k, "int32"), ArraySpec("topk_logprobs", "labels", k, "float32")]
+    if meta["question_features"]:
+        specs.append(ArraySpec("question_features", "question", d, fd))
+    specs += [ArraySpec(f"layers/{layer}", "labels", d, fd) for layer in meta.get("layers", [])]
+    return specs
+
+
+# Write all-zero chunks too: then a shard file that is missing is damage, never silently "all zeros".
+ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+def shard_file(array_dir: Path, shard: int, two_d: bool) -> Path:
+    """Where zarr keeps shard `shard` of an array (default chunk key encoding, "/" separator)."""
+    return array_dir / "c" / str(shard) / "0" if two_d else array_dir / "c" / str(shard)
+
+
+def codecs() -> list:
+    """Each chunk: zstd, then a crc32c checksum. Level 1: on bf16 features every level from 1 to 9 gives the same
+    ratio (~1.26x, all of it from entropy-coding the exponent bytes; there are no matches to find) and level 1
+    compresses fastest (docs/store.md, "Store throughput"). Zarr records the codecs in each array's metadata, so
+    stores written with another level read as before, and a resumed writer keeps an existing array's level."""
+    return [ZstdCodec(level=1), Crc32cCodec()]
+
+
+# --- parts ---------------------------------------------------------------------------------------------------
+
+def part_name(index: int, count: int) -> str:
+    """The part `--shard index/count` writes: `shard-0000i-of-0000n`."""
+    return f"shard-{index:05d}-of-{count:05d}"
+
+
+def parse_part_name(name: str) -> tuple[int, int] | None:
+    """(index, count) of a part written by `--shard index/count`; None for a name `part_name` does not make."""
+    m = re.fullmatch(r"shard-(\d+)-of-(\d+)", name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+# --- attributes -------------------------------------------------------------------------------------------------
+
+def finished(path: Path) -> bool:
+    """Whether a store's creation completed (its attributes are written last)."""
+    try:
+        return ATTR in json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    if not (path / "zarr.json").exists():
+        raise StoreNotFoundError(f"no teacher store at {path} (create one with `cache-teacher --output {path}`)")
+    attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    if ATTR not in attrs:
+        raise StoreError(f"{path} is a Zarr group but not a finished GenRecal store (no '{ATTR}' attributes); "
+                         "re-run the cache-teacher command that created it")
+    meta = attrs[ATTR]
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{path} has store format {meta.get('format_version')}, this GenRecal reads "
+                         f"{FORMAT_VERSION}; use the GenRecal version that wrote it")
+    return meta
+
+
+# What must match for a job to add to an existing store.
+_IDENTITY = ("architecture", "hidden_size", "vocab_size", "config_digest", "tokenizer_digest",
+             "chat_template_digest", "head_digest")
+_SETTINGS = ("dtype", "feature_dtype", "topk", "question_features", "layers", "max_length", "num_shards",
+             "answers", "generation", "source", "split", "columns", "duplicate_ids", "processor_kwargs")
+
+
+def check_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Raise if a finished store at `path` was written with other settings (no-op when there is none)."""
+    if not finished(path):
+        return
+    existing = read_meta(path)
+    for key in _SETTINGS:
+        a, b = existing.get(key), settings.get(key)
+        if a != b:
+            raise IncompatibleStoreError(
+                f"{path} was written with {key}={_short(a)}, this run asks for {_short(b)}; re-run with the "
+                "store's setting or write to a new --output")
+
+
+def check_compatible(existing: dict, meta: dict, path: Path) -> None:
+    # Settings first: another --dtype also changes the head's digest, and the setting is the real cause.
+    check_settings(path, meta)
+    for key in _IDENTITY:
+        a, b = existing["teacher"].get(key), meta["teacher"].get(key)
+        if a != b:
+            raise IncompatibleStoreError(
+                f"{path} was written by another teacher ({key}: {_short(a)} in the store, {_short(b)} now; store "
+                f"teacher {existing['teacher'].get('name_or_path')!r}); write to a new --output or pass that teacher")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text[:14] + "…'" if isinstance(value, str) and len(value) == 64 else text
+
+
+def read_commit(file: Path) -> dict[str, Any]:
+    md = pq.read_schema(file).metadata or {}
+    return json.loads(md[b"genrecal_commit"])
+

@@ -1,0 +1,288 @@
+"""The write side of a teacher store: create it (attributes, head, tokenizer) and append to one part, committing
+atomically (array data written and fsynced, then the commit's Parquet file renamed into place).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import zarr
+
+from genrecal_cache.core.errors import StoreError
+from genrecal_cache.core.faults import fault_point
+
+from .format import (
+    ARRAY_CONFIG,
+    ATTR,
+    REJECT_SCHEMA,
+    REJECTS_DIR,
+    SAMPLE_SCHEMA,
+    SAMPLES_DIR,
+    TOKENIZER_DIR,
+    ArraySpec,
+    check_compatible,
+    codecs,
+    finished,
+    part_arrays,
+    read_commit,
+    read_meta,
+    shard_file,
+    to_storage,
+)
+
+# --- what a writer appends ------------------------------------------------------------------------------------
+
+@dataclass
+class SampleRecord:
+    """One teacher-forced sample ready to append: token-axis arrays plus its table row."""
+
+    sample_id: str
+    source_row: int
+    messages: list[dict]
+    images: list[Any]  # dataset.ImageRef
+    token_ids: np.ndarray  # (L,) int
+    label_mask: np.ndarray  # (L,) bool
+    features: torch.Tensor  # (A, D) at the label positions
+    targets: np.ndarray  # (A,)
+    segments: list[dict]
+    topk_ids: torch.Tensor | None = None  # (A, K)
+    topk_logprobs: torch.Tensor | None = None  # (A, K)
+    question_features: torch.Tensor | None = None  # (P, D) at every other position
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (A, D)
+    answers_generated: bool = False
+    answer_truncated: bool = False
+
+    def rows(self, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+        fd = meta["feature_dtype"]
+        out = {
+            "token_ids": np.asarray(self.token_ids, dtype=np.int32),
+            "label_mask": np.asarray(self.label_mask, dtype=np.uint8),
+            "features": to_storage(self.features, fd),
+            "targets": np.asarray(self.targets, dtype=np.int32),
+        }
+        if meta["topk"]:
+            out["topk_ids"] = self.topk_ids.to(torch.int32).numpy()
+            out["topk_logprobs"] = self.topk_logprobs.to(torch.float32).numpy()
+        if meta["question_features"]:
+            out["question_features"] = to_storage(self.question_features, fd)
+        for layer in meta.get("layers", []):
+            out[f"layers/{layer}"] = to_storage(self.layers[layer], fd)
+        return out
+
+
+# --- the store's root -----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on the store's root, so concurrent writers create and check it one at a time."""
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_matrix(group: zarr.Group, name: str, value: torch.Tensor, dtype: str) -> None:
+    data = to_storage(value, dtype)
+    spec = ArraySpec(name, "", data.shape[1] if data.ndim == 2 else None, str(data.dtype))
+    arr = group.create_array(name, shape=data.shape, chunks=spec.shape(spec.chunk_rows), dtype=data.dtype,
+                             compressors=codecs(), fill_value=0, overwrite=True, config=ARRAY_CONFIG)
+    arr[...] = data
+
+
+def open_or_create(path: Path, meta: dict[str, Any], head: dict[str, torch.Tensor], tokenizer: Any = None
+                   ) -> dict[str, Any]:
+    """Create the store (attributes, teacher head and tokenizer) or check that the existing one is compatible
+    with `meta`. Returns the store's attributes. `head` holds "weight" (V, D), optionally "embed" (V, D) and
+    "bias" (V,)."""
+    with _locked(path):
+        if finished(path):
+            existing = read_meta(path)
+            check_compatible(existing, meta, path)
+            return existing
+        # A new store, or one whose creation was killed before its attributes were written: (re)create the
+        # head in place. mode="a" never clears the directory (the lock file lives there).
+        root = zarr.open_group(str(path), mode="a", zarr_format=3)
+        hg = root.require_group("head")
+        hd = meta["head"]["dtype"]
+        for name, value in head.items():
+            _write_matrix(hg, name, value, hd)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(path / TOKENIZER_DIR))
+        root.attrs[ATTR] = meta  # last: attributes present means the head is complete
+        return meta
+
+
+
+# --- a writer's part ------------------------------------------------------------------------------------------
+
+class PartWriter:
+    """Appends samples to one part; `commit()` makes everything added so far durable and visible.
+
+    On open it recovers: uncommitted files are deleted and arrays are cut back to the last commit."""
+
+    def __init__(self, root: Path, part: str, meta: dict[str, Any], provenance: dict[str, Any]):
+        self.root, self.meta, self.dir = root, meta, root / "parts" / part
+        self.specs = part_arrays(meta)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.dir / ".lock", "a")  # held while this writer lives
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"another cache-teacher is writing part {part} of {root}; wait for it, or give "
+                             "this job another --shard") from None
+        group = zarr.open_group(str(root), mode="a", zarr_format=3)
+        pg = group.require_group(f"parts/{part}")
+        pg.attrs["provenance"] = [*pg.attrs.get("provenance", []), provenance]
+        self.arrays: dict[str, zarr.Array] = {}
+        for spec in self.specs:
+            if spec.name in pg:
+                self.arrays[spec.name] = pg[spec.name].with_config(ARRAY_CONFIG)
+            else:
+                self.arrays[spec.name] = pg.create_array(
+                    spec.name, shape=spec.shape(0), chunks=spec.shape(spec.chunk_rows),
+                    shards=spec.shape(spec.shard_rows), dtype=spec.dtype, compressors=codecs(), fill_value=0,
+                    config=ARRAY_CONFIG)
+        for sub in (SAMPLES_DIR, REJECTS_DIR):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self.seq, self.rows_end, self.lengths = self._recover()
+        self.rows_total: int | None = None  # the manifest's rows (of every shard), recorded with each commit
+        # In-memory tail of each array from its last shard boundary, rewritten whole at every commit.
+        self.tail: dict[str, np.ndarray] = {}
+        for spec in self.specs:
+            n = self.lengths[spec.unit]
+            start = n - n % spec.shard_rows
+            self.tail[spec.name] = self.arrays[spec.name][start:n] if n > start else np.zeros(
+                spec.shape(0), spec.dtype)
+        self._pending: list[dict[str, Any]] = []
+        self._pending_rejects: list[dict[str, Any]] = []
+        self._pending_rows: dict[str, list[np.ndarray]] = {s.name: [] for s in self.specs}
+        self._pending_lengths = dict(self.lengths)
+
+    def _recover(self) -> tuple[int, int, dict[str, int]]:
+        commits = sorted((self.dir / SAMPLES_DIR).glob("*.parquet"))
+        seq, rows_end, lengths = 0, 0, {"tokens": 0, "labels": 0, "question": 0}
+        if commits:
+            last = read_commit(commits[-1])
+            seq, rows_end, lengths = last["seq"] + 1, last["rows_end"], last["lengths"]
+        for sub in (SAMPLES_DIR, REJECTS_DIR):  # the tail of a crashed commit
+            for f in (self.dir / sub).iterdir():
+                if f.suffix != ".parquet" or int(f.stem) >= seq:
+                    f.unlink()
+        for spec in self.specs:
+            arr = self.arrays[spec.name]
+            if arr.shape[0] < lengths[spec.unit]:
+                raise StoreError(f"{self.dir / spec.name} has {arr.shape[0]} rows but the last commit says "
+                                 f"{lengths[spec.unit]}: the store is damaged; run `inspect-cache --verify`")
+            if arr.shape[0] > lengths[spec.unit]:  # the uncommitted tail of a crashed commit
+                arr.resize(spec.shape(lengths[spec.unit]))
+        return seq, rows_end, lengths
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending) + len(self._pending_rejects)
+
+    def add(self, rec: SampleRecord, keep_image_bytes: bool = True) -> None:
+        rows = rec.rows(self.meta)
+        n_tok, n_lab = len(rows["token_ids"]), len(rows["targets"])
+        n_q = len(rows["question_features"]) if "question_features" in rows else 0
+        assert rows["label_mask"].sum() == n_lab == len(rows["features"]), "label mask, targets, features disagree"
+        for spec in self.specs:
+            assert rows[spec.name].shape[1:] == spec.shape(0)[1:], f"{spec.name}: bad row shape"
+            self._pending_rows[spec.name].append(rows[spec.name])
+        lens = self._pending_lengths
+        self._pending.append({
+            "sample_id": rec.sample_id,
+            "source_row": rec.source_row,
+            "messages": json.dumps(rec.messages, ensure_ascii=False),
+            # By reference, an image keeps its path + digest; one with no path (inline) keeps its bytes.
+            "images": [im.data if keep_image_bytes or im.path is None else None for im in rec.images],
+            "image_paths": [im.path or "" for im in rec.images],
+            "image_digests": [im.digest for im in rec.images],
+            "token_start": lens["tokens"], "num_tokens": n_tok,
+            "label_start": lens["labels"], "num_labels": n_lab,
+            "question_start": lens["question"], "num_question": n_q,
+            "segments": json.dumps(rec.segments),
+            "answers_generated": rec.answers_generated,
+            "answer_truncated": rec.answer_truncated,
+        })
+        lens["tokens"] += n_tok
+        lens["labels"] += n_lab
+        lens["question"] += n_q
+
+    def reject(self, source_row: int, sample_id: str, reason: str) -> None:
+        self._pending_rejects.append({"source_row": source_row, "sample_id": sample_id, "reason": reason})
+
+    def commit(self, rows_end: int) -> None:
+        """Make everything added so far durable; `rows_end` is the manifest row to resume from."""
+        new = self._pending_lengths
+        for spec in self.specs:
+            old_n, new_n = self.lengths[spec.unit], new[spec.unit]
+            if new_n == old_n:
+                continue
+            arr = self.arrays[spec.name]
+            data = np.concatenate([self.tail[spec.name], *self._pending_rows[spec.name]])
+            start = old_n - len(self.tail[spec.name])
+            assert start % spec.shard_rows == 0 and start + len(data) == new_n
+            arr.resize(spec.shape(new_n))
+            for s in range(start, new_n, spec.shard_rows):  # whole shards, never two writes into one
+                e = min(s + spec.shard_rows, new_n)
+                fault_point(f"array-write:{self.seq}:{spec.name}")
+                arr[s:e] = data[s - start : e - start]
+                _fsync_shard(self.dir / spec.name, s // spec.shard_rows, spec.width is not None)
+            keep = new_n - new_n % spec.shard_rows
+            self.tail[spec.name] = data[keep - start :].copy()  # not a view: it would keep the whole commit
+            _fsync(self.dir / spec.name / "zarr.json")
+            _fsync(self.dir / spec.name)
+        name = f"{self.seq:08d}.parquet"
+        commit = {"seq": self.seq, "rows_end": rows_end, "lengths": dict(new), "time": round(time.time(), 3),
+                  "rows_total": self.rows_total}  # time and rows_total: for inspect-cache --progress
+        fault_point(f"arrays-written:{self.seq}")
+        _write_table(self.dir / REJECTS_DIR / name, self._pending_rejects, REJECT_SCHEMA, commit)
+        fault_point(f"rejects-written:{self.seq}")
+        _write_table(self.dir / SAMPLES_DIR / name, self._pending, SAMPLE_SCHEMA, commit)  # the commit point
+        fault_point(f"committed:{self.seq}")
+        self.seq, self.rows_end, self.lengths = self.seq + 1, rows_end, dict(new)
+        self._pending, self._pending_rejects = [], []
+        self._pending_rows = {s.name: [] for s in self.specs}
+
+
+def _fsync_shard(array_dir: Path, shard: int, two_d: bool) -> None:
+    """zarr renames each shard file into place; fsync its data, the rename and any new directory."""
+    f = shard_file(array_dir, shard, two_d)
+    _fsync(f)
+    for d in (f.parent, f.parent.parent, array_dir):
+        _fsync(d)
+
+
+def _write_table(path: Path, rows: list[dict], schema: pa.Schema, commit: dict) -> None:
+    """Write a Parquet file atomically: temp file, fsync, rename, fsync the directory."""
+    table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
+        {"genrecal_commit": json.dumps(commit)})
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
