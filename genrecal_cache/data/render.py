@@ -3,7 +3,7 @@ label positions and targets. The trainer renders the student's side with the sam
 
 The processor runs once per sample. Turn boundaries come from the chat template's renders of each prefix, as
 text: a template whose prefixes are not text prefixes of the whole cannot be split into turns, and the sample is
-rejected with that reason (`_Boundaries` carries them into tokens).
+rejected with that reason (`boundaries.Boundaries` carries them into tokens).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from genrecal_cache.core.config import Choice
 from genrecal_cache.core.errors import RejectError
 from genrecal_cache.core.models import is_multimodal
 
+from .boundaries import Boundaries
 from .rows import Sample
 
 
@@ -107,6 +108,15 @@ class Generated:
         return cls(ids[:n], logprobs[:n], n < len(ids) if stopped is None else stopped)
 
 
+def _probe(image: bool = False, answer: bool = False) -> list[dict]:
+    """The small conversation that probes a chat template: a user turn "x" (after one image, with `image`), then
+    (with `answer`) the answer "y"."""
+    msgs = [{"role": "user", "content": [*([{"type": "image"}] if image else []), {"type": "text", "text": "x"}]}]
+    if answer:
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": "y"}]})
+    return msgs
+
+
 def prompt_turns(messages: list[dict]) -> list[dict]:
     """The turns before the conversation's last answer (all of them when it ends with a user turn)."""
     return messages[:-1] if messages[-1]["role"] == "assistant" else messages
@@ -130,8 +140,8 @@ class Renderer:
         if msgs[0]["role"] == "assistant":
             raise RejectError("conversation starts with an assistant turn: its first token has nothing to follow")
         images = [im.load() for im in sample.images]
-        text = self._text(msgs, generation_prompt=False)
-        inputs, expanded = self._encode_tapped(text, images)
+        text = self.template_text(msgs, generation_prompt=False)
+        inputs, expanded = self.encode_tapped(text, images)
         ids = inputs["input_ids"][0].numpy().astype(np.int64)
         if self.max_length is not None and len(ids) > self.max_length:
             raise RejectError(f"conversation has {len(ids)} tokens, more than --max-length {self.max_length}")
@@ -143,7 +153,7 @@ class Renderer:
             seen_images += sum(p["type"] == "image" for p in m["content"])
             if turn < len(msgs) - 1:
                 wanted.append((msgs[: turn + 1], seen_images, False, turn))
-        found = iter(_Boundaries(self, text, expanded, images, ids).tokens(wanted))
+        found = iter(Boundaries(self, text, expanded, images, ids).tokens(wanted))
         segments, start = [], 0
         for turn, m in enumerate(msgs):
             answer_start = next(found) if m["role"] == "assistant" else start
@@ -152,7 +162,7 @@ class Renderer:
                 raise RejectError(f"assistant turn {turn} renders to no tokens")
             segments.append(Segment(turn, m["role"], start, end, answer_start))
             start = end
-        return Rendered(ids, segments, dict(inputs), text, bool(self._lead(text)))
+        return Rendered(ids, segments, dict(inputs), text, bool(self.lead(text)))
 
     @functools.cached_property
     def stop_ids(self) -> list[int]:
@@ -160,10 +170,8 @@ class Renderer:
         or extra special tokens, or added tokens marked special: Llama 3's <|eot_id|> when EOS is another)."""
         tok = self.tokenizer
         ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        probe = Sample("probe", 0, [{"role": "user", "content": [{"type": "text", "text": "x"}]},
-                                    {"role": "assistant", "content": [{"type": "text", "text": "y"}]}])
         try:
-            r = self.render(probe)
+            r = self.render(Sample("probe", 0, _probe(answer=True)))
         except RejectError:
             return sorted(ids)
         start, end = r.answer_spans[-1]
@@ -185,11 +193,9 @@ class Renderer:
 
         buf = io.BytesIO()
         Image.new("RGB", (64, 64), "white").save(buf, format="PNG")
-        user = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
-        with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
         try:
-            plain = self.render_prompt(Sample("probe", 0, user)).input_ids
-            image = self.render_prompt(Sample("probe", 0, with_image, [ImageRef(buf.getvalue())])).input_ids
+            plain = self.render_prompt(Sample("probe", 0, _probe())).input_ids
+            image = self.render_prompt(Sample("probe", 0, _probe(image=True), [ImageRef(buf.getvalue())])).input_ids
         except RejectError:
             return []
         return sorted((set(image.tolist()) - set(plain.tolist())) & self.added_token_ids)
@@ -201,15 +207,16 @@ class Renderer:
         if not msgs or msgs[-1]["role"] == "assistant":
             raise RejectError("nothing to answer: the conversation has no user turn before its last answer")
         n_images = sum(p["type"] == "image" for m in msgs for p in m["content"])
-        text = self._text(msgs, generation_prompt=True)
-        inputs = self._encode(text, [im.load() for im in sample.images[:n_images]])
+        text = self.template_text(msgs, generation_prompt=True)
+        inputs = self.encode(text, [im.load() for im in sample.images[:n_images]])
         ids = inputs["input_ids"][0].numpy().astype(np.int64)
         if self.max_length is not None and len(ids) >= self.max_length:
             raise RejectError(f"prompt has {len(ids)} tokens, no room for an answer within --max-length "
                               f"{self.max_length}")
-        return Rendered(ids, [], dict(inputs), text, bool(self._lead(text)))
+        return Rendered(ids, [], dict(inputs), text, bool(self.lead(text)))
 
-    def _text(self, msgs: list[dict], generation_prompt: bool) -> str:
+    def template_text(self, msgs: list[dict], generation_prompt: bool) -> str:
+        """The chat template's text of `msgs` (a template error rejects the sample)."""
         if not self.multimodal:  # text-only templates expect string content
             msgs = [{"role": m["role"], "content": "".join(p.get("text", "") for p in m["content"])} for m in msgs]
         try:
@@ -221,7 +228,7 @@ class Renderer:
     def bos_by_tokenizer(self) -> str | None:
         """The BOS a processor's tokenizer adds (and nothing else) in front of a text: transformers' processor
         `apply_chat_template` lets it add special tokens when the template's text does not start with BOS
-        (llava-1.5's template leaves BOS to the tokenizer), and so does `_encode`. None for text-only models (a
+        (llava-1.5's template leaves BOS to the tokenizer), and so does `encode`. None for text-only models (a
         tokenizer's `apply_chat_template` never adds any) and for tokenizers that add nothing, or more than a BOS."""
         tok = self.tokenizer
         if not self.multimodal or tok.bos_token is None:
@@ -229,26 +236,27 @@ class Renderer:
         bare = list(tok("x", add_special_tokens=False)["input_ids"])
         return tok.bos_token if list(tok("x")["input_ids"]) == [tok.bos_token_id, *bare] else None
 
-    def _lead(self, text: str) -> int:
+    def lead(self, text: str) -> int:
         """How many tokens the tokenizer puts before `text` (a BOS the template left to it): 0 or 1."""
         bos = self.bos_by_tokenizer
         return int(bos is not None and not text.startswith(bos))
 
-    def _encode(self, text: str, images: list, processor: Any = None) -> dict[str, torch.Tensor]:
+    def encode(self, text: str, images: list, processor: Any = None) -> dict[str, torch.Tensor]:
+        """The model inputs (batch dim 1) of `text` and its images, from the processor (or `processor`)."""
         try:
             if self.multimodal:
                 return (processor or self.processor)(text=[text], images=[images] if images else None,
-                                                     add_special_tokens=bool(self._lead(text)), return_tensors="pt")
+                                                     add_special_tokens=bool(self.lead(text)), return_tensors="pt")
             return self.tokenizer([text], add_special_tokens=False, return_tensors="pt")
         except Exception as e:  # processors raise ValueError (and worse) for inputs they cannot take
             raise RejectError(f"processor refused the sample: {type(e).__name__}: {str(e)[:200]}") from None
 
-    def _encode_tapped(self, text: str, images: list) -> tuple[dict[str, torch.Tensor], str | None]:
-        """`_encode`, and the text the tokenizer was given: `text` with every image placeholder expanded by the
+    def encode_tapped(self, text: str, images: list) -> tuple[dict[str, torch.Tensor], str | None]:
+        """`encode`, and the text the tokenizer was given: `text` with every image placeholder expanded by the
         processor (None when the processor did not tokenise one string: then boundaries take processor calls)."""
         if not self.multimodal:
-            return self._encode(text, images), text
-        inputs = self._encode(text, images, self._tapped)
+            return self.encode(text, images), text
+        inputs = self.encode(text, images, self._tapped)
         seen = self._tapped.tokenizer.take()
         if isinstance(seen, (list, tuple)) and len(seen) == 1:
             seen = seen[0]
@@ -270,10 +278,8 @@ class Renderer:
     def image_marker(self) -> str | None:
         """What the chat template writes for one image (e.g. "<image>", Qwen2-VL's "<|vision_start|><|image_pad|>
         <|vision_end|>"): the text a one-image turn has beyond its text-only twin."""
-        plain = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
-        image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
         try:
-            a, b = self._text(plain, False), self._text(image, False)
+            a, b = self.template_text(_probe(), False), self.template_text(_probe(image=True), False)
         except RejectError:
             return None
         head = len(os.path.commonprefix([a, b]))
@@ -330,148 +336,6 @@ class _TextTap:
         if name.startswith("__") or name in ("_tokenizer", "_seen"):
             raise AttributeError(name)
         return getattr(self._tokenizer, name)
-
-
-class _Boundaries:
-    """Token positions of one conversation's turn boundaries, from text alone (docs/DESIGN.md, "Turn boundaries").
-
-    Each prefix of the conversation (up to a turn's end, or up to the generation prompt before an answer) is
-    rendered as text, which must be a prefix of the whole text. Its end is carried into the processor's expanded
-    text (image placeholders replaced by their tokens), which is then tokenised up to there: when those tokens
-    are a prefix of the whole conversation's ids, their count is the boundary (as when each prefix was encoded
-    with its images). Otherwise the boundary comes from the whole encoding's character offsets: a token
-    straddling it is never an answer token (at an answer's start it stays with the prompt, at an answer's end
-    it goes to the turn after).
-    """
-
-    def __init__(self, renderer: Renderer, text: str, expanded: str | None, images: list, ids: np.ndarray):
-        self.renderer, self.text, self.expanded, self.images, self.ids = renderer, text, expanded, images, ids
-        self.stretches = (_stretches(text, expanded, renderer.image_marker, len(images))
-                          if expanded is not None else None)
-        self._added_at: np.ndarray | None = None  # positions of added tokens in `ids` (after the lead)
-        self.lead = renderer._lead(text)  # tokens before the text's own (a BOS the tokenizer adds)
-
-    def tokens(self, wanted: list[tuple[list[dict], int, bool, int]]) -> list[int]:
-        """The token position where each prefix ends: (its turns, how many images they hold, whether the
-        generation prompt follows, the turn it is named by in errors)."""
-        r = self.renderer
-        ends: list[int] = []
-        for msgs, n_images, gen, turn in wanted:
-            what = "the generation prompt before" if gen else "the end of"
-            prefix = r._text(msgs, gen)
-            if not self.text.startswith(prefix):
-                raise RejectError(f"chat template does not render prefixes consistently: the text up to {what} "
-                                  f"turn {turn} is not a prefix of the whole conversation's text")
-            if self.expanded is None:  # the processor did not show its text: its prefix tokens must be a prefix
-                ids = r._encode(prefix, self.images[:n_images])["input_ids"][0].numpy()
-                if not self._is_prefix(ids):
-                    raise RejectError(f"chat template does not render prefixes consistently: the tokens up to "
-                                      f"{what} turn {turn} are not a prefix of the whole conversation's tokens")
-                ends.append(len(ids))
-                continue
-            end = self._carry(len(prefix))
-            if end is None:  # the expansion cannot be placed from the text alone: the processor expands it
-                _, shown = r._encode_tapped(prefix, self.images[:n_images])
-                if shown is None or not self.expanded.startswith(shown):
-                    raise RejectError(f"the processor expands the images up to {what} turn {turn} differently "
-                                      "from the whole conversation's")
-                end = len(shown)
-            ends.append(end)
-        if self.expanded is None:
-            return ends
-        # Tokenise each prefix from the last added token (e.g. <|im_end|>) before its end: a tokenizer splits its
-        # input at added tokens first, so what comes before one encodes the same whatever follows it.
-        starts = [self._resume_at(end) for end in ends]
-        pieces = r.tokenizer([self.expanded[at:end] for (at, _), end in zip(starts, ends)],
-                             add_special_tokens=False)["input_ids"]
-        return [self._token(self.ids[:k].tolist() + list(piece), end, gen, turn)
-                for (_, k), piece, end, (_, _, gen, turn) in zip(starts, pieces, ends, wanted)]
-
-    def _resume_at(self, end: int) -> tuple[int, int]:
-        """(character, token) where the last added token that ends by character `end` starts; (0, lead) when
-        there is none or no character offsets."""
-        spans = self._spans
-        if spans is None:
-            return 0, self.lead
-        if self._added_at is None:
-            added = np.flatnonzero(np.isin(self.ids, list(self.renderer.added_token_ids)))
-            self._added_at = added[added >= self.lead]
-        before = self._added_at[spans[self._added_at, 1] <= end]
-        return (int(spans[before[-1], 0]), int(before[-1])) if len(before) else (0, self.lead)
-
-    def _token(self, prefix_ids: list[int], end: int, gen: bool, turn: int) -> int:
-        """The boundary at character `end` of the expanded text, whose prefix up to there encodes to `prefix_ids`."""
-        if self._is_prefix(prefix_ids):
-            return len(prefix_ids)
-        offsets = self._spans
-        if offsets is None:
-            what = "the generation prompt before" if gen else "the end of"
-            raise RejectError(f"chat template does not render prefixes consistently: the tokens up to {what} turn "
-                              f"{turn} are not a prefix of the whole conversation's tokens (and the tokenizer "
-                              "gives no character offsets to place the boundary)")
-        if gen:  # the answer starts at the first token that begins at or after the boundary
-            after = np.flatnonzero(offsets[:, 0] >= end)
-            return int(after[0]) if len(after) else len(offsets)
-        return int((offsets[:, 1] <= end).sum())  # the turn ends after the last token that ends by then
-
-    def _is_prefix(self, ids: Any) -> bool:
-        ids = np.asarray(ids)
-        return len(ids) <= len(self.ids) and np.array_equal(ids, self.ids[: len(ids)])
-
-    def _carry(self, pos: int) -> int | None:
-        """Where character `pos` of the text sits in the expanded text (None: not known from text alone)."""
-        for t_start, length, x_start in self.stretches or ():
-            if t_start <= pos <= t_start + length:
-                return None if x_start is None else x_start + pos - t_start
-        return None
-
-    @functools.cached_property
-    def _spans(self) -> np.ndarray | None:
-        """The whole encoding's (start, end) character spans in the expanded text (L, 2), when the tokenizer
-        gives them (fast tokenizers do) and its ids are the processor's."""
-        tok = self.renderer.tokenizer
-        if not getattr(tok, "is_fast", False):
-            return None
-        enc = tok(self.expanded, add_special_tokens=False, return_offsets_mapping=True)
-        if list(enc["input_ids"]) != self.ids[self.lead :].tolist():
-            return None
-        spans = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-        return np.concatenate([np.zeros((self.lead, 2), dtype=np.int64), spans])  # the lead spans no text
-
-
-def _stretches(text: str, expanded: str, marker: str | None, n_images: int
-               ) -> list[tuple[int, int, int | None]] | None:
-    """The stretches of `text` between image markers, each as (start in text, length, start in `expanded` or
-    None when the expansion admits more than one placement); None when `expanded` is not `text` with each marker
-    replaced by some non-empty string. Placements are found leftmost-first and rightmost-first: where the two
-    agree, the stretch has only one."""
-    pieces = text.split(marker) if n_images and marker else [text]
-    if len(pieces) != n_images + 1 or not expanded.startswith(pieces[0]) or not expanded.endswith(pieces[-1]):
-        return None
-    if len(pieces) == 1:
-        return [(0, len(text), 0)] if expanded == text else None
-    last = len(expanded) - len(pieces[-1])
-    left, pos = [0], len(pieces[0])
-    for piece in pieces[1:-1]:
-        at = expanded.find(piece, pos + 1)  # at least one character of expansion before it
-        if at < 0:
-            return None
-        left.append(at)
-        pos = at + len(piece)
-    if last < pos + 1:
-        return None
-    left.append(last)
-    right, end = [last], last
-    for piece in reversed(pieces[1:-1]):
-        end = expanded.rfind(piece, 0, end - 1)
-        right.append(end)
-    right.append(0)
-    right.reverse()
-    out, t_start = [], 0
-    for piece, a, b in zip(pieces, left, right):
-        out.append((t_start, len(piece), a if a == b else None))
-        t_start += len(piece) + len(marker or "")
-    return out
 
 
 def compatible_runs(items: list[Rendered], max_tokens: int | None = None) -> list[list[int]]:

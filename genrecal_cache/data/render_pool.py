@@ -83,6 +83,13 @@ def _prepare_in_worker(task: Task) -> tuple[Sample, Rendered] | RejectError:
     return _WORKER(task)
 
 
+def _pool_processes(executor: ProcessPoolExecutor | None) -> dict[int, Any]:
+    """A ProcessPoolExecutor's worker processes by pid ({} when unknown). concurrent.futures has no public way to
+    reach them (to read how a dead one ended): this reads its private `_processes` (CPython 3.8+), and another
+    Python may need this updated."""
+    return getattr(executor, "_processes", None) or {}
+
+
 class RenderPool:
     """`prepare(tasks)` yields (task, rendered sample or RejectError) in order; `close()` stops the workers.
 
@@ -128,7 +135,7 @@ class RenderPool:
 
     def _death(self) -> str:
         """How the workers ended, e.g. 'worker pid 123 killed by SIGKILL, often the out-of-memory killer'."""
-        procs = getattr(self._executor, "_processes", None) or {}
+        procs = _pool_processes(self._executor)
         out = []
         for pid, p in list(procs.items()):
             code = p.exitcode

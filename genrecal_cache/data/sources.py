@@ -130,10 +130,17 @@ def _saved(spec: str, path: Path, split: str | None) -> Source:
             raise DatasetError(f"--split {name}: {spec} holds the splits {', '.join(ds)}")
         ds = ds[name]
     files = [Path(f["filename"]) for f in ds.cache_files]
-    if ds._indices is not None:  # noqa: SLF001 (a filtered view: its rows are not the files' rows)
+    if _is_view(ds):  # a filtered view: its rows are not the files' rows
         raise DatasetError(f"--manifest {spec}: the dataset was saved as a view of another (select/filter); save "
                            "it with flatten_indices() first")
     return Source(spec, files, path)
+
+
+def _is_view(ds: Any) -> bool:
+    """Whether a `datasets.Dataset` has an indices mapping (select/filter/shuffle made it a view of its Arrow
+    table). datasets (5.x) has no public way to ask (`cache_files` lists a mapping only when it is on disk):
+    this reads its private `_indices`, and another datasets may need this updated."""
+    return ds._indices is not None
 
 
 def _hub(spec: str, split: str | None) -> Source:

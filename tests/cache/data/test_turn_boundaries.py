@@ -14,7 +14,8 @@ from transformers import PreTrainedTokenizerFast
 
 from genrecal_cache.core.errors import RejectError
 from genrecal_cache.core.models import load_processor
-from genrecal_cache.data.render import Renderer, _stretches
+from genrecal_cache.data.boundaries import place_stretches
+from genrecal_cache.data.render import Renderer
 from genrecal_cache.data.rows import ImageRef, Sample
 
 
@@ -120,12 +121,12 @@ def test_without_a_known_image_marker_each_prefix_is_expanded_by_the_processor(n
 
 def test_stretches_are_placed_only_where_the_expansion_leaves_one_choice():
     # "M" expands to "EE" and "FF": each stretch has one place.
-    assert _stretches("aMbMc", "aEEbFFc", "M", 2) == [(0, 1, 0), (2, 1, 3), (4, 1, 6)]
+    assert place_stretches("aMbMc", "aEEbFFc", "M", 2) == [(0, 1, 0), (2, 1, 3), (4, 1, 6)]
     # The first expansion contains the middle stretch's text: "x" could sit at 2 or 3.
-    assert _stretches("aMxMc", "aExxEc", "M", 2) == [(0, 1, 0), (2, 1, None), (4, 1, 5)]
-    assert _stretches("aMb", "aEEc", "M", 1) is None  # not a replacement of the marker
-    assert _stretches("aMbMc", "aEbc", "M", 2) is None  # an image with no expansion
-    assert _stretches("ab", "ab", None, 0) == [(0, 2, 0)]
+    assert place_stretches("aMxMc", "aExxEc", "M", 2) == [(0, 1, 0), (2, 1, None), (4, 1, 5)]
+    assert place_stretches("aMb", "aEEc", "M", 1) is None  # not a replacement of the marker
+    assert place_stretches("aMbMc", "aEbc", "M", 2) is None  # an image with no expansion
+    assert place_stretches("ab", "ab", None, 0) == [(0, 2, 0)]
 
 
 # Mistral-7B-Instruct-v0.1's template: each answer ends with "</s> ", and the next user turn starts "[INST]".
