@@ -59,7 +59,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -74,7 +73,7 @@ from genrecal_cache.store import format as store_format
 from genrecal_cache.store import writer as store_writer
 from genrecal_cache.store.format import FORMAT_VERSION, to_storage
 from genrecal_cache.store.reader import TeacherStore
-from genrecal_cache.store.writer import PartWriter, SampleRecord, open_or_create
+from genrecal_cache.store.writer import PartWriter, SampleRecord, StageClock, open_or_create
 
 MB = 1e6
 POOL_BYTES = 64 << 20
@@ -244,6 +243,14 @@ def feature_bytes(recs: list[SampleRecord]) -> int:
 
 # --- one measurement -------------------------------------------------------------------------------------------
 
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def drop_cache(path: Path) -> None:
     """posix_fadvise(DONTNEED) on every file under `path` (all fsync'd, so clean: the kernel drops them)."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
@@ -260,48 +267,6 @@ def commit_points(n: int, every: int) -> set[int]:
     return {i for i in range(every - 1, n, every)} | {n - 1}
 
 
-class Breakdown:
-    """Exclusive wall time of the writer's steps (an inner step's time is not counted again in the outer one),
-    timed by wrapping them for the duration of a `with`."""
-
-    STEPS: ClassVar[dict[str, str]] = {"zarr": "arrays compressed and written (zarr setitem, resize)", "fsync": "fsync",
-             "copy": "np.concatenate of tail + pending rows", "table": "Parquet tables"}
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = dict.fromkeys(self.STEPS, 0.0)
-        self._stack: list[float] = []
-
-    def wrap(self, name: str, f: Callable) -> Callable:
-        def timed(*a, **k):
-            t = time.perf_counter()
-            self._stack.append(0.0)
-            try:
-                return f(*a, **k)
-            finally:
-                dt, inner = time.perf_counter() - t, self._stack.pop()
-                self.totals[name] += dt - inner
-                if self._stack:
-                    self._stack[-1] += dt
-        return timed
-
-    @contextlib.contextmanager
-    def patched(self) -> Iterator[None]:
-        import types
-
-        import zarr
-
-        sw, arr = store_writer, zarr.Array
-        np_proxy = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
-        np_proxy.concatenate = self.wrap("copy", np.concatenate)
-        old = sw._fsync, sw._write_table, sw.np, arr.__setitem__, arr.resize
-        sw._fsync, sw._write_table, sw.np = self.wrap("fsync", sw._fsync), self.wrap("table", sw._write_table), np_proxy
-        arr.__setitem__, arr.resize = self.wrap("zarr", arr.__setitem__), self.wrap("zarr", arr.resize)
-        try:
-            yield
-        finally:
-            sw._fsync, sw._write_table, sw.np, arr.__setitem__, arr.resize = old
-
-
 def clock() -> tuple[float, float]:
     """(wall, CPU time of the whole process: every thread, user + system)."""
     return time.perf_counter(), time.process_time()
@@ -312,19 +277,22 @@ def since(t0: tuple[float, float]) -> tuple[float, float]:
     return t1[0] - t0[0], t1[1] - t0[1]
 
 
-def write_store(path: Path, recs: list[SampleRecord], meta: dict, every: int, bd: Breakdown | None = None
-                ) -> tuple[float, float]:
+def write_store(path: Path, recs: list[SampleRecord], meta: dict, every: int,
+                steps: dict[str, float] | None = None) -> tuple[float, float]:
+    """Write `recs` as one part, committing every `every`; `steps` gets the writer's seconds per step
+    (`StageClock`)."""
     open_or_create(path, meta, {})
     w = PartWriter(path, "shard-00000-of-00001", meta, {"command": ["bench_store"]})
     points = commit_points(len(recs), every)
-    with bd.patched() if bd else contextlib.nullcontext():
-        t = clock()
-        for i, r in enumerate(recs):
-            w.add(r)
-            if i in points:
-                w.commit(i + 1)
-        dt = since(t)
-    w._lock.close()
+    t = clock()
+    for i, r in enumerate(recs):
+        w.add(r)
+        if i in points:
+            w.commit(i + 1)
+    dt = since(t)
+    w.close()
+    if steps is not None:
+        steps.update(w.clock.seconds)
     return dt
 
 
@@ -341,7 +309,7 @@ def write_plain(path: Path, recs: list[SampleRecord], every: int) -> tuple[float
                 for x in (f, q):
                     x.flush()
                     os.fsync(x.fileno())
-        store_writer._fsync(path)
+        fsync_dir(path)
     return since(t)
 
 
@@ -429,10 +397,10 @@ class Trial:
                 if kind == "plain":
                     self._add("plain_write", write_plain(plain, recs, self.every))
                 else:
-                    bd = Breakdown()
-                    t = write_store(store, recs, self.meta, self.every, bd)
+                    steps: dict[str, float] = {}
+                    t = write_store(store, recs, self.meta, self.every, steps)
                     self._add("store_write", t)
-                    for k, v in bd.totals.items():
+                    for k, v in steps.items():
                         self.shares.setdefault(k, []).append(100 * v / t[0])
         self.comp = self.nbytes / disk_bytes(store, ("features", "question_features") if self.qf else ("features",))
         self.comp_all = raw_bytes(recs, self.meta) / disk_bytes(store)
@@ -692,7 +660,7 @@ def summary(row: dict) -> str:
             f"{row['store_read_mbs']:6.1f} (plain {row['plain_read_mbs']:6.1f}, {row['read_vs_plain']:.2f}x; "
             f"{row['store_read_cpu_mbs']:6.1f} per CPU-s, warm {row['store_read_warm_mbs']:6.1f})  "
             f"compression {row['compression']:.3f} (all arrays {row['compression_all']:.3f})  write time: "
-            + ", ".join(f"{k} {row[f'write_{k}_pct']}%" for k in Breakdown.STEPS))
+            + ", ".join(f"{k} {row[f'write_{k}_pct']}%" for k in StageClock.STEPS))
 
 
 def main() -> None:

@@ -47,6 +47,10 @@ def _check_output(path: Path) -> None:
                           "pass a new or empty directory")
 
 
+class _TooManyRejects(Exception):
+    """More than --max-reject-fraction of the rows were rejected (the message is made once they are committed)."""
+
+
 class CacheJob:
     """One writer: `run()` processes this shard's rows from where the last run committed."""
 
@@ -120,18 +124,71 @@ class CacheJob:
     def _run(self) -> CacheResult:
         cfg, w = self.cfg, self.writer
         res, t0 = CacheResult(), time.perf_counter()
+        total, tasks = self._tasks()
+        res.skipped = len(range(cfg.shard_index, min(w.rows_end, total), cfg.num_shards))
+        bar = tqdm(total=len(range(cfg.shard_index, total, cfg.num_shards)), initial=res.skipped, unit="sample",
+                   disable=not cfg.progress, dynamic_ncols=True, desc=f"cache-teacher {cfg.part_name}")
+        pending: list[tuple[Sample, Rendered]] = []
+        since_commit = seen = 0
+        rows_end = w.rows_end
+        pool = self._render_pool()
+        stop: Exception | None = None  # why the job stops early: raised once what was rendered is committed
+        try:
+            for task, outcome in pool.prepare(tasks):
+                res.renamed += task.sample_id is not None
+                if isinstance(outcome, RejectError):
+                    sample_id = task.sample_id or row_sample_id(task.row, cfg.column_map.id)
+                    self._reject_row(task.row.index, sample_id, outcome.reason, res)
+                else:
+                    pending.append(outcome)
+                rows_end, since_commit, seen = task.row.index + 1, since_commit + 1, seen + 1
+                if sum(len(r.input_ids) for _, r in pending) >= cfg.batch_tokens or since_commit >= cfg.commit_every:
+                    self._flush(pending, res)
+                    pending = []
+                if since_commit >= cfg.commit_every:
+                    w.commit(rows_end)
+                    since_commit = 0
+                bar.update(1)
+                bar.set_postfix(tok_s=f"{res.tokens / max(time.perf_counter() - t0, 1e-9):.0f}", rejects=res.rejects,
+                                refresh=False)
+                if seen >= MIN_ROWS_FOR_REJECT_FRACTION and res.rejects > cfg.max_reject_fraction * seen:
+                    stop = _TooManyRejects()
+                    break
+        except RenderWorkerError as e:
+            stop = RenderWorkerError(f"{e}. Every row before {rows_end} is committed: re-run the same command to "
+                                     "continue (--render-workers 0 renders in the job's own process).")
+        finally:
+            pool.close()
+        self._flush(pending, res)  # the one commit path: what was rendered is run, then committed
+        if stop is not None:
+            w.commit(rows_end)
+        elif w.num_pending or total > w.rows_end:
+            w.commit(total)  # every row of this shard is done
+        bar.close()
+        res.seconds = time.perf_counter() - t0
+        if isinstance(stop, _TooManyRejects):
+            raise DatasetError(
+                f"stopped: {res.rejects} of the {seen} rows processed were rejected, more than "
+                f"--max-reject-fraction {cfg.max_reject_fraction}. Top reasons: {res.top_reasons()}. The "
+                f"{res.samples} good rows so far are committed; fix the data (or raise --max-reject-fraction) "
+                "and re-run the same command to continue.")
+        if stop is not None:
+            raise stop
+        if w.lengths["tokens"] == 0:
+            raise DatasetError(
+                f"no sample committed: {res.rejects} of {res.rejects + res.samples} rows rejected (top reasons: "
+                f"{res.top_reasons()}). Check --manifest, --columns and --image-root; `inspect-cache --store "
+                f"{cfg.output}` lists every reject.")
+        return res
+
+    def _tasks(self) -> tuple[int, Iterator[Task]]:
+        """The rows to cache (manifest rows < the returned count) and this shard's tasks after the last commit,
+        each with its id as renamed or rejected by the `--duplicate-ids` plan."""
+        cfg, w = self.cfg, self.writer
         total, renamed, duplicates = plan_ids(self.source.ids(cfg.column_map.id), cfg.duplicate_ids)
         if cfg.max_samples is not None:
             total = min(total, cfg.max_samples)
         w.rows_total = total
-        mine = len(range(cfg.shard_index, total, cfg.num_shards))
-        done = len(range(cfg.shard_index, min(w.rows_end, total), cfg.num_shards))
-        res.skipped = done
-        bar = tqdm(total=mine, initial=done, unit="sample", disable=not cfg.progress, dynamic_ncols=True,
-                   desc=f"cache-teacher {cfg.part_name}")
-        pending: list[tuple[Sample, Rendered]] = []
-        since_commit = seen = 0
-        rows_end = w.rows_end
 
         def tasks() -> Iterator[Task]:
             for row in self.source.rows():
@@ -140,60 +197,16 @@ class CacheJob:
                 if row.index >= w.rows_end and row.index % cfg.num_shards == cfg.shard_index:
                     yield Task(row, renamed.get(row.index), duplicates.get(row.index))
 
-        # With --answers generate, the prompt first (early rejects), the whole conversation once answered.
-        pool = RenderPool(Preparer(self.renderer, dict(
+        return total, tasks()
+
+    def _render_pool(self) -> RenderPool:
+        """`--render-workers` processes that parse and render rows in order. With --answers generate they render
+        the prompt first (early rejects); the whole conversation is rendered once answered."""
+        cfg = self.cfg
+        return RenderPool(Preparer(self.renderer, dict(
             root=self.image_root, allow_outside_root=cfg.allow_outside_root, need_answer=not cfg.generation,
             columns=cfg.column_map, allow_remote_images=cfg.allow_remote_images), prompt=bool(cfg.generation)),
             cfg.render_workers, ahead_tokens=2 * cfg.batch_tokens)
-        try:
-            for task, outcome in pool.prepare(tasks()):
-                row = task.row
-                res.renamed += task.sample_id is not None
-                if isinstance(outcome, RejectError):
-                    self._reject_row(row.index, task.sample_id or row_sample_id(row, cfg.column_map.id),
-                                     outcome.reason, res)
-                else:
-                    pending.append(outcome)
-                rows_end, since_commit, seen = row.index + 1, since_commit + 1, seen + 1
-                if sum(len(r.input_ids) for _, r in pending) >= cfg.batch_tokens:
-                    self._flush(pending, res)
-                    pending = []
-                if since_commit >= cfg.commit_every:
-                    self._flush(pending, res)
-                    pending = []
-                    w.commit(rows_end)
-                    since_commit = 0
-                bar.update(1)
-                elapsed = max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(tok_s=f"{res.tokens / elapsed:.0f}", rejects=res.rejects, refresh=False)
-                if seen >= MIN_ROWS_FOR_REJECT_FRACTION and res.rejects > cfg.max_reject_fraction * seen:
-                    self._flush(pending, res)
-                    w.commit(rows_end)
-                    bar.close()
-                    raise DatasetError(
-                        f"stopped: {res.rejects} of the {seen} rows processed were rejected, more than "
-                        f"--max-reject-fraction {cfg.max_reject_fraction}. Top reasons: {res.top_reasons()}. The "
-                        f"{res.samples} good rows so far are committed; fix the data (or raise --max-reject-fraction) "
-                        "and re-run the same command to continue.")
-        except RenderWorkerError as e:
-            self._flush(pending, res)
-            w.commit(rows_end)
-            bar.close()
-            raise RenderWorkerError(f"{e}. Every row before {rows_end} is committed: re-run the same command to "
-                                    "continue (--render-workers 0 renders in the job's own process).") from None
-        finally:
-            pool.close()
-        self._flush(pending, res)
-        if w.num_pending or total > w.rows_end:
-            w.commit(total)
-        bar.close()
-        res.seconds = time.perf_counter() - t0
-        if w.lengths["tokens"] == 0:
-            raise DatasetError(
-                f"no sample committed: {res.rejects} of {res.rejects + res.samples} rows rejected (top reasons: "
-                f"{res.top_reasons()}). Check --manifest, --columns and --image-root; `inspect-cache --store "
-                f"{cfg.output}` lists every reject.")
-        return res
 
     def _flush(self, pending: list[tuple[Sample, Rendered]], res: CacheResult) -> None:
         """Run the teacher over pending samples in token-budget batches and hand the results to the writer."""

@@ -138,6 +138,30 @@ def open_or_create(path: Path, meta: dict[str, Any], head: dict[str, torch.Tenso
 
 # --- a writer's part ------------------------------------------------------------------------------------------
 
+class StageClock:
+    """Wall seconds a writer's commits spent per step (`copy`: tails joined to the pending rows, `zarr`: arrays
+    compressed and written, `fsync`, `table`: the Parquet tables); a nested step's time is not counted again in the
+    step around it. Read by `tools/bench_store.py`."""
+
+    STEPS = ("zarr", "fsync", "copy", "table")
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(self.STEPS, 0.0)
+        self._inner: list[float] = []  # per open step: the time its nested steps took
+
+    @contextlib.contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        t = time.perf_counter()
+        self._inner.append(0.0)
+        try:
+            yield
+        finally:
+            dt, inner = time.perf_counter() - t, self._inner.pop()
+            self.seconds[step] += dt - inner
+            if self._inner:
+                self._inner[-1] += dt
+
+
 class PartWriter:
     """Appends samples to one part; `commit()` makes everything added so far durable and visible.
 
@@ -180,6 +204,11 @@ class PartWriter:
         self._pending_rejects: list[dict[str, Any]] = []
         self._pending_rows: dict[str, list[np.ndarray]] = {s.name: [] for s in self.specs}
         self._pending_lengths = dict(self.lengths)
+        self.clock = StageClock()
+
+    def close(self) -> None:
+        """Release the part (its lock); what was not committed is dropped by the next writer's recovery."""
+        self._lock.close()
 
     def _recover(self) -> tuple[int, int, dict[str, int]]:
         commits = sorted((self.dir / SAMPLES_DIR).glob("*.parquet"))
@@ -243,26 +272,32 @@ class PartWriter:
             if new_n == old_n:
                 continue
             arr = self.arrays[spec.name]
-            data = np.concatenate([self.tail[spec.name], *self._pending_rows[spec.name]])
+            with self.clock("copy"):
+                data = np.concatenate([self.tail[spec.name], *self._pending_rows[spec.name]])
             start = old_n - len(self.tail[spec.name])
             assert start % spec.shard_rows == 0 and start + len(data) == new_n
-            arr.resize(spec.shape(new_n))
+            with self.clock("zarr"):
+                arr.resize(spec.shape(new_n))
             for s in range(start, new_n, spec.shard_rows):  # whole shards, never two writes into one
                 e = min(s + spec.shard_rows, new_n)
                 fault_point(f"array-write:{self.seq}:{spec.name}")
-                arr[s:e] = data[s - start : e - start]
-                _fsync_shard(self.dir / spec.name, s // spec.shard_rows, spec.width is not None)
+                with self.clock("zarr"):
+                    arr[s:e] = data[s - start : e - start]
+                with self.clock("fsync"):
+                    _fsync_shard(self.dir / spec.name, s // spec.shard_rows, spec.width is not None)
             keep = new_n - new_n % spec.shard_rows
-            self.tail[spec.name] = data[keep - start :].copy()  # not a view: it would keep the whole commit
-            _fsync(self.dir / spec.name / "zarr.json")
-            _fsync(self.dir / spec.name)
+            with self.clock("copy"):
+                self.tail[spec.name] = data[keep - start :].copy()  # not a view: it would keep the whole commit
+            with self.clock("fsync"):
+                _fsync(self.dir / spec.name / "zarr.json")
+                _fsync(self.dir / spec.name)
         name = f"{self.seq:08d}.parquet"
         commit = {"seq": self.seq, "rows_end": rows_end, "lengths": dict(new), "time": round(time.time(), 3),
                   "rows_total": self.rows_total}  # time and rows_total: for inspect-cache --progress
         fault_point(f"arrays-written:{self.seq}")
-        _write_table(self.dir / REJECTS_DIR / name, self._pending_rejects, REJECT_SCHEMA, commit)
+        _write_table(self.dir / REJECTS_DIR / name, self._pending_rejects, REJECT_SCHEMA, commit, self.clock)
         fault_point(f"rejects-written:{self.seq}")
-        _write_table(self.dir / SAMPLES_DIR / name, self._pending, SAMPLE_SCHEMA, commit)  # the commit point
+        _write_table(self.dir / SAMPLES_DIR / name, self._pending, SAMPLE_SCHEMA, commit, self.clock)  # the commit
         fault_point(f"committed:{self.seq}")
         self.seq, self.rows_end, self.lengths = self.seq + 1, rows_end, dict(new)
         self._pending, self._pending_rejects = [], []
@@ -277,12 +312,15 @@ def _fsync_shard(array_dir: Path, shard: int, two_d: bool) -> None:
         _fsync(d)
 
 
-def _write_table(path: Path, rows: list[dict], schema: pa.Schema, commit: dict) -> None:
+def _write_table(path: Path, rows: list[dict], schema: pa.Schema, commit: dict, clock: StageClock) -> None:
     """Write a Parquet file atomically: temp file, fsync, rename, fsync the directory."""
-    table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
-        {"genrecal_commit": json.dumps(commit)})
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
+    with clock("table"):
+        table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
+            {"genrecal_commit": json.dumps(commit)})
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        with clock("fsync"):
+            _fsync(tmp)
+        os.replace(tmp, path)
+        with clock("fsync"):
+            _fsync(path.parent)
