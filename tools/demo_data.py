@@ -86,10 +86,13 @@ def write_demo_manifest(out: Path | str, n: int = 24, seed: int = 0, bad_rows: b
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("-n", type=int, default=24)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__, epilog="e.g. python tools/demo_data.py out/data -n 16 "
+                                     "(writes out/data/manifest.jsonl and out/data/images/, prints the manifest's "
+                                     "path)")
+    parser.add_argument("out", type=Path, help="folder to write manifest.jsonl and images/ into")
+    parser.add_argument("-n", type=int, default=24, help="good rows to write (default: 24), with four bad rows "
+                        "in among them (lines 4, 8, 12 and 16)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the digits, questions and images (default: 0)")
     args = parser.parse_args()
     print(write_demo_manifest(args.out, args.n, args.seed))
 

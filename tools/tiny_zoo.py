@@ -483,10 +483,13 @@ def build_zoo(root: Path | str, seed: int = 0, names: tuple[str, ...] = ZOO_NAME
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("out", type=Path, help="directory to build the models into")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--names", nargs="*", default=list(ZOO_NAMES), choices=ZOO_NAMES + FAMILY_NAMES)
+    parser = argparse.ArgumentParser(description=__doc__, epilog="e.g. python tools/tiny_zoo.py out/zoo --names "
+                                     "llava idefics3  (writes out/zoo/llava and out/zoo/idefics3)")
+    parser.add_argument("out", type=Path, help="directory to build the models into, one subdirectory per model "
+                        "(a model already there is kept)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    parser.add_argument("--names", nargs="*", default=list(ZOO_NAMES), choices=ZOO_NAMES + FAMILY_NAMES,
+                        help=f"models to build (default: {' '.join(ZOO_NAMES)})")
     args = parser.parse_args()
     for name, path in build_zoo(args.out, args.seed, tuple(args.names)).items():
         print(f"{name}: {path}")

@@ -229,8 +229,9 @@ def to_argv(cfg: Any, skip: tuple[str, ...] = ("command",), changed_only: bool =
 
 
 def run_app(cls: type, run: Callable[[Any], None], name: str) -> None:
-    """Run one typer command whose options are the fields of `cls`."""
+    """Run one typer command whose options are the fields of `cls`. Help is plain text (`rich_markup_mode=None`):
+    brackets in it, as in `genrecal[lora]`, `hidden_states[k]` or `[required]`, are shown, not read as markup."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=cls.__doc__)
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=cls.__doc__, rich_markup_mode=None)
     app.command(name=name, help=cls.__doc__)(command_from(cls, run))
     app(prog_name=name)
