@@ -19,6 +19,8 @@ torch.set_num_threads(1)  # 2 threads on a busy 2-core machine is slower
 from demo_data import write_demo_manifest  # noqa: E402
 from tiny_zoo import FAMILY_NAMES, build_zoo  # noqa: E402
 
+from tests.helpers import run_command  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -54,7 +56,8 @@ def clean_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def family_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The families built only for the family matrix (tests/test_families.py): Gemma 3, InternVL, Granite, mllama."""
+    """The families built only for the family matrix (tests/cache/teacher/test_families.py): Gemma 3, InternVL,
+    Granite, mllama."""
     return build_zoo(tmp_path_factory.mktemp("family_zoo"), seed=0, names=FAMILY_NAMES)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,10 +19,39 @@ COMMANDS = {  # console command -> how to start it from this interpreter (the in
 }
 
 
-def run_command(command: str, *args: object, env: dict[str, str] | None = None, timeout: float = 900,
-                cwd: Path | None = None, **kwargs: object) -> subprocess.CompletedProcess:
+def command_line(command: str, *args: object) -> list[str]:
+    """The argv that starts `command ARGS...` with this interpreter (each argument as `str`)."""
+    return [sys.executable, *COMMANDS[command], *map(str, args)]
+
+
+def command_env(env: Mapping[str, str] | None = None, drop_env: Iterable[str] = (),
+                inherit_env: bool = True) -> dict[str, str]:
+    """The command's environment: this process's (unless `inherit_env=False`) less the names in `drop_env`, then
+    `env` added, so a name both dropped and given takes `env`'s value."""
+    out = dict(os.environ) if inherit_env else {}
+    for name in drop_env:
+        out.pop(name, None)
+    return {**out, **(env or {})}
+
+
+def run_command(command: str, *args: object, env: Mapping[str, str] | None = None, drop_env: Iterable[str] = (),
+                inherit_env: bool = True, timeout: float = 900, cwd: Path | None = None,
+                **kwargs: object) -> subprocess.CompletedProcess:
     """`command ARGS...` in a subprocess with this interpreter, as a user runs it; returns the completed process
-    (`returncode`, `stdout`, `stderr` as text). `env` adds to (not replaces) this process's environment."""
-    cmd = [sys.executable, *COMMANDS[command], *map(str, args)]
-    return subprocess.run(cmd, env={**os.environ, **(env or {})}, timeout=timeout, cwd=cwd or ROOT,
-                          capture_output=True, text=True, **kwargs)
+    (`returncode`, `stdout`, `stderr` as text). `env` adds to this process's environment less `drop_env`
+    (`inherit_env=False`: `env` is the whole environment). stdout and stderr are captured unless given (e.g.
+    `stdout=subprocess.DEVNULL`); other keywords (`check=True`, `input=...`) go to `subprocess.run`."""
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    kwargs.setdefault("stderr", subprocess.PIPE)
+    kwargs.setdefault("text", True)
+    return subprocess.run(command_line(command, *args), env=command_env(env, drop_env, inherit_env), timeout=timeout,
+                          cwd=cwd or ROOT, **kwargs)
+
+
+def start_command(command: str, *args: object, env: Mapping[str, str] | None = None, drop_env: Iterable[str] = (),
+                  inherit_env: bool = True, cwd: Path | None = None, **kwargs: object) -> subprocess.Popen:
+    """`command ARGS...` started and left running (for tests that wait on, kill or race it): the `subprocess.Popen`,
+    with `run_command`'s command line, environment and directory; other keywords (`stdout=`, `stderr=`, `text=`,
+    `start_new_session=`) go to `Popen`, whose output is not captured unless asked."""
+    return subprocess.Popen(command_line(command, *args), env=command_env(env, drop_env, inherit_env),
+                            cwd=cwd or ROOT, **kwargs)

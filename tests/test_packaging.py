@@ -6,7 +6,7 @@ import subprocess
 import sys
 import zipfile
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_command
 
 
 def test_wheel_has_no_top_level_kernels(tmp_path):
@@ -47,12 +47,10 @@ def test_phase_one_never_imports_the_trainer(tmp_path):
 
 def test_choice_flags_list_their_values_and_refuse_others(tmp_path):
     """Choice options are enums: --help lists the values, and typer refuses another with exit code 2."""
-    help_ = subprocess.run([sys.executable, "-m", "genrecal_train.cli", "--help"], capture_output=True, text=True,
-                           timeout=120, env={"COLUMNS": "250", "PATH": ""})
+    help_ = run_command("train-student", "--help", env={"COLUMNS": "250", "PATH": ""}, inherit_env=False, timeout=120)
     assert help_.returncode == 0, help_.stderr
     for values in ("1|2|3|all", "features|embeddings", "auto|triton|chunked|naive"):
         assert values in help_.stdout, values
-    bad = subprocess.run([sys.executable, "-m", "genrecal_cache", "cache-teacher", "--teacher", "t", "--manifest",
-                          "m.jsonl", "--output", str(tmp_path / "s"), "--backend", "tgi"], capture_output=True,
-                         text=True, timeout=120)
+    bad = run_command("cache-teacher", "--teacher", "t", "--manifest", "m.jsonl", "--output", tmp_path / "s",
+                      "--backend", "tgi", timeout=120)
     assert bad.returncode == 2 and "hf" in bad.stderr and "vllm" in bad.stderr and "Traceback" not in bad.stderr

@@ -3,36 +3,33 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-from tests.helpers import ROOT
+from tests.helpers import run_command
+
+# Each command: one thread, and no kill point but the one a call gives.
+ENV, DROP = {"OMP_NUM_THREADS": "1"}, ("GENRECAL_KILL_AT",)
 
 
-def _cli(*args: str, **env_extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
-    if "GENRECAL_KILL_AT" not in env_extra:
-        env.pop("GENRECAL_KILL_AT", None)
-    return subprocess.run([sys.executable, "-m", "genrecal_cache", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+def _progress(out, *flags: str):
+    return run_command("inspect-cache", "--store", out, "--progress", *flags, env=ENV, drop_env=DROP, timeout=600)
 
 
 def test_progress_of_a_job_stopped_half_way(zoo, demo_manifest, tmp_path):
     out = tmp_path / "s"
-    job = ["cache-teacher", "--teacher", str(zoo["llava"]), "--manifest", str(demo_manifest), "--output", str(out),
+    job = ["--teacher", str(zoo["llava"]), "--manifest", str(demo_manifest), "--output", str(out),
            "--commit-every", "4", "--dtype", "float32", "--device", "cpu", "--no-progress", "--render-workers", "0"]
-    killed = _cli(*job, GENRECAL_KILL_AT="committed:2")  # three commits made, then killed
+    killed = run_command("cache-teacher", *job, env={**ENV, "GENRECAL_KILL_AT": "committed:2"}, drop_env=DROP,
+                         timeout=600)  # three commits made, then killed
     assert killed.returncode == -9, killed.stderr[-2000:]
-    p = _cli("inspect-cache", "--store", str(out), "--progress", "--json")
+    p = _progress(out, "--json")
     assert p.returncode == 0, p.stderr[-2000:]
     (part,) = json.loads(p.stdout)
     total = len(demo_manifest.read_text().splitlines())
     assert part["part"] == "shard-00000-of-00001" and part["commits"] == 3
     assert part["rows_end"] == 12 and part["rows_total"] == total and 0 < part["samples"] <= 12
     assert part["rows_per_s"] > 0 and part["eta_s"] is not None and part["last_commit_age_s"] >= 0
-    text = _cli("inspect-cache", "--store", str(out), "--progress").stdout
+    text = _progress(out).stdout
     assert f"12/{total} (" in text and "shard-00000-of-00001" in text
-    assert _cli(*job).returncode == 0  # resumed to the end
-    (part,) = json.loads(_cli("inspect-cache", "--store", str(out), "--progress", "--json").stdout)
-    assert part["rows_end"] == total and "done" in _cli("inspect-cache", "--store", str(out), "--progress").stdout
+    assert run_command("cache-teacher", *job, env=ENV, drop_env=DROP, timeout=600).returncode == 0  # resumed
+    (part,) = json.loads(_progress(out, "--json").stdout)
+    assert part["rows_end"] == total and "done" in _progress(out).stdout

@@ -3,16 +3,14 @@ same command gives the store an uninterrupted run gives; nothing lost, nothing d
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.store.verify import verify
 from tests.cache.job.test_cache_teacher import assert_same_store
-from tests.helpers import ROOT
+from tests.helpers import start_command
 
 KILL_POINTS = ["array-write:0:token_ids", "array-write:1:features", "array-write:2:question_features",
                "arrays-written:1", "rejects-written:2", "committed:0", "committed:3"]
@@ -21,14 +19,12 @@ pytestmark = pytest.mark.reliability
 
 
 def _run(zoo, manifest, out, shard="0/1", **faults) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("GENRECAL_KILL_AT", "GENRECAL_ENOSPC_AT"):
-        env.pop(k, None)
-    env.update(faults)
-    cmd = [sys.executable, "-m", "genrecal_cache", "cache-teacher", "--teacher", str(zoo["qwen2vl"]),
-           "--manifest", str(manifest), "--output", str(out), "--commit-every", "3", "--batch-tokens", "200",
-           "--dtype", "float32", "--device", "cpu", "--question-features", "--shard", shard, "--no-progress"]
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """Started, not waited on (two writers race); no fault but those `faults` gives."""
+    return start_command("cache-teacher", "--teacher", zoo["qwen2vl"], "--manifest", manifest, "--output", out,
+                         "--commit-every", "3", "--batch-tokens", "200", "--dtype", "float32", "--device", "cpu",
+                         "--question-features", "--shard", shard, "--no-progress",
+                         env={"OMP_NUM_THREADS": "1", **faults}, drop_env=("GENRECAL_KILL_AT", "GENRECAL_ENOSPC_AT"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _done(p: subprocess.Popen) -> tuple[int, str]:

@@ -4,33 +4,27 @@ each run writes its resolved config, and `--config` of that file repeats the run
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from genrecal_train.config import TrainConfig
 from tests.cache.job.test_cache_teacher import assert_same_store
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_command
 
 EXAMPLES = ROOT / "examples"
 
 
-def _run(tool: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("GENRECAL_KILL_AT", None)
-    return subprocess.run([os.path.join(os.path.dirname(sys.executable), tool), *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+# Each command: one thread, no kill point.
+ENV, DROP = {"OMP_NUM_THREADS": "1"}, ("GENRECAL_KILL_AT",)
 
 
 @pytest.fixture(scope="module")
 def demo_store(zoo, clean_manifest, tmp_path_factory):
     """cache-teacher from the demo's config file, the paths on the command line."""
     out = tmp_path_factory.mktemp("cfg") / "store"
-    p = _run("cache-teacher", "--config", str(EXAMPLES / "demo" / "cache-teacher.yaml"), "--teacher",
-             str(zoo["llava"]), "--manifest", str(clean_manifest), "--output", str(out), "--no-progress")
+    p = run_command("cache-teacher", "--config", EXAMPLES / "demo" / "cache-teacher.yaml", "--teacher", zoo["llava"],
+                    "--manifest", clean_manifest, "--output", out, "--no-progress", env=ENV, drop_env=DROP, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     return out
 
@@ -40,16 +34,17 @@ def test_the_demo_cache_config_runs_and_its_resolved_config_repeats_the_run(demo
     values = yaml.safe_load(resolved.read_text())
     assert values["question_features"] is True and values["topk"] == 5  # from the file
     assert values["output"] == str(demo_store) and values["progress"] is False  # from the command line
-    p = _run("cache-teacher", "--config", str(resolved), "--output", str(tmp_path / "again"))
+    p = run_command("cache-teacher", "--config", resolved, "--output", tmp_path / "again", env=ENV, drop_env=DROP,
+                    timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert_same_store(demo_store, tmp_path / "again")
 
 
 def test_the_demo_train_config_runs_and_writes_its_resolved_config(zoo, demo_store, tmp_path):
     out = tmp_path / "run"
-    p = _run("train-student", "--config", str(EXAMPLES / "demo" / "train-student.yaml"), "--store",
-             str(demo_store), "--student", str(zoo["idefics3"]), "--output", str(out), "--stage", "3",
-             "--max-steps", "2", "--batch-size", "4", "--no-progress")
+    p = run_command("train-student", "--config", EXAMPLES / "demo" / "train-student.yaml", "--store", demo_store,
+                    "--student", zoo["idefics3"], "--output", out, "--stage", "3", "--max-steps", "2", "--batch-size",
+                    "4", "--no-progress", env=ENV, drop_env=DROP, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     values = yaml.safe_load((out / "config.yaml").read_text())
     assert values["lr"] == 0.001 and values["warmup_steps"] == 10  # from the file
@@ -76,10 +71,10 @@ def test_bad_config_files_are_clear_errors(tmp_path, zoo, clean_manifest):
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
-        p = _run("cache-teacher", "--config", str(tmp_path / name), "--teacher", str(zoo["llava"]), "--manifest",
-                 str(clean_manifest), "--output", str(tmp_path / "s"))
+        p = run_command("cache-teacher", "--config", tmp_path / name, "--teacher", zoo["llava"], "--manifest",
+                        clean_manifest, "--output", tmp_path / "s", env=ENV, drop_env=DROP, timeout=600)
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, (name, p.stderr[-1000:])
-    p = _run("cache-teacher", "--output", str(tmp_path / "s"))
+    p = run_command("cache-teacher", "--output", tmp_path / "s", env=ENV, drop_env=DROP, timeout=600)
     assert p.returncode == 2 and "missing --teacher, --manifest: give it on the command line or in --config" in p.stderr
-    p = _run("inspect-cache", "--config", str(tmp_path / "typo.yaml"))
+    p = run_command("inspect-cache", "--config", tmp_path / "typo.yaml", env=ENV, drop_env=DROP, timeout=600)
     assert p.returncode == 2 and "unknown option 'batch_token'" in p.stderr

@@ -3,26 +3,22 @@ own process gives; a worker that dies stops the job cleanly, naming the row, and
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.store.verify import verify
 from tests.cache.job.test_cache_teacher import assert_same_store
-from tests.helpers import ROOT
+from tests.helpers import run_command
 
 
 def _cache(zoo, manifest, out, workers: int, *extra: str, **env_extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
-    if "GENRECAL_KILL_AT" not in env_extra:
-        env.pop("GENRECAL_KILL_AT", None)
-    cmd = [sys.executable, "-m", "genrecal_cache", "cache-teacher", "--teacher", str(zoo["qwen2vl"]),
-           "--manifest", str(manifest), "--output", str(out), "--render-workers", str(workers), "--commit-every",
-           "3", "--batch-tokens", "200", "--dtype", "float32", "--device", "cpu", "--no-progress", *extra]
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    """No kill point but the one `env_extra` gives."""
+    return run_command("cache-teacher", "--teacher", zoo["qwen2vl"], "--manifest", manifest, "--output", out,
+                       "--render-workers", workers, "--commit-every", "3", "--batch-tokens", "200", "--dtype",
+                       "float32", "--device", "cpu", "--no-progress", *extra,
+                       env={"OMP_NUM_THREADS": "1", **env_extra}, drop_env=("GENRECAL_KILL_AT",), timeout=600)
 
 
 @pytest.fixture(scope="module")

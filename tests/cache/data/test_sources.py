@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from genrecal_cache.job.cache_job import plan_ids
 from genrecal_cache.job.config import CacheConfig, DuplicateIds
 from genrecal_cache.job.launch import run_cache
 from genrecal_cache.store.reader import TeacherStore
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_command
 
 # (id, image under the image root or None, question, answer): the id a1 repeats, as image stems do in LLaVA mixes
 ROWS = [("a1", "coco/train2017/0000.png", "What digit is this?", "seven"),
@@ -293,15 +292,11 @@ def test_a_column_mapping_reads_a_flat_table(tmp_path):
         Columns.parse("quest=x")
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "genrecal_cache", "cache-teacher", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-
 def test_an_all_bad_manifest_exits_non_zero_with_its_reasons(zoo, tmp_path):
     m = tmp_path / "bad.json"
     m.write_text(json.dumps([{"id": f"b{i}", "messages": [{"role": "user", "content": "hi"}]} for i in range(5)]))
-    r = _cli("--teacher", str(zoo["llava"]), "--manifest", str(m), "--output", str(tmp_path / "s"), "--no-progress")
+    r = run_command("cache-teacher", "--teacher", zoo["llava"], "--manifest", m, "--output", tmp_path / "s",
+                    "--no-progress", env={"OMP_NUM_THREADS": "1"}, timeout=600)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "no sample committed: 5 of 5 rows rejected" in r.stderr and "5 x conversation has no assistant turn" in \
         r.stderr, r.stderr[-2000:]
@@ -315,13 +310,13 @@ def test_max_reject_fraction_stops_keeps_the_work_and_resumes(zoo, data, tmp_pat
     m.write_text("".join(json.dumps(x) + "\n" for x in rows))
     args = ["--teacher", str(zoo["llava"]), "--manifest", str(m), "--output", str(tmp_path / "s"), "--no-progress",
             "--commit-every", "16"]
-    r = _cli(*args)
+    r = run_command("cache-teacher", *args, env={"OMP_NUM_THREADS": "1"}, timeout=600)
     assert r.returncode == 2 and "stopped: " in r.stderr and "--max-reject-fraction 0.5" in r.stderr, r.stderr[-1500:]
     assert "x conversation has no assistant turn" in r.stderr
     first = TeacherStore(tmp_path / "s")
     done = first.parts[0].commit["rows_end"]
     assert 100 <= done < 200 and len(first) == len(range(0, done, 4))
-    r = _cli(*args, "--max-reject-fraction", "1")
+    r = run_command("cache-teacher", *args, "--max-reject-fraction", "1", env={"OMP_NUM_THREADS": "1"}, timeout=600)
     assert r.returncode == 0, r.stderr[-1500:]
     assert "rejects by reason:" in r.stdout
     store = TeacherStore(tmp_path / "s")
@@ -345,8 +340,9 @@ def test_a_resumed_job_on_changed_data_is_refused_naming_the_file(zoo, data, tmp
 @pytest.mark.vllm
 def test_a_llava_json_array_on_the_vllm_engine(zoo, data, reference, tmp_path):
     pytest.importorskip("vllm")
-    r = _cli("--teacher", str(zoo["llava"]), "--manifest", str(_llava_json(data)), "--image-root", str(data),
-             "--output", str(tmp_path / "s"), "--backend", "vllm", "--dtype", "float32", "--no-progress")
+    r = run_command("cache-teacher", "--teacher", zoo["llava"], "--manifest", _llava_json(data), "--image-root", data,
+                    "--output", tmp_path / "s", "--backend", "vllm", "--dtype", "float32", "--no-progress",
+                    env={"OMP_NUM_THREADS": "1"}, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     got, ref = _by_row(TeacherStore(tmp_path / "s")), _by_row(reference)
     assert sorted(got) == sorted(ref)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from genrecal_cache.core.errors import ConfigError, DatasetError
 from genrecal_cache.job.config import CacheConfig
 from genrecal_cache.job.launch import run_cache
 from genrecal_cache.store.reader import TeacherStore
-from tests.helpers import ROOT
+from tests.helpers import run_command
 
 
 def _ok(i: int, img: str = "images/0000.png") -> dict:
@@ -123,9 +121,8 @@ def test_missing_teacher_path_fails_at_once(bad_manifest, tmp_path):
     (["--dtype", "int8"], "--dtype must be one of"),
 ])
 def test_cli_flag_errors_name_the_flag(bad_manifest, tmp_path, flags, message):
-    cmd = [sys.executable, "-m", "genrecal_cache", "cache-teacher", "--teacher", "x", "--manifest",
-           str(bad_manifest), "--output", str(tmp_path / "s"), *flags]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = run_command("cache-teacher", "--teacher", "x", "--manifest", bad_manifest, "--output", tmp_path / "s", *flags,
+                    timeout=120)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
 

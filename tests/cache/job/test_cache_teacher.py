@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,7 @@ from genrecal_cache.job.config import CacheConfig
 from genrecal_cache.job.launch import run_cache
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.teacher.hf import HFTeacher
-from tests.helpers import ROOT
+from tests.helpers import run_command
 
 
 def _cfg(zoo_model: Path, manifest: Path, out: Path, **kw) -> CacheConfig:
@@ -139,13 +136,10 @@ def test_data_parallel_copies_form_one_store(zoo, demo_manifest, tmp_path):
     """`--data-parallel-size 2`: two copies of the job at once, each writing its own part; every row is committed
     or rejected exactly once, and the counts printed are the sum of both."""
     out = tmp_path / "s"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("GENRECAL_KILL_AT", None)
-    p = subprocess.run(
-        [sys.executable, "-m", "genrecal_cache", "cache-teacher", "--teacher", str(zoo["llava"]),
-         "--manifest", str(demo_manifest), "--output", str(out), "--data-parallel-size", "2", "--dtype", "float32",
-         "--device", "cpu", "--commit-every", "2", "--no-progress", "--result-json", str(tmp_path / "r.json")],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = run_command("cache-teacher", "--teacher", zoo["llava"], "--manifest", demo_manifest, "--output", out,
+                    "--data-parallel-size", "2", "--dtype", "float32", "--device", "cpu", "--commit-every", "2",
+                    "--no-progress", "--result-json", tmp_path / "r.json",
+                    env={"OMP_NUM_THREADS": "1"}, drop_env=("GENRECAL_KILL_AT",), timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     store = TeacherStore(out)
     assert [q.name for q in store.parts] == ["shard-00000-of-00002", "shard-00001-of-00002"]

@@ -3,18 +3,16 @@ example sbatch scripts (shell syntax, options that exist)."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from genrecal_cache.core.errors import ConfigError
 from genrecal_cache.job.config import shard_from_env
 from genrecal_cache.store.reader import TeacherStore
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_command
 
 
 def test_shard_auto_reads_slurm_then_torchrun():
@@ -29,13 +27,11 @@ def test_shard_auto_reads_slurm_then_torchrun():
 def test_one_script_serves_every_array_task(zoo, clean_manifest, tmp_path):
     out = tmp_path / "s"
     for task in ("1", "2"):  # an --array=1-2 job: tasks 1 and 2 write parts 0 and 1 of 2
-        env = dict(os.environ, OMP_NUM_THREADS="1", SLURM_ARRAY_TASK_ID=task, SLURM_ARRAY_TASK_MIN="1",
-                   SLURM_ARRAY_TASK_COUNT="2")
-        env.pop("GENRECAL_KILL_AT", None)
-        p = subprocess.run([sys.executable, "-m", "genrecal_cache", "cache-teacher", "--teacher", str(zoo["llava"]),
-                            "--manifest", str(clean_manifest), "--output", str(out), "--shard", "auto",
-                            "--dtype", "float32", "--device", "cpu", "--no-progress"],
-                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        env = {"OMP_NUM_THREADS": "1", "SLURM_ARRAY_TASK_ID": task, "SLURM_ARRAY_TASK_MIN": "1",
+               "SLURM_ARRAY_TASK_COUNT": "2"}
+        p = run_command("cache-teacher", "--teacher", zoo["llava"], "--manifest", clean_manifest, "--output", out,
+                        "--shard", "auto", "--dtype", "float32", "--device", "cpu", "--no-progress",
+                        env=env, drop_env=("GENRECAL_KILL_AT",), timeout=600)
         assert p.returncode == 0, p.stderr[-2000:]
     store = TeacherStore(out)
     assert [q.name for q in store.parts] == ["shard-00000-of-00002", "shard-00001-of-00002"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ from genrecal_cache.job.launch import run_cache
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.store.verify import verify
 from tests.cache.job.test_cache_teacher import assert_same_store
-from tests.helpers import ROOT
+from tests.helpers import run_command
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs Ray: pip install 'genrecal[ray]'")
 OPTIONS = dict(dtype="float32", device="cpu", commit_every=3, render_workers=0, progress=False)
@@ -26,14 +25,12 @@ OPTIONS = dict(dtype="float32", device="cpu", commit_every=3, render_workers=0, 
 
 def _cache_ray(zoo, manifest, out, *extra: str, **env_extra: str) -> subprocess.CompletedProcess:
     """The real CLI on a new local Ray cluster (the machine's CPUs: two tasks at once here)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GENRECAL_KILL_AT", "RAY_ADDRESS")}
-    env.update(OMP_NUM_THREADS="1", **env_extra)
     argv = ["--teacher", str(zoo["llava"]), "--manifest", str(manifest), "--output", str(out), "--ray",
             "--ray-address", "local", "--data-parallel-size", "2", "--result-json", str(out) + ".json",
             *(f"--{k.replace('_', '-')}={v}" for k, v in OPTIONS.items() if k != "progress"), "--no-progress",
             *extra]
-    return subprocess.run([sys.executable, "-m", "genrecal_cache", "cache-teacher", *argv], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return run_command("cache-teacher", *argv, env={"OMP_NUM_THREADS": "1", **env_extra},
+                       drop_env=("GENRECAL_KILL_AT", "RAY_ADDRESS"), timeout=300)
 
 
 @pytest.fixture(scope="module")

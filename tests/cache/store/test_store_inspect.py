@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from genrecal_cache.store.format import CHUNK_BYTES, from_storage, to_storage
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.store.verify import verify
 from genrecal_cache.teacher.hf import HFTeacher
-from tests.helpers import ROOT
+from tests.helpers import run_command
 
 
 def _run(zoo_model: Path, manifest: Path, out: Path, **kw) -> Path:
@@ -146,13 +144,11 @@ def test_sample_view_decodes_tokens_targets_and_topk(bf16_store):
 
 
 def test_inspect_cli_json_and_exit_codes(bf16_store, tmp_path):
-    cmd = [sys.executable, "-m", "genrecal_cache", "inspect-cache", "--store", str(bf16_store)]
-    r = subprocess.run([*cmd, "--verify", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = run_command("inspect-cache", "--store", bf16_store, "--verify", "--json", timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["verify"]["ok"] and out["summary"]["samples"] > 0
-    r = subprocess.run([sys.executable, "-m", "genrecal_cache", "inspect-cache", "--store",
-                        str(tmp_path / "nothing")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = run_command("inspect-cache", "--store", tmp_path / "nothing", timeout=120)
     assert r.returncode == 2 and "no teacher store" in r.stderr
 
 

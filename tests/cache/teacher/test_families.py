@@ -30,7 +30,7 @@ from genrecal_cache.store.reader import TeacherStore
 from genrecal_train.data import pair
 from genrecal_train.models import vision_parameter_names
 from genrecal_train.trainer import TrainConfig, train
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_command
 
 VLMS = ("llava", "idefics3", "qwen2vl", "gemma3", "internvl", "mllama")
 TEXT = ("textlm", "granite")
@@ -39,9 +39,9 @@ RING = [("gemma3", "internvl"), ("internvl", "mllama"), ("mllama", "gemma3"), ("
         ("granite", "textlm")]
 # A student reads a VLM teacher's image samples only if it takes images; any student reads a text teacher's.
 PAIRS = [(t, s) for t in VLMS for s in VLMS] + [(t, s) for t in TEXT for s in VLMS + TEXT]
-VLLM_FAMILIES = ("gemma3", "internvl", "granite", "idefics3")  # tests/test_vllm.py covers llava, qwen2vl, textlm
+VLLM_FAMILIES = ("gemma3", "internvl", "granite", "idefics3")  # test_vllm.py covers llava, qwen2vl, textlm
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the whole environment of each command (`inherit_env=False`)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,7 @@ def test_head_of_features_is_the_teachers_own_logits(family, models, hf_store):
     stored ids with the same images: scaled for Granite (logits_scaling), and not softcapped for Gemma 3, whose
     text config has a softcap that Gemma3ForConditionalGeneration does not apply."""
     store = TeacherStore(hf_store(family))
+    assert len(store) > 0, f"{family}: the store holds no sample to compare"
     head, meta = store.teacher_head(), store.meta["head"]
     loaded = load_model(str(models[family]))
     model, renderer = loaded.model.eval(), Renderer(loaded.processor)
@@ -124,11 +125,10 @@ def test_head_of_features_is_the_teachers_own_logits(family, models, hf_store):
 
 
 def _train_cli(store: Path, student: Path, out: Path) -> None:
-    cmd = [sys.executable, "-m", "genrecal_train.cli", "--store", str(store), "--student", str(student),
-           "--output", str(out), "--stage", "all", "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3",
-           "--heldout-fraction", "0", "--reliance-every", "0", "--log-every", "1", "--report-to", "none",
-           "--device", "cpu", "--no-progress"]
-    done = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = run_command("train-student", "--store", store, "--student", student, "--output", out, "--stage", "all",
+                       "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--heldout-fraction", "0",
+                       "--reliance-every", "0", "--log-every", "1", "--report-to", "none", "--device", "cpu",
+                       "--no-progress", env=ENV, inherit_env=False, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     for stage in (1, 2, 3):
         recs = [json.loads(x) for x in (out / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
@@ -160,10 +160,9 @@ def test_cache_train_reload_generate(teacher, student, models, hf_store, clean_m
     _train_cli(hf_store(teacher), models[student], tmp_path / "run")
     final = tmp_path / "run" / "stage3" / "final" / "student"
     _reloads_and_generates(final, manifest)
-    done = subprocess.run([str(Path(sys.executable).parent / "eval-student"), "--student", str(final), "--manifest",
-                           str(manifest), "--max-samples", "2", "--max-new-tokens", "3", "--output",
-                           str(tmp_path / "preds.jsonl"), "--device", "cpu", "--no-progress"],
-                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = run_command("eval-student", "--student", final, "--manifest", manifest, "--max-samples", "2",
+                       "--max-new-tokens", "3", "--output", tmp_path / "preds.jsonl", "--device", "cpu",
+                       "--no-progress", env=ENV, inherit_env=False, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     preds = [json.loads(x) for x in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert len(preds) == 2 and all(isinstance(p["prediction"], str) for p in preds)
@@ -186,10 +185,9 @@ def test_every_teacher_with_every_student(teacher, student, models, hf_store, cl
 
 def test_mllama_on_vllm_is_refused_in_one_line(models, clean_manifest, tmp_path):
     """vLLM no longer runs mllama (cross-attention images): cache-teacher says so and names --backend hf."""
-    done = subprocess.run([sys.executable, "-m", "genrecal_cache", "cache-teacher", "--teacher",
-                           str(models["mllama"]), "--manifest", str(clean_manifest), "--output", str(tmp_path / "s"),
-                           "--backend", "vllm", "--device", "cpu", "--no-progress"],
-                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = run_command("cache-teacher", "--teacher", models["mllama"], "--manifest", clean_manifest, "--output",
+                       tmp_path / "s", "--backend", "vllm", "--device", "cpu", "--no-progress", env=ENV,
+                       inherit_env=False, timeout=600)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "cross-attention" in done.stderr and "--backend hf" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "s").exists()
@@ -199,8 +197,8 @@ def test_mllama_on_vllm_is_refused_in_one_line(models, clean_manifest, tmp_path)
 # instead of the ~40 s that starting an engine's processes costs on two cores).
 
 def _vllm_job(spec_file: str) -> None:
-    """Run as `python -m tests.test_families SPEC` with VLLM_ENABLE_V1_MULTIPROCESSING=0: cache each job of SPEC
-    with the vLLM backend, writing {name: {samples, rejects} or {error}} to SPEC's results file."""
+    """Run as `python -m tests.cache.teacher.test_families SPEC` with VLLM_ENABLE_V1_MULTIPROCESSING=0: cache each
+    job of SPEC with the vLLM backend, writing {name: {samples, rejects} or {error}} to SPEC's results file."""
     from genrecal_cache.teacher.vllm import VLLMTeacher
 
     spec = json.loads(Path(spec_file).read_text())
@@ -228,8 +226,10 @@ def vllm_stores(models, clean_manifest, text_manifest, tmp_path_factory) -> dict
                    "manifest": str(_manifest(name, clean_manifest, text_manifest))} for name in VLLM_FAMILIES}
     spec = root / "spec.json"
     spec.write_text(json.dumps({"jobs": jobs, "results": str(root / "results.json")}))
-    done = subprocess.run([sys.executable, "-m", "tests.test_families", str(spec)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env=dict(ENV, VLLM_ENABLE_V1_MULTIPROCESSING="0"))
+    # This file as a module; tools/ on its path as pytest's `pythonpath` puts it on the tests' (`import tiny_zoo`).
+    path = os.pathsep.join(p for p in (str(ROOT / "tools"), ENV.get("PYTHONPATH")) if p)
+    done = subprocess.run([sys.executable, "-m", __name__, str(spec)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=dict(ENV, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=path))
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((root / "results.json").read_text())
     return {name: dict(results[name], path=root / name) for name in VLLM_FAMILIES}
@@ -252,7 +252,7 @@ def test_vllm_store_equals_the_transformers_store(family, models, vllm_stores, h
         return
     a, b = TeacherStore(hf_store(family)), TeacherStore(got["path"])
     image_token = json.loads((models[family] / "config.json").read_text())["image_token_index"]
-    assert len(a) == len(b) and torch.equal(a.head("weight"), b.head("weight"))
+    assert len(a) == len(b) > 0 and torch.equal(a.head("weight"), b.head("weight"))
     for i in range(len(a)):
         x, y = a[i], b[i]
         assert torch.equal(x.token_ids, y.token_ids) and torch.equal(x.targets, y.targets)

@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,14 +18,14 @@ pytestmark = pytest.mark.vllm
 from genrecal_cache.core.errors import RejectError  # noqa: E402
 from genrecal_cache.data.render import GenerationSettings  # noqa: E402
 from genrecal_cache.data.rows import Row, parse_row  # noqa: E402
-from genrecal_cache.job.config import CacheConfig
+from genrecal_cache.job.config import CacheConfig  # noqa: E402
 from genrecal_cache.job.launch import run_cache  # noqa: E402
 from genrecal_cache.store.reader import TeacherStore  # noqa: E402
 from genrecal_cache.store.verify import verify  # noqa: E402
 from genrecal_cache.teacher.hf import HFTeacher  # noqa: E402
 from genrecal_cache.teacher.vllm import VLLMTeacher  # noqa: E402
 from tests.cache.job.test_answers_layers import check_generated, check_layers, generate_reference  # noqa: E402
-from tests.helpers import ROOT  # noqa: E402
+from tests.helpers import run_command, start_command  # noqa: E402
 
 LAYERS = (0, 1)
 
@@ -90,19 +88,18 @@ def test_vllm_resume_after_sigkill(zoo, text_manifest, tmp_path):
     """The CLI with --backend vllm killed right after its first commit, then re-run: the store an uninterrupted
     run gives (compared with the transformers backend's), every row once. The first run's engine is compiled (the
     default), the second eager (--enforce-eager): both write the transformers backend's features."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", GENRECAL_KILL_AT="committed:0")
-    cmd = [sys.executable, "-m", "genrecal_cache", "cache-teacher", "--teacher", str(zoo["textlm"]),
-           "--manifest", str(text_manifest), "--output", str(tmp_path / "vllm"), "--backend", "vllm",
-           "--gpu-memory-utilization", "0.15", "--commit-every", "1", "--dtype", "float32", "--device", "cpu",
-           "--question-features", "--max-length", "1024", "--no-progress"]
+    args = ["--teacher", zoo["textlm"], "--manifest", text_manifest, "--output", tmp_path / "vllm", "--backend", "vllm",
+            "--gpu-memory-utilization", "0.15", "--commit-every", "1", "--dtype", "float32", "--device", "cpu",
+            "--question-features", "--max-length", "1024", "--no-progress"]
     with open(tmp_path / "killed.log", "w") as log:  # not a pipe: the engine's processes outlive the kill
-        killed = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+        killed = start_command("cache-teacher", *args, env={"OMP_NUM_THREADS": "1", "GENRECAL_KILL_AT": "committed:0"},
+                               stdout=log, stderr=log, start_new_session=True)
         assert killed.wait(timeout=600) == -9, (tmp_path / "killed.log").read_text()[-2000:]
     os.killpg(killed.pid, signal.SIGKILL)  # as a scheduler does: the whole job, the engine's processes too
     assert len(TeacherStore(tmp_path / "vllm")) == 1
-    env.pop("GENRECAL_KILL_AT")
     assert "enforce_eager=False" in (tmp_path / "killed.log").read_text()  # vLLM's engine config line
-    done = subprocess.run([*cmd, "--enforce-eager"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = run_command("cache-teacher", *args, "--enforce-eager", env={"OMP_NUM_THREADS": "1"},
+                       drop_env=("GENRECAL_KILL_AT",), timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "enforce_eager=True" in done.stderr + done.stdout
     run_cache(_cfg(zoo["textlm"], text_manifest, tmp_path / "hf", "hf", commit_every=1))
@@ -198,10 +195,9 @@ def test_one_bos_whoever_writes_it(template_writes_bos, zoo, engine, clean_manif
 
 
 def test_an_engine_that_cannot_start_is_a_one_line_error(zoo, text_manifest, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "genrecal_cache", "cache-teacher", "--teacher", str(zoo["textlm"]),
-                        "--manifest", str(text_manifest), "--output", str(tmp_path / "s"), "--backend", "vllm",
-                        "--max-model-len", "100000", "--device", "cpu", "--no-progress"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    p = run_command("cache-teacher", "--teacher", zoo["textlm"], "--manifest", text_manifest, "--output",
+                    tmp_path / "s", "--backend", "vllm", "--max-model-len", "100000", "--device", "cpu",
+                    "--no-progress", timeout=600)
     assert p.returncode == 2, p.stderr[-2000:]
     assert "vLLM could not start an engine for --teacher" in p.stderr and "--backend hf" in p.stderr
     assert "Traceback" not in p.stderr
