@@ -6,8 +6,9 @@ import json
 
 from genrecal_cache.core.config import run_app
 
+from .config import TrainConfig
 from .evaluate import EvalConfig, evaluate
-from .trainer import TrainConfig, train
+from .trainer import train
 
 
 def _train(cfg: TrainConfig) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from genrecal_cache.core.config import Choice, at_least, flag, json_object, resolve_device, to_choice
 from genrecal_cache.core.errors import ConfigError
+from genrecal_kernels import Impl
 
 from .lora import LoraSpec
 from .recalibrator import AnswerInputs
@@ -43,15 +44,6 @@ class ULDAlign(Choice):
 
 
 STAGES_OF = {"genrecal": [1, 2, 3], "uld": [2, 3], "sft": [3]}
-
-
-class Impl(Choice):
-    """Which kernel path computes the Recalibrator's projections and the teacher-head loss."""
-
-    auto = "auto"  # Triton on CUDA when installed, else chunked PyTorch
-    triton = "triton"
-    chunked = "chunked"
-    naive = "naive"  # plain autograd; the reference
 
 
 @dataclass

@@ -22,21 +22,21 @@ from .data import TrainSample
 from .losses import student_loss, teacher_head_loss, uld_student_loss
 from .recalibrator import Recalibrator
 from .sequence import SlotSample, build_batch, student_question_inputs, teacher_answer_inputs, teacher_question_inputs
+from .stages import StagePlan
 
 
 class StepForward:
-    """The losses of one pass of stage `stage`: `forward(batch, n_teacher, n_student)` -> {part: loss}.
+    """The losses of one pass of the stage `plan` describes: `forward(batch, n_teacher, n_student)` -> {part: loss}.
 
-    `uld`: stage 2 distils with ULD (no Recalibrator); `use_regularizer`: the teacher-only path is on;
+    `use_regularizer`: the teacher-only path is on (the plan's, when the store has question features);
     `timer(name)`: a context that times a phase (the trainer's)."""
 
-    def __init__(self, cfg: TrainConfig, stage: int, model: torch.nn.Module, recal: Recalibrator | None,
+    def __init__(self, cfg: TrainConfig, plan: StagePlan, model: torch.nn.Module, recal: Recalibrator | None,
                  renderer: Renderer, head: TeacherHead, embed: torch.Tensor | None, device: torch.device,
-                 uld: bool, use_regularizer: bool, teacher_tok: Any,
-                 timer: Callable[[str], contextlib.AbstractContextManager]):
-        self.cfg, self.stage, self.model, self.recal, self.renderer = cfg, stage, model, recal, renderer
+                 use_regularizer: bool, teacher_tok: Any, timer: Callable[[str], contextlib.AbstractContextManager]):
+        self.cfg, self.plan, self.model, self.recal, self.renderer = cfg, plan, model, recal, renderer
         self.head, self.embed, self.device = head, embed, device
-        self.uld, self.use_regularizer, self.teacher_tok, self.timer = uld, use_regularizer, teacher_tok, timer
+        self.use_regularizer, self.teacher_tok, self.timer = use_regularizer, teacher_tok, timer
         self.amp = device.type == "cuda"  # bf16 autocast on GPU; fp32 on CPU
         self.dtype = torch.bfloat16 if self.amp else torch.float32  # compute dtype
         self.pairs: dict[str, tuple[list[int], list[int]]] = {}  # ULD: this step's aligned positions, by sample
@@ -45,7 +45,7 @@ class StepForward:
     def count(self, sample: TrainSample) -> int:
         """What the teacher-side loss of this sample is averaged over: its label tokens, or (ULD) its aligned
         pairs."""
-        return len(self.aligned(sample)[0]) if self.uld else len(sample.teacher.targets)
+        return len(self.aligned(sample)[0]) if self.plan.uld else len(sample.teacher.targets)
 
     def student(self, batch: list[TrainSample], n_student: int, with_loss: bool
                  ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -86,11 +86,11 @@ class StepForward:
             return self.losses(batch, n_teacher, n_student)
 
     def losses(self, batch: list[TrainSample], n_teacher: int, n_student: int) -> dict[str, torch.Tensor]:
-        feats, s_loss = self.student(batch, n_student, with_loss=self.stage in (2, 3))
+        feats, s_loss = self.student(batch, n_student, with_loss=self.plan.trains_student)
         parts: dict[str, torch.Tensor] = {}
         if s_loss is not None:
             parts["student"] = self.cfg.student_weight * s_loss
-        if self.uld:
+        if self.plan.uld:
             with self.timer("loss"):
                 parts["uld"] = self.cfg.uld_weight * self.uld_loss(batch, feats, n_teacher)
         if self.recal is None:

@@ -1,6 +1,6 @@
 """The models a stage trains: the student (loaded like every model here, through `genrecal_cache.core.models`), the
-Recalibrator (new, from stage 1, or from a checkpoint, checked against the store's teacher), what each stage
-freezes, and what FSDP shards on its own.
+Recalibrator (new, from stage 1, or from a checkpoint, checked against the store's teacher), the parameter groups
+a stage trains or freezes (stages.py decides which), and what FSDP shards on its own.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def new_recalibrator(student_config: Any, teacher: dict[str, Any], num_layers: i
     """A fresh Recalibrator for this student and the store's teacher (stage 1)."""
     return Recalibrator(RecalibratorConfig.from_student(
         student_config, teacher["hidden_size"], num_layers=num_layers, new_positions=new_positions,
-        answer_inputs=answer_inputs.value,
+        answer_inputs=answer_inputs,
         teacher={k: teacher.get(k) for k in ("name_or_path", "vocab_size", "head_digest")}))
 
 
@@ -105,19 +105,6 @@ def describe_groups(groups: dict[str, tuple[int, int]]) -> str:
         return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
 
     return ", ".join(f"{g} {m(t)} trained / {m(f)} frozen" for g, (t, f) in groups.items())
-
-
-def freeze(student: torch.nn.Module, recal: Recalibrator | None, stage: int, train_vision: bool,
-           freeze_recalibrator: bool) -> None:
-    """Stage 1 trains the Recalibrator only; stage 2 the student (vision tower frozen unless `train_vision`) and
-    the Recalibrator (unless `freeze_recalibrator`); stage 3 the student alone."""
-    train_student = stage in (2, 3)
-    frozen_vision = set() if train_vision else vision_parameter_names(student)
-    for n, p in student.named_parameters():
-        p.requires_grad_(train_student and n not in frozen_vision)
-    if recal is not None:
-        for p in recal.parameters():
-            p.requires_grad_(not (stage == 2 and freeze_recalibrator))
 
 
 def fsdp_units(student: torch.nn.Module, recal: Recalibrator | None) -> list[torch.nn.Module]:

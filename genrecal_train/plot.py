@@ -22,7 +22,7 @@ from genrecal_cache.store.reader import TeacherStore
 
 from .data import is_heldout, pairs
 from .models import find_recalibrator
-from .recalibrator import Recalibrator
+from .recalibrator import AnswerInputs, Recalibrator
 from .sequence import SlotSample, build_batch, student_question_inputs, teacher_answer_inputs, teacher_question_inputs
 
 LOSS_KEYS = ("loss", "ar", "kl", "reg", "student")
@@ -62,7 +62,7 @@ def feature_points(store: TeacherStore, student_dir: str, recal: Recalibrator, l
     `recal_student`, `teacher`, `recal_teacher` (n, D_l) and `target` (n,) at the first answer token's slot."""
     loaded = load_model(student_dir, flag="--student")  # a VLM or a text-only student alike
     student, renderer = loaded.model.eval(), Renderer(loaded.processor)
-    embed = store.head("embed") if recal.cfg.answer_inputs == "embeddings" else None
+    embed = store.head("embed") if recal.cfg.answer_inputs == AnswerInputs.embeddings else None
     pts = pairs(store, renderer, lambda sid: is_heldout(sid, heldout_fraction), limit)  # held out first
     if len(pts) < min(limit, 20):  # too few held out: any others
         seen = {s.teacher.sample_id for s in pts}

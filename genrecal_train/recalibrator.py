@@ -45,12 +45,12 @@ class RecalibratorConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     new_positions: bool = True  # fresh rotary positions 0..L-1 over the Recalibrator sequence; False: none
-    answer_inputs: str = "features"
+    answer_inputs: AnswerInputs = AnswerInputs.features  # saved as its plain string in recalibrator.json
     init_std: float = 0.02
     teacher: dict = field(default_factory=dict)  # the store's teacher it was trained for (name, vocab, head digest)
 
     def __post_init__(self) -> None:
-        self.answer_inputs = AnswerInputs(self.answer_inputs).value  # a plain string in recalibrator.json
+        self.answer_inputs = AnswerInputs(self.answer_inputs)  # the member, also when loaded as a string
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
@@ -192,7 +192,8 @@ class Recalibrator(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         state = self.state_dict() if state_dict is None else state_dict
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, out / "recalibrator.safetensors")
-        (out / "recalibrator.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+        config = {**asdict(self.cfg), "answer_inputs": self.cfg.answer_inputs.value}  # a plain string on disk
+        (out / "recalibrator.json").write_text(json.dumps(config, indent=2))
 
     @classmethod
     def load(cls, path: Path | str) -> Recalibrator:

@@ -49,7 +49,8 @@ def answer_spans(segments: list) -> list[tuple[int, int, int]]:
     return out
 
 
-def teacher_answer_inputs(sample: TeacherSample, mode: str, embed: torch.Tensor | None) -> list[torch.Tensor]:
+def teacher_answer_inputs(sample: TeacherSample, mode: AnswerInputs | str, embed: torch.Tensor | None
+                          ) -> list[torch.Tensor]:
     """Per segment, the inputs of its n_k - 1 answer slots, in storage dtype (ProjPre converts them).
 
     "features": the teacher's final features at label positions 1..n_k-1 of the segment (the paper).
@@ -58,7 +59,7 @@ def teacher_answer_inputs(sample: TeacherSample, mode: str, embed: torch.Tensor 
     out, a = [], 0
     for _, start, end in answer_spans(sample.segments):
         n = end - start
-        if mode == "features":
+        if mode == AnswerInputs.features:
             out.append(sample.features[a + 1 : a + n])  # (n-1, D_l)
         else:
             assert embed is not None, "answer inputs 'embeddings' need the teacher's embedding table"

@@ -3,7 +3,8 @@ student through it, stage 3 fine-tunes the student alone (docs/DESIGN.md, "Stage
 
 `Trainer(cfg, stage).run()` trains one stage from its checkpoint (or from scratch) and saves the student
 (`save_pretrained`), the Recalibrator and the trainer state for exact resume. Its parts live in their own
-modules: config, models (loading, freezing), data, losses, checkpoint, metrics, reliance, dist.
+modules: config, stages (what a stage does), startup (checks), stage_models (what trains), data, forward, losses,
+saving and checkpoint, metrics, reliance, dist.
 """
 
 from __future__ import annotations
@@ -22,34 +23,24 @@ import torch
 from tqdm import tqdm
 
 from genrecal_cache.core.config import write_config
-from genrecal_cache.core.errors import ConfigError, StoreError
+from genrecal_cache.core.errors import StoreError
 from genrecal_cache.core.faults import fault_point
 from genrecal_cache.data.render import Renderer
 from genrecal_cache.store.format import TOKENIZER_DIR
-from genrecal_cache.store.reader import TeacherStore
-from genrecal_cache.store.verify import format_verify, verify
 
-from . import checkpoint, dist, lora
-from .config import Method, Stage, TrainConfig, ULDAlign, ULDSource
+from . import checkpoint, dist, saving
+from .config import TrainConfig, ULDAlign
 from .data import Prefetcher, StoreStream, StreamState, TrainSample, block_order, is_heldout, pairs, trains_on
 from .forward import StepForward
 from .metrics import MetricsLog
-from .models import (
-    check_recalibrator,
-    describe_groups,
-    find_recalibrator,
-    freeze,
-    fsdp_units,
-    load_student,
-    new_recalibrator,
-    parameter_groups,
-)
-from .recalibrator import Recalibrator
+from .recalibrator import AnswerInputs
 from .reliance import student_reliance
+from .stage_models import setup_models
+from .stages import LOSSES, StagePlan
+from .startup import check_resumable, open_store
 from .tracking import open_trackers
 
-LOSS_KEYS = ("student", "recal", "reg", "uld", "ar", "kl", "reg_ar", "reg_kl")
-TRAINED_LOSSES = ("student", "recal", "reg", "uld")  # the parts that carry gradient; the others are their pieces
+LOSS_KEYS = (*LOSSES, "ar", "kl", "reg_ar", "reg_kl")  # every part a step reports
 
 
 class Trainer:
@@ -59,8 +50,11 @@ class Trainer:
     `close()`, which `run()` calls on success, on error and on Ctrl-C; use the trainer as a context manager
     when driving `train_step` yourself."""
 
-    def __init__(self, cfg: TrainConfig, stage: int, student_from: str | None = None):
-        self.cfg, self.stage = cfg, stage
+    def __init__(self, cfg: TrainConfig, stage: int | StagePlan, student_from: str | None = None):
+        """Stage `stage` (its number, or its plan) of the run `cfg`, starting from `student_from` (the previous
+        stage's student) or --student."""
+        self.cfg, self.plan = cfg, stage if isinstance(stage, StagePlan) else StagePlan.of(cfg, stage)
+        self.stage = stage = self.plan.stage
         self.dir = cfg.output / f"stage{stage}"
         self.ckpt = self.dir / "checkpoint"
         saved = checkpoint.committed(self.ckpt)  # where the last checkpoint is read from
@@ -73,10 +67,11 @@ class Trainer:
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         torch.manual_seed(cfg.seed)
         # A LoRA run resumes from the student it started from plus the checkpoint's adapter.
-        self.lora_base = (student_from or cfg.student) if cfg.lora and stage in (2, 3) else None
+        self.lora_base = (student_from or cfg.student) if self.plan.lora else None
         state = checkpoint.read_state(saved) if resume else None
         if state is not None:
-            self._check_resumable(state)
+            check_resumable(state, self.ckpt, self.world, self.lora_base,
+                            asdict(cfg.lora) if self.lora_base else None)
         self._open_store()
         self._setup_models(saved if resume else None, student_from)
         self._keep = functools.partial(trains_on, heldout_fraction=cfg.heldout_fraction)
@@ -110,87 +105,31 @@ class Trainer:
                              cfg.output.name, params)
 
     def _open_store(self) -> None:
-        cfg = self.cfg
-        self.store = TeacherStore(cfg.store)
-        if len(self.store) == 0:
-            raise StoreError(f"{cfg.store} has no committed samples; run cache-teacher first")
-        report = verify(self.store, full=cfg.verify_store)  # never train on a damaged store
-        if not report.ok:
-            raise StoreError(f"{cfg.store} is damaged; not training on it.\n{format_verify(report)}\n"
-                             "Re-create the damaged part with cache-teacher (or restore it from a copy).")
+        """The store (checked, startup.py), its frozen teacher head and (--answer-inputs embeddings) embeddings."""
+        self.store = open_store(self.cfg, self.plan)
         self.head = self.store.teacher_head()
         self.head.weight = self.head.weight.to(self.device, self.dtype)
         if self.head.bias is not None:
             self.head.bias = self.head.bias.to(self.device, self.dtype)
-        self.embed = self.store.head("embed").to(self.device) if cfg.answer_inputs == "embeddings" else None
-        self.uld = cfg.method == Method.uld and self.stage == 2  # ULD distils in stage 2, with no Recalibrator
-        if self.uld and cfg.uld_source == ULDSource.topk and not self.store.meta["topk"]:
-            raise ConfigError(f"--uld-source topk needs a store with top-k log-probabilities; {cfg.store} has none "
-                              "(written with --topk 0): use --uld-source full")
+        embeddings = self.cfg.answer_inputs == AnswerInputs.embeddings
+        self.embed = self.store.head("embed").to(self.device) if embeddings else None
 
     def _setup_models(self, saved: Path | None, student_from: str | None) -> None:
-        """Student and Recalibrator from the checkpoint being resumed (`saved`), else from `student_from` (the
-        previous stage) or --student; frozen for the stage, wrapped for DDP/FSDP; the optimizer over the rest."""
-        cfg = self.cfg
-        lora_spec = cfg.lora if self.stage in (2, 3) else None
-        loaded = load_student(str(saved / "student") if saved and not lora_spec else (student_from or cfg.student),
-                              self.device, cfg.gradient_checkpointing, trust_remote_code=cfg.trust_remote_code,
-                              processor_kwargs=cfg.processor_kwargs_map)
-        self.student, self.processor = loaded.model, loaded.processor
+        """What trains (stage_models.py), and the forward pass of this stage's losses over it."""
+        cfg, plan = self.cfg, self.plan
+        m = self.stage_models = setup_models(cfg, plan, saved, student_from, self.store.meta["teacher"], self.device,
+                                             self.dir, self.main)
+        self.student, self.processor, self.recal, self.peft = m.student, m.processor, m.recal, m.peft
+        self.models, self.model, self.opt = m.models, m.model, m.opt
         self.renderer = Renderer(self.processor)
-        with_recal = self.stage in (1, 2) and cfg.method == Method.genrecal
-        self.recal = self._load_recalibrator(saved) if with_recal else None
-        if self.stage == 1 and saved is None and self.main:  # the start, for inspect-cache --plot (before FSDP)
-            self.recal.save(self.dir / "init" / "recalibrator")
-        freeze(self.student, self.recal, self.stage, cfg.train_vision, cfg.freeze_recalibrator)
-        self.peft = None  # the PEFT wrapper of self.student (whose layers it changed in place) under --lora-rank
-        if lora_spec:
-            self.peft = lora.attach(self.student, lora_spec)
-            if saved:
-                lora.load_adapter(self.peft, saved / lora.ADAPTER_DIR)
-            if self.device.type == "cuda":
-                lora.frozen_linears_to(self.student, torch.bfloat16)
-        if self.main:
-            print(f"train-student stage {self.stage}: {describe_groups(parameter_groups(self.student, self.recal))}",
-                  flush=True)
-        # Every pass over the student or the Recalibrator runs as `self.model(fn, ...)`, through DDP or FSDP under
-        # torchrun; `self.models` is the bare root (state dicts, optimizer state), its keys those of one process.
-        self.models = dist.Models(student=self.student, recal=self.recal)
-        # Second names of tied weights (the LM head tied to the embeddings): save_pretrained leaves them out.
-        self._tied = ({n for n, _ in self.student.named_parameters(remove_duplicate=False)}
-                      - {n for n, _ in self.student.named_parameters()})
-        self.model = dist.wrap(self.models, cfg.fsdp, fsdp_units(self.student, self.recal) if cfg.fsdp else [])
-        params = [p for p in self.models.parameters() if p.requires_grad]  # after FSDP swapped in its shards
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         teacher_tok = None
-        if self.uld and cfg.uld_align == ULDAlign.chars:
+        if plan.uld and cfg.uld_align == ULDAlign.chars:
             from transformers import AutoTokenizer
 
             teacher_tok = AutoTokenizer.from_pretrained(str(self.store.path / TOKENIZER_DIR))
-        # A frozen Recalibrator (stage 2, --freeze-recalibrator) learns nothing from the teacher-only path.
-        recal_trains = self.recal is not None and not (self.stage == 2 and cfg.freeze_recalibrator)
-        self.use_regularizer = bool(cfg.regularizer and self.store.meta["question_features"] and recal_trains)
-        self.forward = StepForward(cfg, self.stage, self.student, self.recal, self.renderer, self.head, self.embed,
-                                   self.device, self.uld, self.use_regularizer, teacher_tok, self.timer)
-
-    def _load_recalibrator(self, saved: Path | None) -> Recalibrator:
-        """From the checkpoint being resumed (`saved`), from stage 1 (stage 2), or new (stage 1)."""
-        cfg, teacher = self.cfg, self.store.meta["teacher"]
-        if saved is not None:
-            recal = Recalibrator.load(saved / "recalibrator")
-        elif self.stage == 2:
-            own = cfg.output / "stage1" / "final"  # --stage all: the Recalibrator stage 1 just trained
-            src = own if cfg.stage == Stage.all else (cfg.recalibrator or own)
-            try:
-                recal = Recalibrator.load(find_recalibrator(src))
-            except ConfigError:
-                raise ConfigError(f"stage 2 needs a stage-1 Recalibrator; none at {src} (run `train-student "
-                                  "--stage 1` first, or pass --recalibrator DIR)") from None
-        else:
-            recal = new_recalibrator(self.student.config, teacher, cfg.recalibrator_layers, cfg.new_positions,
-                                     cfg.answer_inputs)
-        check_recalibrator(recal, teacher, self.student.config, cfg.answer_inputs)
-        return recal.to(self.device, torch.float32).train()
+        self.use_regularizer = bool(plan.regularizer and self.store.meta["question_features"])
+        self.forward = StepForward(cfg, plan, self.student, self.recal, self.renderer, self.head, self.embed,
+                                   self.device, self.use_regularizer, teacher_tok, self.timer)
 
     def _count_steps(self) -> int:
         """Optimizer steps of the stage, for the LR schedule: the busiest rank's kept samples per epoch
@@ -280,7 +219,7 @@ class Trainer:
             batch = micro[i] if real else self._filler()
             with dist.no_sync(self.model, sync=i == passes - 1):
                 parts = self.model(self.forward, batch, n_teacher, n_student)
-                loss = sum(v for k, v in parts.items() if k in TRAINED_LOSSES)
+                loss = sum(v for k, v in parts.items() if k in self.plan.losses)
                 if loss.requires_grad:
                     with self.timer("backward"):
                         (loss if real else loss * 0.0).backward()
@@ -300,7 +239,7 @@ class Trainer:
             totals["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: DTensor
         self.opt.step()
         self.step += 1
-        totals["loss"] = sum(totals.get(k, 0.0) for k in TRAINED_LOSSES)
+        totals["loss"] = sum(totals.get(k, 0.0) for k in self.plan.losses)
         totals["tokens"] = n_teacher
         return totals
 
@@ -335,7 +274,7 @@ class Trainer:
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rate:.0f}", refresh=False)
             if self.step % cfg.log_every == 0:
                 self._log_step(m, rate, wait / max(time.perf_counter() - t0, 1e-9))
-            if cfg.reliance_every and self.recal is not None and self.step % cfg.reliance_every == 0:
+            if cfg.reliance_every and self.plan.uses_recalibrator and self.step % cfg.reliance_every == 0:
                 self.metrics.log({"stage": self.stage, "step": self.step, **self.student_reliance()})
             if self.step % cfg.save_every == 0:
                 self.save_checkpoint()
@@ -344,22 +283,11 @@ class Trainer:
         if m is not None and self.step % cfg.log_every:  # the last step, when --log-every skipped it
             self._log_step(m, rate, wait / max(time.perf_counter() - t0, 1e-9))
         self._stop_data()  # before saving: DataLoader workers and the prefetch thread hold memory
-        if self.recal is not None:
+        if self.plan.uses_recalibrator:
             self.metrics.log({"stage": self.stage, "step": self.step, **self.student_reliance()})
-        self.save_checkpoint()  # first: merging LoRA adapters below removes them
-        final = self.dir / "final"
-        states = self._model_states()
-        if self.main:
-            tmp = checkpoint.atomic_dir(final)
-            student = self.student
-            if self.peft is not None:
-                if self.cfg.save_adapter:
-                    lora.save_adapter(self.peft, tmp / lora.ADAPTER_DIR)
-                student = lora.merged(self.peft, self.dtype)
-            checkpoint.save_models(tmp, student, self.processor, self.recal, states)
-            checkpoint.commit_dir(tmp, final)
-        dist.barrier()
-        return final
+        self.save_checkpoint()  # first: merging LoRA adapters removes them
+        return saving.save_final(self.dir / "final", self.stage_models, cfg.fsdp, self.main, self.dtype,
+                                 cfg.save_adapter)
 
     def _log_step(self, m: dict[str, float], rate: float, wait_share: float) -> None:
         """One metrics record of the step just taken: its losses and the run's rates so far."""
@@ -405,52 +333,17 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------------------------
 
-    def _model_states(self) -> dict[str, dict[str, torch.Tensor] | None]:
-        """Under FSDP, the student's and the Recalibrator's full state dicts gathered on rank 0 (every rank must
-        call it); without, None for each (the modules hold every weight: they are saved as they are)."""
-        if not self.cfg.fsdp:
-            return {"student": None, "recal": None}
-        full = dist.full_state_dict(self.models)
-        return {name: {k[len(name) + 1 :]: v for k, v in full.items()
-                       if k.startswith(name + ".") and k[len(name) + 1 :] not in self._tied}
-                for name in ("student", "recal")}
-
     def save_checkpoint(self) -> None:
         """Student, Recalibrator, optimizer, every rank's data position and the RNG state, written atomically
         (by rank 0; every rank must call it)."""
         streams = dist.gather(asdict(self.data_state))
-        states, optimizer = self._model_states(), dist.optimizer_state(self.models, self.opt)
-        if self.main:
-            tmp = checkpoint.atomic_dir(self.ckpt)
-            if self.peft is not None:  # the adapter; the student it adapts is `lora_base`
-                lora.save_adapter(self.peft, tmp / lora.ADAPTER_DIR)
-                checkpoint.save_models(tmp, None, self.processor, self.recal, states)
-            else:
-                checkpoint.save_models(tmp, self.student, self.processor, self.recal, states)
-            checkpoint.write_state(tmp, {
-                "lora_base": self.lora_base, "lora": asdict(self.cfg.lora) if self.lora_base else None,
-                "step": self.step, "total_steps": self.total_steps, "stage": self.stage, "world": self.world,
-                "streams": streams, "optimizer": optimizer,  # keyed by parameter name, with or without FSDP
-                "torch_rng": torch.get_rng_state(),
-                "config": {k: str(v) for k, v in asdict(self.cfg).items() if k != "command"},
-            })
-            checkpoint.commit_dir(tmp, self.ckpt)
-        dist.barrier()  # nobody moves on (or reads it) before it is complete
-
-    def _check_resumable(self, state: dict) -> None:
-        """Refuse a checkpoint written by another number of processes, or with other --lora-rank choices."""
-        if state["world"] != self.world:
-            raise ConfigError(f"the checkpoint in {self.ckpt} was written by {state['world']} processes, this run "
-                              f"has {self.world}: resume with the same number of processes")
-        lora_now = asdict(self.cfg.lora) if self.lora_base else None
-        if state.get("lora_base") == self.lora_base and state.get("lora") != lora_now:
-            raise ConfigError(f"the checkpoint in {self.ckpt} was trained with LoRA {state.get('lora')}, this run "
-                              f"asks for {lora_now}: resume with the --lora-* options it was started with")
-        if state.get("lora_base") != self.lora_base:
-            raise ConfigError(f"the checkpoint in {self.ckpt} was trained " + (
-                f"with LoRA adapters on {state['lora_base']}" if state.get("lora_base") else "without --lora-rank")
-                + ", this run asks for " + (f"adapters on {self.lora_base}" if self.lora_base else "a full fine-tune")
-                + ": resume with the options it was started with")
+        saving.save_checkpoint(self.ckpt, self.stage_models, self.cfg.fsdp, self.main, lambda optimizer: {
+            "lora_base": self.lora_base, "lora": asdict(self.cfg.lora) if self.lora_base else None,
+            "step": self.step, "total_steps": self.total_steps, "stage": self.stage, "world": self.world,
+            "streams": streams, "optimizer": optimizer,  # keyed by parameter name, with or without FSDP
+            "torch_rng": torch.get_rng_state(),
+            "config": {k: str(v) for k, v in asdict(self.cfg).items() if k != "command"},
+        })
 
     def _load_state(self, state: dict) -> None:
         self.step, self.total_steps = state["step"], state["total_steps"]
@@ -465,12 +358,13 @@ def train(cfg: TrainConfig) -> list[Path]:
     if int(os.environ.get("RANK", "0")) == 0:
         write_config(cfg, cfg.output / "config.yaml")  # `train-student --config` of it repeats this run
     for stage in cfg.stages:
-        if stage == 3 and cfg.stage == Stage.three:
-            prev = cfg.output / "stage2" / "final" / "student"
+        plan = StagePlan.of(cfg, stage)
+        if plan.from_previous_student:  # stage 3 run alone: from stage 2's student when there is one
+            prev = cfg.output / f"stage{stage - 1}" / "final" / "student"
             student_from = str(prev) if prev.exists() else None
-            print(f"train-student stage 3: fine-tuning {student_from or cfg.student}" + (
-                "" if student_from else f" (--student: there is no stage-2 student at {prev})"), flush=True)
-        final = Trainer(cfg, stage, student_from).run()
+            print(f"train-student stage {stage}: fine-tuning {student_from or cfg.student}" + (
+                "" if student_from else f" (--student: there is no stage-{stage - 1} student at {prev})"), flush=True)
+        final = Trainer(cfg, plan, student_from).run()
         outs.append(final)
         student_from = str(final / "student")
     return outs

@@ -1,9 +1,10 @@
 """Kernel dispatch, decided once at import: whether triton is there (and interpreting), the `impl` choices
-with the one rule for when Triton runs, and capability flags of this torch. No state changes afterwards."""
+(`Impl`) with the one rule for when Triton runs, and capability flags of this torch. No state changes afterwards."""
 
 from __future__ import annotations
 
 import os
+from enum import Enum
 
 import torch
 
@@ -16,7 +17,21 @@ except ImportError:  # CPU machines without triton use the PyTorch paths
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton kernels run in the interpreter (CPU tensors)
 
-IMPLS = ("auto", "triton", "chunked", "naive")
+
+class Impl(str, Enum):
+    """Which kernel path computes the Recalibrator's projections and the teacher-head loss (`train-student --impl`).
+    Compares equal to its string value and prints as it: every entry point takes either."""
+
+    auto = "auto"  # Triton on CUDA when installed, else chunked PyTorch
+    triton = "triton"
+    chunked = "chunked"
+    naive = "naive"  # plain autograd; the reference
+
+    def __str__(self) -> str:
+        return self.value
+
+
+IMPLS = tuple(i.value for i in Impl)  # ("auto", "triton", "chunked", "naive")
 
 
 def _probe_mm_out_dtype() -> bool:
@@ -33,13 +48,13 @@ def _probe_mm_out_dtype() -> bool:
 MM_OUT_DTYPE = _probe_mm_out_dtype()
 
 
-def check_impl(impl: str) -> None:
+def check_impl(impl: Impl | str) -> None:
     """A ValueError naming the choices unless `impl` is one of `IMPLS`."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
-def use_triton(impl: str, x: torch.Tensor) -> bool:
+def use_triton(impl: Impl | str, x: torch.Tensor) -> bool:
     """Whether `impl` runs the Triton kernels for inputs like `x`: "triton" always, "auto" on CUDA tensors when
     triton is installed, "chunked" and "naive" never."""
     check_impl(impl)

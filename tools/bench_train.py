@@ -32,7 +32,8 @@ from tiny_zoo import build_model  # noqa: E402
 
 from genrecal_cache.job.config import CacheConfig
 from genrecal_cache.job.launch import run_cache  # noqa: E402
-from genrecal_train.trainer import TrainConfig, Trainer  # noqa: E402
+from genrecal_train.config import TrainConfig  # noqa: E402
+from genrecal_train.trainer import Trainer  # noqa: E402
 
 PHASES = ("data_wait", "student_forward", "recalibrator", "loss", "backward")
 COMPONENTS = ("weights", "grads", "optimizer", "activations", "teacher_head", "store_batch")

@@ -32,8 +32,9 @@ from genrecal_cache.core.config import config_from, read_config, to_argv  # noqa
 from genrecal_cache.job.config import CacheConfig
 from genrecal_cache.job.launch import run_cache  # noqa: E402
 from genrecal_cache.store.reader import TeacherStore  # noqa: E402
+from genrecal_train.config import TrainConfig  # noqa: E402
 from genrecal_train.evaluate import EvalConfig, evaluate  # noqa: E402
-from genrecal_train.trainer import TrainConfig, train  # noqa: E402
+from genrecal_train.trainer import train  # noqa: E402
 
 TEACHER_EPOCHS = 8
 

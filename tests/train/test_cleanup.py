@@ -14,10 +14,11 @@ import pytest
 import tqdm
 
 from genrecal_cache.store.reader import TeacherStore
+from genrecal_train.config import TrainConfig
 from genrecal_train.data import Prefetcher
 from genrecal_train.models import find_recalibrator, new_recalibrator
 from genrecal_train.recalibrator import AnswerInputs
-from genrecal_train.trainer import TrainConfig, train
+from genrecal_train.trainer import train
 from tests.helpers import ROOT
 
 

@@ -80,7 +80,7 @@ def test_two_processes_with_dataloader_workers_match_one(store, zoo, one, tmp_pa
 
 def test_fsdp_needs_torchrun(store, zoo, tmp_path, monkeypatch):
     from genrecal_cache.core.errors import ConfigError
-    from genrecal_train.trainer import TrainConfig
+    from genrecal_train.config import TrainConfig
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process, whatever launched the tests
     with pytest.raises(ConfigError, match="--fsdp .*torchrun --nproc-per-node"):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genrecal_train.models import freeze, parameter_groups, vision_parameter_names
+from genrecal_train.models import parameter_groups, vision_parameter_names
+from genrecal_train.stages import freeze
 
 
 @pytest.mark.parametrize("name,projector", [("qwen2vl", ".merger."), ("llava", "multi_modal_projector"),

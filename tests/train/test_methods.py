@@ -11,8 +11,9 @@ import pytest
 from genrecal_cache.core.errors import ConfigError
 from genrecal_cache.store.format import TOKENIZER_DIR
 from genrecal_train.alignment import answer_pairs
+from genrecal_train.config import TrainConfig
 from genrecal_train.sequence import answer_spans
-from genrecal_train.trainer import TrainConfig, Trainer, train
+from genrecal_train.trainer import Trainer, train
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from genrecal_cache.core.errors import ConfigError
 from genrecal_cache.job.config import CacheConfig
 from genrecal_cache.job.launch import run_cache
+from genrecal_train.config import TrainConfig
 from genrecal_train.models import vision_parameter_names
-from genrecal_train.trainer import TrainConfig, Trainer, train
+from genrecal_train.trainer import Trainer, train
 from tests.helpers import ROOT
 
 
