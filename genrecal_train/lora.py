@@ -22,7 +22,8 @@ def _peft() -> Any:
     try:
         import peft
     except ImportError:
-        raise ConfigError("--lora-rank needs PEFT: pip install 'genrecal[lora]' (or pip install peft)") from None
+        raise ConfigError("--lora-rank needs PEFT: pip install -e '.[lora]' in the GenRecal clone (or pip install "
+                          "peft)") from None
     return peft
 
 

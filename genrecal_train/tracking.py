@@ -37,7 +37,8 @@ def parse_report_to(text: str) -> tuple[str, ...]:
     for name in names:
         if not _installed(name):
             module, extra = _PACKAGES[name]
-            raise ConfigError(f"--report-to {name} needs the {module} package: pip install 'genrecal[{extra}]'")
+            raise ConfigError(f"--report-to {name} needs the {module} package: pip install -e '.[{extra}]' in the "
+                              "GenRecal clone")
     return names
 
 

@@ -5,6 +5,7 @@ for type checking): phase 1's sub-packages import only downwards and never in a 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from tests.helpers import ROOT
@@ -114,3 +115,21 @@ def test_no_import_loop():
         if m not in state:
             visit(m, [m])
     assert not loops, "import loops:\n" + "\n".join(loops)
+
+
+def test_design_names_every_module_where_it_lives():
+    """docs/DESIGN.md's "Where things are" lists each package's modules, every one and no other."""
+    design = (ROOT / "docs" / "DESIGN.md").read_text()
+    section = design.split("## Where things are\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.split(r"^\*\*`(\w+)/`\*\*", section, flags=re.M)[1:]  # [package folder, its text, ...]
+    listed = {folder: set(re.findall(r"`([\w/]+\.py)`", text)) for folder, text in zip(blocks[::2], blocks[1::2])}
+    for pkg, root in PACKAGES.items():
+        actual = {f.relative_to(root).as_posix() for f in root.rglob("*.py") if f.name != "__init__.py"}
+        named = listed.get(root.name, set())
+        assert actual == named, (f"{root.name}/: missing from docs/DESIGN.md {sorted(actual - named)}, listed but "
+                                 f"absent {sorted(named - actual)}")
+
+
+def test_no_module_is_over_400_lines():
+    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > 400}
+    assert not long, f"split these by job: {long}"

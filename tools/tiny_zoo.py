@@ -19,7 +19,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerFast
 
 ZOO_NAMES = ("llava", "idefics3", "qwen2vl", "textlm")
-# More families, built only for the family matrix (tests/test_families.py): a softcapped Gemma 3 VLM, InternVL
+# More families, built only for the family matrix (tests/cache/teacher/test_families.py): a softcapped Gemma 3 VLM, InternVL
 # (-hf layout), a Granite text LM (logits_scaling) and mllama (Llama 3.2 Vision: images through cross-attention).
 FAMILY_NAMES = ("gemma3", "internvl", "granite", "mllama")
 _DIGITS = "zero one two three four five six seven eight nine".split()

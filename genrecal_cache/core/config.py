@@ -22,7 +22,7 @@ import typer
 
 from .errors import ConfigError, GenrecalError
 
-C = TypeVar("C", bound="Choice")
+C = TypeVar("C", bound=Enum)
 
 
 class Choice(str, Enum):

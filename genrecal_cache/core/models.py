@@ -86,7 +86,7 @@ def load_processor(path: str | Path, trust_remote_code: bool = False, processor_
 # Vision-language classes whose own forward applies their text config's logit scale or softcap (transformers 5.x).
 # The others return the bare head output whatever their text config says (Gemma3ForConditionalGeneration,
 # PaliGemma, LLaVA-NeXT over a Granite decoder, Aya Vision), although vLLM applies it: the store follows
-# transformers, so that head(features) is the logits the model itself computes (tests/test_families.py).
+# transformers, so that head(features) is the logits the model itself computes (tests/cache/teacher/test_families.py).
 _COMPOSITES_THAT_SCALE = ("Gemma3nForConditionalGeneration", "Gemma4ForConditionalGeneration",
                           "Gemma4UnifiedForConditionalGeneration", "Granite4VisionForConditionalGeneration")
 _COMPOSITES_THAT_DO_NOT = ("Gemma3ForConditionalGeneration", "PaliGemmaForConditionalGeneration",
@@ -110,7 +110,7 @@ def head_scaling(config: Any) -> tuple[float | None, float | None]:
         warnings.warn(f"{arch}: its text config sets a logit scale {scale} / softcap {softcap}, and GenRecal does not "
                       "know whether this class applies them; it assumes not (as transformers' Gemma 3 and PaliGemma "
                       "do not). Check head(stored features) against the model's own logits before training "
-                      "(tests/test_families.py shows how)", stacklevel=2)
+                      "(tests/cache/teacher/test_families.py shows how)", stacklevel=2)
     return None, None
 
 

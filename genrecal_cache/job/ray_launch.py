@@ -64,8 +64,8 @@ def run_ray(cfg: CacheConfig) -> CacheResult:
     try:
         import ray
     except ImportError:
-        raise ConfigError("--ray needs Ray here and on every node of the cluster: pip install 'genrecal[ray]'"
-                          ) from None
+        raise ConfigError("--ray needs Ray here and on every node of the cluster: pip install -e '.[ray]' in the "
+                          "GenRecal clone") from None
     from genrecal_cache.core.config import to_argv
 
     from .config import CacheResult

@@ -120,7 +120,8 @@ def test_corruption_is_named_by_verify_and_refused_by_train_student(zoo, referen
 
     from genrecal_cache.core.errors import StoreError
     from genrecal_cache.store.verify import format_verify
-    from genrecal_train.trainer import TrainConfig, Trainer
+    from genrecal_train.config import TrainConfig
+    from genrecal_train.trainer import Trainer
 
     store = tmp_path / "s"
     shutil.copytree(reference, store)
@@ -143,7 +144,8 @@ def test_without_full_verification_damage_is_refused_at_start_or_stops_the_first
     import shutil
 
     from genrecal_cache.core.errors import StoreError
-    from genrecal_train.trainer import TrainConfig, Trainer
+    from genrecal_train.config import TrainConfig
+    from genrecal_train.trainer import Trainer
 
     store = tmp_path / "s"
     shutil.copytree(reference, store)

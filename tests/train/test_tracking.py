@@ -63,5 +63,5 @@ def test_report_to_names_the_choices_and_the_extra_to_install(monkeypatch):
     with pytest.raises(ConfigError, match="unknown neptune; choose none, auto or"):
         tracking.parse_report_to("tensorboard,neptune")
     monkeypatch.setitem(tracking._PACKAGES, "wandb", ("genrecal_no_such_module", "wandb"))
-    with pytest.raises(ConfigError, match=r"pip install 'genrecal\[wandb\]'"):
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[wandb\]'"):
         tracking.parse_report_to("wandb")

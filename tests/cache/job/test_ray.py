@@ -19,7 +19,7 @@ from genrecal_cache.store.verify import verify
 from tests.cache.job.test_cache_teacher import assert_same_store
 from tests.helpers import run_command
 
-needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs Ray: pip install 'genrecal[ray]'")
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs Ray: pip install -e '.[ray]'")
 OPTIONS = dict(dtype="float32", device="cpu", commit_every=3, render_workers=0, progress=False)
 
 
@@ -113,7 +113,7 @@ def test_without_ray_installed_the_error_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     cfg = CacheConfig(teacher="t", manifest="m", output=tmp_path / "s", ray=True, data_parallel_size=2,
                       command=["test"], **OPTIONS)
-    with pytest.raises(ConfigError, match=r"pip install 'genrecal\[ray\]'"):
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[ray\]'"):
         run_ray(cfg)
     with pytest.raises(ConfigError, match="--ray-address is for --ray"):
         CacheConfig(teacher="t", manifest="m", output=tmp_path / "s", ray_address="local")
