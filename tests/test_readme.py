@@ -31,7 +31,8 @@ def _venv() -> Path:
         return ROOT / ".venv"
     if sys.prefix != sys.base_prefix and (Path(sys.prefix) / "bin" / "activate").exists():
         return Path(sys.prefix)
-    pytest.skip("the README's commands need a virtualenv (.venv) to activate")
+    pytest.fail("the README's commands activate a virtualenv: run the tests from `make test` (it makes .venv) or "
+                "inside a virtualenv")
 
 
 def run_block(name: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
@@ -58,8 +59,14 @@ def test_readme_starts_with_make_demo_and_make_test():
     assert [line.split("#")[0].strip() for line in first] == ["make demo", "make test"]
 
 
-def test_quick_start_runs_as_written(clone):
-    res = run_block("quickstart", clone, timeout=300)
+@pytest.fixture(scope="module")
+def quick_start(clone: Path) -> subprocess.CompletedProcess:
+    """The quick start, run once: its teacher and images are also the real-format example's."""
+    return run_block("quickstart", clone, timeout=300)
+
+
+def test_quick_start_runs_as_written(clone, quick_start):
+    res = quick_start
     assert res.returncode == 0, (res.stderr[-4000:], res.stdout[-2000:])
     out = clone / "out"
     assert (out / "zoo" / "llava" / "config.json").exists() and (out / "zoo" / "idefics3" / "config.json").exists()
@@ -73,9 +80,8 @@ def test_quick_start_runs_as_written(clone):
     assert len(preds) == 16 and all("prediction" in p for p in preds)  # the 16 good rows (bad ones skipped)
 
 
-def test_real_format_example_runs_as_written(clone):
-    if not (clone / "out" / "zoo" / "llava" / "config.json").exists():
-        pytest.skip("needs the quick start's teacher and images (test_quick_start_runs_as_written)")
+def test_real_format_example_runs_as_written(clone, quick_start):
+    assert quick_start.returncode == 0, "the quick start, which makes this example's teacher, failed"
     res = run_block("realformat", clone, timeout=180)
     assert res.returncode == 0, (res.stderr[-4000:], res.stdout[-2000:])
     both = res.stderr + res.stdout
