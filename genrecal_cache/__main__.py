@@ -1,5 +1,5 @@
 """`python -m genrecal_cache cache-teacher|inspect-cache ...`: the console commands by name. The launchers start a
-part's job this way; with GENRECAL_DIE_WITH_PARENT=1 (a Ray task's job) it dies with the process that started it.
+part's job this way; with GENRECAL_DIE_WITH_PARENT=1 (a data-parallel copy, a Ray task's job) it dies with its parent.
 """
 
 import os

@@ -28,6 +28,8 @@ def _cache(cfg: Any) -> None:
     print(f"cache-teacher: rejects by reason: {res.top_reasons(20)}")
     if res.renamed:
         print(f"cache-teacher: {res.renamed} rows had an id seen before and were renamed id#k (--duplicate-ids)")
+    if cfg.retry_rejects:
+        print(f"cache-teacher: {res.retried} rejected rows run again (--retry-rejects); the counts above include them")
     if cfg.generation:
         print(f"cache-teacher: answers written by the teacher in {res.generate_seconds:.1f}s; {res.retokenized} of "
               "them render to other token ids than generated (their text was re-tokenised canonically)")

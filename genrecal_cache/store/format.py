@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,18 @@ SAMPLE_SCHEMA = pa.schema([
     ("answer_truncated", pa.bool_()),  # a generated answer cut off at --max-new-tokens (--truncated keep)
 ])
 REJECT_SCHEMA = pa.schema([("source_row", pa.int64()), ("sample_id", pa.string()), ("reason", pa.string())])
+# Each reject's kind, in its rejects file's schema metadata (older readers ignore it): {"retryable": [bool per row]}.
+# Retryable: the teacher failed on the row (an error, out of memory, non-finite values), not its content.
+REJECT_KINDS = "genrecal_rejects"
+LEGACY_RETRYABLE = ("teacher forward failed", "teacher generation failed")  # files written before REJECT_KINDS
+
+
+def retryable_flags(table: pa.Table) -> list[bool]:
+    """Per row of one rejects file: whether `cache-teacher --retry-rejects` runs it again."""
+    md = table.schema.metadata or {}
+    if REJECT_KINDS.encode() in md:
+        return [bool(x) for x in json.loads(md[REJECT_KINDS.encode()])["retryable"]]
+    return [r.startswith(LEGACY_RETRYABLE) for r in table.column("reason").to_pylist()]
 
 
 # --- dtypes -------------------------------------------------------------------------------------------------
@@ -140,6 +153,21 @@ def parse_part_name(name: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+COMMIT_FILE = re.compile(r"\d{8}\.parquet")  # in samples/ and rejects/: `{seq:08d}.parquet`
+WRITER_FILE = re.compile(r"(\d{8})\.(parquet|tmp)")  # and the temp file of a commit being written
+
+
+def commit_files(folder: Path) -> list[Path]:
+    """The commit files of a part's `samples/` or `rejects/`, in commit order; other files are not the writer's
+    (a macOS copy's `._00000000.parquet`, ...) and are ignored."""
+    return sorted(f for f in folder.glob("*.parquet") if COMMIT_FILE.fullmatch(f.name)) if folder.is_dir() else []
+
+
+def stray_files(folder: Path) -> list[Path]:
+    """Files in a part's `samples/` or `rejects/` that no writer wrote (`inspect-cache --verify` names them)."""
+    return sorted(f for f in folder.iterdir() if not WRITER_FILE.fullmatch(f.name)) if folder.is_dir() else []
+
+
 # --- attributes -------------------------------------------------------------------------------------------------
 
 def finished(path: Path) -> bool:
@@ -171,8 +199,10 @@ _SETTINGS = ("dtype", "feature_dtype", "topk", "question_features", "layers", "m
              "answers", "generation", "source", "split", "columns", "duplicate_ids", "processor_kwargs")
 
 
-def check_settings(path: Path, settings: dict[str, Any]) -> None:
-    """Raise if a finished store at `path` was written with other settings (no-op when there is none)."""
+def check_settings(path: Path, settings: dict[str, Any], mixed: bool = True) -> None:
+    """Raise if a finished store at `path` was written with other settings (no-op when there is none), or, without
+    --allow-mixed-store, computed otherwise (`check_mixed`: backend and versions; the teacher's digests once the
+    teacher is loaded)."""
     if not finished(path):
         return
     existing = read_meta(path)
@@ -182,17 +212,108 @@ def check_settings(path: Path, settings: dict[str, Any]) -> None:
             raise IncompatibleStoreError(
                 f"{path} was written with {key}={_short(a)}, this run asks for {_short(b)}; re-run with the "
                 "store's setting or write to a new --output")
+    if mixed and "writer" in settings:
+        check_mixed(path, None, {k: v for k, v in settings.items() if k != "teacher"}, quiet=True)
 
 
 def check_compatible(existing: dict, meta: dict, path: Path) -> None:
     # Settings first: another --dtype also changes the head's digest, and the setting is the real cause.
-    check_settings(path, meta)
+    check_settings(path, meta, mixed=False)  # the teacher's digests after its architecture and head (check_mixed)
     for key in _IDENTITY:
         a, b = existing["teacher"].get(key), meta["teacher"].get(key)
         if a != b:
             raise IncompatibleStoreError(
                 f"{path} was written by another teacher ({key}: {_short(a)} in the store, {_short(b)} now; store "
                 f"teacher {existing['teacher'].get('name_or_path')!r}); write to a new --output or pass that teacher")
+
+
+# How a job computed the numbers, beyond the settings and the teacher's architecture and head: a job that differs
+# from the store in any of these is refused unless --allow-mixed-store (then the part's run records what differed).
+MIXABLE = ("backend", "versions.torch", "versions.transformers", "versions.vllm", "teacher.weights_digest",
+           "teacher.processor_digest")
+
+
+def mixable_values(record: dict[str, Any]) -> dict[str, Any]:
+    """The MIXABLE values of a store's attributes or of one run's provenance record (`writer`, `teacher`), None
+    where it records none: a store written before they were recorded, or vLLM's version with another backend."""
+    w, t = record.get("writer") or {}, record.get("teacher") or {}
+    backend = w.get("backend", record.get("backend") if "teacher" in record else None)
+    versions = w.get("versions") or ((record.get("provenance") or {}).get("versions", {}) if "teacher" in record
+                                     else {})
+    return {"backend": backend, "versions.torch": versions.get("torch"),
+            "versions.transformers": versions.get("transformers"),
+            "versions.vllm": versions.get("vllm") if backend == "vllm" else None,
+            "teacher.weights_digest": t.get("weights_digest", w.get("weights_digest")),
+            "teacher.processor_digest": t.get("processor_digest", w.get("processor_digest"))}
+
+
+def mixed_differences(store: dict[str, Any], runs: list[dict[str, Any]], own: list[dict[str, Any]],
+                      now: dict[str, Any]) -> tuple[list[tuple[str, Any, Any]], list[str]]:
+    """How a job (`now`, its `mixable_values`) differs from a store: per key, from the store's attributes or, where
+    they record none (an older store), the earliest run of any part that does (`runs`, oldest first), and from every
+    earlier run of the job's own part (`own`). Returns (key, the store's value, the job's) for each difference, and
+    the keys nothing in the store records (not compared)."""
+    diffs, unrecorded = [], []
+    for key in MIXABLE:
+        ref = store.get(key)
+        if ref is None:
+            ref = next((r[key] for r in runs if r.get(key) is not None), None)
+        if ref is None and now.get(key) is not None and (key != "versions.vllm" or store.get("backend") == "vllm"):
+            unrecorded.append(key)
+        if now.get(key) is None:  # vLLM's version: compared only between vLLM runs
+            continue
+        old = next((v for v in [ref, *(r.get(key) for r in own)] if v is not None and v != now[key]), None)
+        if old is not None:
+            diffs.append((key, old, now[key]))
+    return diffs, unrecorded
+
+
+def describe_differences(diffs: list[tuple[str, Any, Any]]) -> str:
+    return "; ".join(f"{key}: {_short(old)} in the store, {_short(new)} in this job" for key, old, new in diffs)
+
+
+def part_runs(root: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each part's provenance records, one per run of its writer (oldest first), from the part's attributes; read
+    without opening the parts (safe while writers run)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    parts = Path(root) / "parts"
+    for d in sorted(parts.iterdir()) if parts.is_dir() else []:
+        try:
+            out[d.name] = list(json.loads((d / "zarr.json").read_text()).get("attributes", {}).get("provenance", []))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return out
+
+
+def check_mixed(path: Path, part: str | None, meta: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
+    """Refuse a job (`meta`: its settings, with `writer`, and its `teacher` identity once loaded) that computes the
+    numbers otherwise than the store at `path` does (MIXABLE keys; also against every earlier run of its `part`),
+    unless its `writer` allows it (--allow-mixed-store). Returns what the part's provenance records of this run:
+    `writer` (backend, dtype, renderer settings, versions, the teacher's digests) and `mixed` (each difference
+    accepted). A key the store does not record is not compared; unless `quiet`, a line says so."""
+    teacher, allow = meta.get("teacher") or {}, (meta.get("writer") or {}).get("allow_mixed_store", False)
+    record = {**meta.get("writer", {}), **{k: teacher.get(k) for k in ("weights_digest", "processor_digest")}}
+    if not finished(path):
+        return {"writer": record, "mixed": []}
+    runs = part_runs(path)
+    ordered = sorted((r for rs in runs.values() for r in rs if "writer" in r), key=lambda r: r.get("time", ""))
+    own = [mixable_values(r) for r in runs.get(part or "", []) if "writer" in r]
+    diffs, unrecorded = mixed_differences(mixable_values(read_meta(path)), [mixable_values(r) for r in ordered], own,
+                                          mixable_values(meta))
+    if unrecorded and not quiet:
+        print(f"note: {path} records no {', '.join(unrecorded)} (written before GenRecal recorded them): not "
+              f"compared with this job's; part {part} records this job's", file=sys.stderr)
+    if diffs and not allow:
+        old = {f["name"]: f["sha256"] for f in read_meta(path)["teacher"].get("weight_files", [])}
+        new = {f["name"]: f["sha256"] for f in teacher.get("weight_files", [])}
+        changed = sorted(n for n in old.keys() | new.keys() if old and old.get(n) != new.get(n))
+        files = f"; weight files that differ: {', '.join(changed[:5])}" if changed else ""
+        raise IncompatibleStoreError(
+            f"{path} was written otherwise than this job writes ({describe_differences(diffs)}{files}): its parts "
+            "would not hold the same teacher's numbers. Re-run with the store's teacher, backend and versions, "
+            "write to a new --output, or pass --allow-mixed-store to add to it anyway (recorded in the part, shown "
+            "by inspect-cache)")
+    return {"writer": record, "mixed": [{"key": k, "store": a, "job": b} for k, a, b in diffs]}
 
 
 def _short(value: Any) -> str:

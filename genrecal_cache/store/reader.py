@@ -4,8 +4,10 @@ committed samples of every writer's part, read in contiguous blocks. Writing liv
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +17,22 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
-from genrecal_cache.core.errors import StoreError
+from genrecal_cache.core.errors import RejectError, StoreError
 
 from .format import (
     REJECT_SCHEMA,
     REJECTS_DIR,
     SAMPLE_SCHEMA,
     SAMPLES_DIR,
+    commit_files,
     from_storage,
+    parse_part_name,
     part_arrays,
+    part_name,
     read_commit,
     read_meta,
+    retryable_flags,
+    stray_files,
 )
 from .head import TeacherHead
 
@@ -51,10 +58,35 @@ class TeacherSample:
     layers: dict[int, torch.Tensor]  # layer -> (A, D)
     answers_generated: bool
     answer_truncated: bool = False
+    image_digests: list[str] = field(default_factory=list)  # sha256 of each image's encoded bytes
 
     @property
     def label_positions(self) -> torch.Tensor:  # (A,)
         return self.label_mask.nonzero().squeeze(1)
+
+    def image_data(self) -> list[bytes]:
+        """Each image's encoded bytes: as stored, or read from its stored path (`--image-refs`), which must be a
+        regular file still holding the image cached (its sha256 the stored digest); else a RejectError saying
+        why. A store names any path: this reads no device or pipe, and never another image."""
+        return [data if data is not None else _image_file(path, self.image_digests[k] if k < len(
+            self.image_digests) else "", k) for k, (data, path) in enumerate(zip(self.images, self.image_paths))]
+
+
+def _image_file(path: str, digest: str, k: int) -> bytes:
+    p = Path(path)
+    try:
+        if not p.is_absolute() or not stat.S_ISREG(p.stat().st_mode):
+            raise RejectError(f"image {k}'s stored path {path!r} is not a regular file (the store keeps no bytes "
+                              "for it)")
+        data = p.read_bytes()
+    except OSError as e:
+        raise RejectError(f"image {k} cannot be read from {path} ({e.strerror or e}); the store keeps only its "
+                          "path (--image-refs): restore the file") from None
+    now = hashlib.sha256(data).hexdigest()
+    if digest and now != digest:
+        raise RejectError(f"image {k} at {path} has changed since the store was written (sha256 {digest[:12]}… "
+                          f"then, {now[:12]}… now): restore it, or cache the data again")
+    return data
 
 
 class Part:
@@ -63,13 +95,18 @@ class Part:
     def __init__(self, root: Path, name: str, meta: dict[str, Any]):
         self.name, self.dir, self.meta = name, root / "parts" / name, meta
         self.specs = {s.name: s for s in part_arrays(meta)}
-        commits = sorted((self.dir / SAMPLES_DIR).glob("*.parquet"))
+        commits = commit_files(self.dir / SAMPLES_DIR)  # files of other names are not ours: see `strays`
         seqs = {int(f.stem) for f in commits}
         tables = [pq.read_table(f) for f in commits]
         self.samples = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()
-        rej = sorted((self.dir / REJECTS_DIR).glob("*.parquet"))
-        rtables = [pq.read_table(f) for f in rej if int(f.stem) in seqs]
-        self.rejects = pa.concat_tables(rtables) if rtables else REJECT_SCHEMA.empty_table()
+        # Per commit number its record; per sample the commit that added it (--retry-rejects appends older rows).
+        self.commits = {int(f.stem): json.loads((t.schema.metadata or {}).get(b"genrecal_commit", b"{}"))
+                        for f, t in zip(commits, tables)}
+        self.sample_seqs = np.repeat([int(f.stem) for f in commits], [t.num_rows for t in tables]).astype(np.int64)
+        rej = commit_files(self.dir / REJECTS_DIR)
+        self.strays = [f"{sub}/{f.name}" for sub in (SAMPLES_DIR, REJECTS_DIR) for f in stray_files(self.dir / sub)]
+        self.reject_log = _reject_log([(int(f.stem), pq.read_table(f)) for f in rej if int(f.stem) in seqs])
+        self.rejects = self._effective_rejects()
         self.commit = read_commit(commits[-1]) if commits else {"rows_end": 0, "lengths": {}}
         self.starts = {u: self.samples.column(f"{c}_start").to_numpy() for u, c in
                         (("tokens", "token"), ("labels", "label"), ("question", "question"))}
@@ -95,6 +132,22 @@ class Part:
                 problems.append(f"{unit} offsets end at {int(ends[-1])}, the last commit says "
                                 f"{self.commit['lengths'].get(unit)}")
         return problems
+
+    def _effective_rejects(self) -> pa.Table:
+        """The rejects that stand: a row's latest reject, unless a later commit (a --retry-rejects run) committed
+        the row; so a retried row counts once, as committed."""
+        log = self.reject_log.select(REJECT_SCHEMA.names)
+        rows = self.reject_log.column("source_row").to_numpy()
+        last = len(rows) - 1 - np.unique(rows[::-1], return_index=True)[1]  # each row's latest reject
+        self._standing = np.sort(last[~np.isin(rows[last], self.samples.column("source_row").to_numpy())])
+        if len(self._standing) == len(rows):  # the usual case: no row recorded twice
+            return log
+        return log.take(pa.array(self._standing, pa.int64()))
+
+    def retryable_rows(self) -> set[int]:
+        """Rows whose standing reject is retryable (the teacher failed on them): what --retry-rejects runs again."""
+        rows, ok = (self.reject_log.column(c).to_pylist() for c in ("source_row", "retryable"))
+        return {rows[i] for i in self._standing.tolist() if ok[i]}
 
     def __len__(self) -> int:
         return self.samples.num_rows
@@ -151,19 +204,36 @@ class Part:
                 layers={k: from_storage(cut(f"layers/{k}"), fd) for k in self.meta.get("layers", [])},
                 answers_generated=row["answers_generated"],
                 answer_truncated=bool(row.get("answer_truncated")),
+                image_digests=row.get("image_digests") or [],
             ))
         return out
+
+
+def _reject_log(files: list[tuple[int, pa.Table]]) -> pa.Table:
+    """Every reject of the committed rejects files in commit order, with its commit `seq` and `retryable` flag."""
+    tables = [t.select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA).replace_schema_metadata(None)
+              .append_column("seq", pa.array([seq] * t.num_rows, pa.int64()))
+              .append_column("retryable", pa.array(retryable_flags(t), pa.bool_())) for seq, t in files]
+    if tables:
+        return pa.concat_tables(tables)
+    return REJECT_SCHEMA.append(pa.field("seq", pa.int64())).append(pa.field("retryable", pa.bool_())).empty_table()
 
 
 class TeacherStore:
     """Read side of a store: attributes, the teacher head, and committed samples of every part."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, parts: dict[str, int] | None = None):
+        """`parts`: open exactly these parts, in this order, each holding at least the samples given (a reader in
+        another process sees what the one that planned saw, though parts are added and commits made since)."""
         self.path = Path(path)
         self.meta = read_meta(self.path)
         parts_dir = self.path / "parts"
         names = sorted(p.name for p in parts_dir.iterdir() if (p / "zarr.json").exists()) if parts_dir.exists() else []
-        self.parts = [Part(self.path, n, self.meta) for n in names]
+        self.parts = [Part(self.path, n, self.meta) for n in (names if parts is None else parts)]
+        for p in self.parts if parts is not None else []:
+            if len(p) < parts[p.name]:
+                raise StoreError(f"part {p.name} of {self.path} holds {len(p)} samples, {parts[p.name]} when it was "
+                                 "opened before: it was rewritten meanwhile; start again")
         self._offsets = np.cumsum([0] + [len(p) for p in self.parts])
 
     def __len__(self) -> int:
@@ -208,3 +278,36 @@ class TeacherStore:
     def rejects(self) -> pa.Table:
         tables = [p.rejects for p in self.parts]
         return pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()
+
+    def completeness(self) -> tuple[list[tuple[str, str]], list[str]]:
+        """(problems, notes). Problems, each (part, why), keep the store from being whole (docs/store.md, "A
+        complete store"): a part its `num_shards` declares that is missing, or one whose last commit stops before
+        the manifest rows its parts were written for (`rows_end` < the largest `rows_total`). Notes name the parts
+        whose end cannot be judged: written before commits recorded `rows_total`."""
+        n = self.meta.get("num_shards")
+        problems: list[tuple[str, str]] = []
+        notes: list[str] = []
+        names = {p.name for p in self.parts}
+        for i in range(n or 0):
+            if part_name(i, n) not in names:
+                problems.append((part_name(i, n), f"part {part_name(i, n)} is missing (the store has num_shards {n}): "
+                                 f"write it with cache-teacher --shard {i}/{n} (or the job whose "
+                                 "--data-parallel-size copy writes it)"))
+        for p in self.parts:
+            shard = parse_part_name(p.name)
+            if n and (shard is None or shard[1] != n):
+                problems.append((p.name, f"part {p.name} does not belong to a store of num_shards {n} (copied in?)"))
+        target = max((p.commit["rows_total"] for p in self.parts if p.commit.get("rows_total") is not None),
+                     default=None)
+        for p in self.parts:
+            if "seq" not in p.commit:
+                problems.append((p.name, f"part {p.name} has no commit yet: run (or re-run) its cache-teacher "
+                                 "command"))
+            elif p.commit.get("rows_total") is None:
+                notes.append(f"part {p.name} records no manifest row count (written before commits recorded it): "
+                             "whether it is finished is not checked")
+            elif p.commit["rows_end"] < target:
+                problems.append((p.name, f"part {p.name} is unfinished: manifest rows < {p.commit['rows_end']} of "
+                                 f"{target} done; re-run its cache-teacher command to finish it"))
+        return problems, notes
+

@@ -24,6 +24,7 @@ class VerifyReport:
     topk_compared: int = 0
     topk_mismatches: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # worth knowing, yet the store is whole (stray files)
 
     @property
     def ok(self) -> bool:
@@ -36,7 +37,7 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "chunks_read": self.chunks_read, "samples_checked": self.samples_checked,
                 "label_tokens_checked": self.label_tokens_checked, "topk_compared": self.topk_compared,
-                "topk_mismatches": self.topk_mismatches, "failures": self.failures,
+                "topk_mismatches": self.topk_mismatches, "failures": self.failures, "warnings": self.warnings,
                 "first_failing_sample": next((f["sample_ids"][0] for f in self.failures if f["sample_ids"]), None)}
 
 
@@ -47,12 +48,14 @@ def _samples_for_rows(p: Part, unit: str, lo: int, hi: int) -> tuple[int, int] |
     return (int(hit[0]), int(hit[-1])) if len(hit) else None
 
 
-def verify(store: TeacherStore, block: int = 64, atol: float | None = None, full: bool = True) -> VerifyReport:
+def verify(store: TeacherStore, block: int = 64, atol: float | None = None, full: bool = True,
+           allow_partial: bool = False) -> VerifyReport:
     """Read every chunk through its checksum, check every sample's bookkeeping, and recompute the top-k.
 
     `full=False` does only what costs no array reads (the check train-student runs before it starts): the head
-    against the teacher identity in the attributes, the commit files, every manifest row accounted for, every
-    shard file present, array lengths against the commits."""
+    against the teacher identity in the attributes, the store complete (every part declared present and finished;
+    with `allow_partial` a missing or unfinished part is a warning), the commit files, every manifest row accounted
+    for, every shard file present, array lengths against the commits."""
     rep = VerifyReport()
     meta = store.meta
     try:
@@ -65,6 +68,13 @@ def verify(store: TeacherStore, block: int = 64, atol: float | None = None, full
         rep.fail("head", "head/weight", None, "the stored head is not the head of the teacher the attributes "
                  f"name ({meta['teacher'].get('name_or_path')}): the attributes or the head were changed", [])
     atol = atol if atol is not None else {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}[meta["feature_dtype"]]
+    problems, notes = store.completeness()
+    for part, why in problems:  # a store with a part missing or unfinished is not whole, however intact
+        if allow_partial:
+            rep.warnings.append(f"{why} (accepted: --allow-partial)")
+        else:
+            rep.fail(part, "part", None, why, [])
+    rep.warnings += notes
     seen: dict[str, str] = {}
     for p in store.parts:
         ids = p.samples.column("sample_id").to_pylist()
@@ -74,6 +84,9 @@ def verify(store: TeacherStore, block: int = 64, atol: float | None = None, full
             seen[sid] = p.name
         for problem in p.problems + _coverage_problems(p):
             rep.fail(p.name, "samples", None, problem, [])
+        for name in p.strays:  # e.g. a macOS copy's ._00000000.parquet: readers and writers pass it over
+            rep.warnings.append(f"part {p.name}: {name} is not a file cache-teacher writes; it is ignored (delete "
+                                "it to silence this)")
         damaged = _verify_chunks(p, rep, ids, read=full)
         for s in range(0, len(p) if full else 0, block):
             e = min(s + block, len(p))
@@ -90,17 +103,37 @@ def verify(store: TeacherStore, block: int = 64, atol: float | None = None, full
 
 
 def _coverage_problems(p: Part) -> list[str]:
-    """Every manifest row this part owns below its last commit is committed or rejected, exactly once."""
+    """Every manifest row this part owns below its last commit is committed or rejected, exactly once; except
+    that a `--retry-rejects` run records again a row whose standing reject was retryable (a commit recording a
+    row below the previous commit's `rows_end`): its new sample or reject supersedes the old reject."""
     shard = parse_part_name(p.name)
     if shard is None:
         return []
     i, n = shard
-    rows = p.samples.column("source_row").to_pylist() + p.rejects.column("source_row").to_pylist()
-    owned = set(range(i, p.commit["rows_end"], n))
+    by_seq: dict[int, list[tuple[int, bool | None]]] = {}  # commit -> (row, retryable; None for a sample)
+    log = p.reject_log
+    for row, seq, ok in zip(*(log.column(c).to_pylist() for c in ("source_row", "seq", "retryable"))):
+        by_seq.setdefault(seq, []).append((row, ok))
+    for row, seq in zip(p.samples.column("source_row").to_pylist(), p.sample_seqs.tolist()):
+        by_seq.setdefault(seq, []).append((row, None))
+    state: dict[int, bool | None] = {}  # row -> its standing record: retryable reject, other reject, sample (None)
+    twice: list[int] = []
+    prev_end = 0
+    for seq in sorted(set(by_seq) | set(p.commits)):
+        here: set[int] = set()
+        for row, kind in by_seq.get(seq, []):
+            # A row new to this commit must be unseen; one below the resume point may only supersede a retryable
+            # reject; and no commit records a row twice.
+            if row in here or (state.get(row) is not True if row < prev_end else row in state):
+                twice.append(row)
+            here.add(row)
+            state[row] = kind
+        prev_end = p.commits.get(seq, {}).get("rows_end", prev_end)
     problems = []
-    if len(rows) != len(set(rows)):
-        problems.append(f"{len(rows) - len(set(rows))} manifest row(s) recorded twice")
-    missing = sorted(owned - set(rows))
+    if twice:
+        problems.append(f"{len(twice)} manifest row(s) recorded twice, first {sorted(twice)[:5]} (only a row "
+                        "rejected as retryable may be recorded again, by --retry-rejects)")
+    missing = sorted(set(range(i, p.commit["rows_end"], n)) - set(state))
     if missing:
         problems.append(f"{len(missing)} manifest row(s) neither committed nor rejected, first {missing[:5]} "
                         "(a samples or rejects file is missing)")
@@ -181,6 +214,7 @@ def format_verify(r: VerifyReport) -> str:
     lines = [f"verify: {'OK' if r.ok else 'FAILED'}  chunks read {d['chunks_read']}, samples {d['samples_checked']}, "
              f"label tokens {d['label_tokens_checked']}, top-k entries compared {d['topk_compared']}, "
              f"mismatches {d['topk_mismatches']}"]
+    lines += [f"  warning: {w}" for w in r.warnings[:20]]
     for f in r.failures[:20]:
         rng = f"samples {f['samples'][0]}..{f['samples'][1]}" if f["samples"] else "-"
         lines.append(f"  part {f['part']}, array {f['array']}, {rng}: {f['message']}")

@@ -5,9 +5,11 @@ atomically (array data written and fsynced, then the commit's Parquet file renam
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,20 +22,24 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
-from genrecal_cache.core.errors import StoreError
+from genrecal_cache.core.durable import fsync, fsync_tree
+from genrecal_cache.core.errors import RejectError, StoreError
 from genrecal_cache.core.faults import fault_point
 
 from .format import (
     ARRAY_CONFIG,
     ATTR,
+    REJECT_KINDS,
     REJECT_SCHEMA,
     REJECTS_DIR,
     SAMPLE_SCHEMA,
     SAMPLES_DIR,
     TOKENIZER_DIR,
+    WRITER_FILE,
     ArraySpec,
     check_compatible,
     codecs,
+    commit_files,
     finished,
     part_arrays,
     read_commit,
@@ -41,6 +47,8 @@ from .format import (
     shard_file,
     to_storage,
 )
+
+_ZARR_PARTIAL = re.compile(r".*\.[0-9a-f]{32}\.partial")  # zarr's LocalStore temp files (zarr 3.x)
 
 # --- what a writer appends ------------------------------------------------------------------------------------
 
@@ -82,6 +90,30 @@ class SampleRecord:
         return out
 
 
+class NonFiniteError(RejectError):
+    """A sample whose teacher values are NaN or infinite (`reason` says which and where); nothing of it is added."""
+
+
+_CHECKED = ("features", "question_features", "topk_logprobs")  # and layers/*: float rows as stored
+
+
+def non_finite(rows: dict[str, np.ndarray]) -> str | None:
+    """Which of a sample's float values, as stored, are NaN or infinite, and in which rows; None when all are
+    finite."""
+    found = []
+    for name, a in rows.items():
+        if name not in _CHECKED and not name.startswith("layers/"):
+            continue
+        # bf16 is kept as its bits: NaN and inf are the ones whose exponent bits are all set. No float copy.
+        bad = (a & 0x7F80) == 0x7F80 if a.dtype == np.uint16 else ~np.isfinite(a)
+        if bad.any():
+            where = np.flatnonzero(bad.reshape(len(a), -1).any(1)).tolist()
+            at = ", ".join(map(str, where[:8])) + (", ..." if len(where) > 8 else "")
+            unit = "question" if name == "question_features" else "label"
+            found.append(f"{name}: {int(bad.sum())} NaN/inf values at {unit} positions [{at}] of {len(a)}")
+    return "; ".join(found) or None
+
+
 # --- the store's root -----------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -89,19 +121,27 @@ def _locked(path: Path) -> Iterator[None]:
     """An exclusive lock on the store's root, so concurrent writers create and check it one at a time."""
     path.mkdir(parents=True, exist_ok=True)
     with open(path / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        _flock(f, fcntl.LOCK_EX, path)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _flock(f: Any, flags: int, root: Path) -> None:
+    """`flock`, or an error saying what to do where the file system has no locks (Lustre mounted without `flock`):
+    the one-writer-per-part guarantee rests on it, so a store is never written without it."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fault_point("flock")
+        fcntl.flock(f, flags)
+    except OSError as e:
+        if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+            raise
+        raise StoreError(f"the file system of {root} does not support file locks ({e.strerror}), which keep two "
+                         "cache-teacher jobs from writing one part: write the store on a file system that does "
+                         "(local disk, NFS v4, Lustre mounted with -o flock)") from None
+
+
 
 
 def _write_matrix(group: zarr.Group, name: str, value: torch.Tensor, dtype: str) -> None:
@@ -131,7 +171,12 @@ def open_or_create(path: Path, meta: dict[str, Any], head: dict[str, torch.Tenso
             _write_matrix(hg, name, value, hd)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path / TOKENIZER_DIR))
-        root.attrs[ATTR] = meta  # last: attributes present means the head is complete
+        for folder in (path / "head", path / TOKENIZER_DIR):
+            if folder.exists():
+                fsync_tree(folder)  # before the attributes that declare them complete
+        root.attrs[ATTR] = meta  # last, and durable: attributes present means the head is complete
+        fsync(path / "zarr.json")
+        fsync(path)
         return meta
 
 
@@ -173,7 +218,7 @@ class PartWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.dir / ".lock", "a")  # held while this writer lives
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB, root)
         except BlockingIOError:
             raise StoreError(f"another cache-teacher is writing part {part} of {root}; wait for it, or give "
                              "this job another --shard") from None
@@ -211,15 +256,19 @@ class PartWriter:
         self._lock.close()
 
     def _recover(self) -> tuple[int, int, dict[str, int]]:
-        commits = sorted((self.dir / SAMPLES_DIR).glob("*.parquet"))
+        commits = commit_files(self.dir / SAMPLES_DIR)
         seq, rows_end, lengths = 0, 0, {"tokens": 0, "labels": 0, "question": 0}
         if commits:
             last = read_commit(commits[-1])
             seq, rows_end, lengths = last["seq"] + 1, last["rows_end"], last["lengths"]
-        for sub in (SAMPLES_DIR, REJECTS_DIR):  # the tail of a crashed commit
+        for sub in (SAMPLES_DIR, REJECTS_DIR):  # the tail of a crashed commit: only names this writer makes
             for f in (self.dir / sub).iterdir():
-                if f.suffix != ".parquet" or int(f.stem) >= seq:
+                m = WRITER_FILE.fullmatch(f.name)
+                if m and (m.group(2) == "tmp" or int(m.group(1)) >= seq):
                     f.unlink()
+        for f in self.dir.rglob("*.partial"):  # zarr writes <file>.<uuid hex>.partial, then renames it: a kill
+            if _ZARR_PARTIAL.fullmatch(f.name):  # in between leaves it, and nothing else ever removes it
+                f.unlink()
         for spec in self.specs:
             arr = self.arrays[spec.name]
             if arr.shape[0] < lengths[spec.unit]:
@@ -234,7 +283,11 @@ class PartWriter:
         return len(self._pending) + len(self._pending_rejects)
 
     def add(self, rec: SampleRecord, keep_image_bytes: bool = True) -> None:
+        """Buffer one sample; raises `NonFiniteError` (adding nothing) when any of its values is NaN or inf."""
         rows = rec.rows(self.meta)
+        bad = non_finite(rows)
+        if bad is not None:
+            raise NonFiniteError(f"non-finite teacher values: {bad}")
         n_tok, n_lab = len(rows["token_ids"]), len(rows["targets"])
         n_q = len(rows["question_features"]) if "question_features" in rows else 0
         assert rows["label_mask"].sum() == n_lab == len(rows["features"]), "label mask, targets, features disagree"
@@ -261,8 +314,22 @@ class PartWriter:
         lens["labels"] += n_lab
         lens["question"] += n_q
 
-    def reject(self, source_row: int, sample_id: str, reason: str) -> None:
-        self._pending_rejects.append({"source_row": source_row, "sample_id": sample_id, "reason": reason})
+    def reject(self, source_row: int, sample_id: str, reason: str, retryable: bool = False) -> None:
+        """Buffer a reject; `retryable` when the teacher failed on the row rather than its content (`--retry-rejects`
+        runs those again)."""
+        self._pending_rejects.append({"source_row": source_row, "sample_id": sample_id, "reason": reason,
+                                      "retryable": retryable})
+
+    def drop_from(self, row: int) -> None:
+        """Forget what was buffered for manifest rows >= `row` (the job stopped before finishing them; the next run
+        does them again). Samples are added in row order, so those dropped are the last ones."""
+        n = sum(1 for s in self._pending if s["source_row"] < row)
+        assert all(s["source_row"] >= row for s in self._pending[n:]), "samples not added in row order"
+        self._pending = self._pending[:n]
+        self._pending_rows = {k: v[:n] for k, v in self._pending_rows.items()}
+        self._pending_rejects = [r for r in self._pending_rejects if r["source_row"] < row]
+        self._pending_lengths = {u: self.lengths[u] + sum(s[f"num_{c}"] for s in self._pending)
+                                 for u, c in (("tokens", "tokens"), ("labels", "labels"), ("question", "question"))}
 
     def commit(self, rows_end: int) -> None:
         """Make everything added so far durable; `rows_end` is the manifest row to resume from."""
@@ -289,13 +356,14 @@ class PartWriter:
             with self.clock("copy"):
                 self.tail[spec.name] = data[keep - start :].copy()  # not a view: it would keep the whole commit
             with self.clock("fsync"):
-                _fsync(self.dir / spec.name / "zarr.json")
-                _fsync(self.dir / spec.name)
+                fsync(self.dir / spec.name / "zarr.json")
+                fsync(self.dir / spec.name)
         name = f"{self.seq:08d}.parquet"
         commit = {"seq": self.seq, "rows_end": rows_end, "lengths": dict(new), "time": round(time.time(), 3),
                   "rows_total": self.rows_total}  # time and rows_total: for inspect-cache --progress
         fault_point(f"arrays-written:{self.seq}")
-        _write_table(self.dir / REJECTS_DIR / name, self._pending_rejects, REJECT_SCHEMA, commit, self.clock)
+        kinds = {REJECT_KINDS: json.dumps({"retryable": [r["retryable"] for r in self._pending_rejects]})}
+        _write_table(self.dir / REJECTS_DIR / name, self._pending_rejects, REJECT_SCHEMA, commit, self.clock, kinds)
         fault_point(f"rejects-written:{self.seq}")
         _write_table(self.dir / SAMPLES_DIR / name, self._pending, SAMPLE_SCHEMA, commit, self.clock)  # the commit
         fault_point(f"committed:{self.seq}")
@@ -307,20 +375,21 @@ class PartWriter:
 def _fsync_shard(array_dir: Path, shard: int, two_d: bool) -> None:
     """zarr renames each shard file into place; fsync its data, the rename and any new directory."""
     f = shard_file(array_dir, shard, two_d)
-    _fsync(f)
+    fsync(f)
     for d in (f.parent, f.parent.parent, array_dir):
-        _fsync(d)
+        fsync(d)
 
 
-def _write_table(path: Path, rows: list[dict], schema: pa.Schema, commit: dict, clock: StageClock) -> None:
+def _write_table(path: Path, rows: list[dict], schema: pa.Schema, commit: dict, clock: StageClock,
+                 metadata: dict[str, str] | None = None) -> None:
     """Write a Parquet file atomically: temp file, fsync, rename, fsync the directory."""
     with clock("table"):
         table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
-            {"genrecal_commit": json.dumps(commit)})
+            {"genrecal_commit": json.dumps(commit), **(metadata or {})})
         tmp = path.with_suffix(".tmp")
         pq.write_table(table, tmp, compression="zstd")
         with clock("fsync"):
-            _fsync(tmp)
+            fsync(tmp)
         os.replace(tmp, path)
         with clock("fsync"):
-            _fsync(path.parent)
+            fsync(path.parent)

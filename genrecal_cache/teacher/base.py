@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from genrecal_cache.core.config import Choice
-from genrecal_cache.core.errors import RejectError
+from genrecal_cache.core.digests import cache_dir, cached_digest, kept_digest
+from genrecal_cache.core.errors import ConfigError, RejectError
+from genrecal_cache.core.models import is_multimodal
 from genrecal_cache.data.render import Generated, GenerationSettings, Rendered, Renderer
+from genrecal_cache.data.sources import file_digest
 from genrecal_cache.store.head import TeacherHead
 
 
@@ -75,6 +80,56 @@ def _config_digest(config: Any) -> str:
     return _sha256(json.dumps(clean(config.to_dict()), sort_keys=True, default=str))
 
 
+# Where a checkpoint keeps its weights; with any safetensors file only those (transformers prefers them).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+def model_folder(path: str, revision: str | None = None) -> Path:
+    """The folder `--teacher` names: a local directory, or a hub id's snapshot in the local Hugging Face cache."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, revision=revision, local_files_only=True))
+    except Exception as e:  # not cached (LocalEntryNotFoundError), or not a hub id
+        raise ConfigError(f"--teacher {path}: cannot find its weight files to record their digests "
+                          f"({type(e).__name__}); pass the checkpoint's local directory") from None
+
+
+def weight_files(folder: Path) -> list[dict[str, Any]]:
+    """Every weight file of a checkpoint (top level, as transformers and vLLM read them): name, bytes and sha256,
+    each digest computed once per version of the file and kept (`core/digests.py`)."""
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    files = [f for f in files if f.suffix == ".safetensors"] or files
+    if not files:
+        raise ConfigError(f"--teacher {folder}: no weight file ({', '.join(WEIGHT_SUFFIXES)}) in it")
+    todo = [f for f in files if kept_digest(f) is None]
+    if todo:
+        size = sum(f.stat().st_size for f in todo) / 2**30
+        print(f"cache-teacher: hashing {len(todo)} weight file(s) of the teacher ({size:.2f} GiB), once: the digests "
+              f"are kept in {cache_dir()}", file=sys.stderr)
+    return [{"name": f.name, "bytes": f.stat().st_size, "sha256": cached_digest(f, file_digest)} for f in files]
+
+
+def processor_digest(processor: Any) -> str | None:
+    """Digest of the processor's configuration (image processor and processor settings, `--processor-kwargs`
+    applied; the tokenizer and template have their own digests), without paths; None for a bare tokenizer."""
+    if not is_multimodal(processor):
+        return None
+    drop = {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "chat_template", "tokenizer"}
+
+    def clean(d: Any) -> Any:
+        if isinstance(d, dict):
+            return {k: clean(v) for k, v in d.items() if k not in drop}
+        return d
+
+    config = processor.to_dict() if hasattr(processor, "to_dict") else {}
+    config.setdefault("image_processor", processor.image_processor.to_dict())
+    return _sha256(json.dumps(clean(config), sort_keys=True, default=str))
+
+
 class TeacherBase:
     """What every backend shares: the identity recorded in the store, and the head tensors it stores.
 
@@ -102,6 +157,7 @@ class TeacherBase:
         vocab = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
         template = getattr(self.processor, "chat_template", None) or tok.chat_template or ""
         w = self.head.weight
+        files = weight_files(model_folder(str(self.path), getattr(self.config, "_commit_hash", None)))
         return {
             "name_or_path": str(self.path),
             "revision": getattr(self.config, "_commit_hash", None),
@@ -113,6 +169,10 @@ class TeacherBase:
             "tokenizer_digest": _sha256(vocab),
             "chat_template_digest": _sha256(template if isinstance(template, str) else json.dumps(template)),
             "head_digest": _sha256(w.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()),
+            # The whole body: one changed layer is another teacher (the head and config may be the same).
+            "weights_digest": _sha256(json.dumps([[f["name"], f["sha256"]] for f in files])),
+            "weight_files": files,
+            "processor_digest": processor_digest(self.processor),
         }
 
     def head_tensors(self) -> dict[str, torch.Tensor]:

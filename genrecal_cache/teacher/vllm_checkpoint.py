@@ -11,9 +11,11 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
+from genrecal_cache.core.durable import fsync_tree
 from genrecal_cache.core.errors import ConfigError
 
 # vLLM's LLaVA family and Gemma 3 build their CLIP / SigLIP towers as `vision_tower.vision_model.*`; transformers
@@ -55,10 +57,13 @@ def for_vllm(path: Path, config: Any, beside: Path) -> Path:
     out = beside.parent / f"{beside.name}.vllm-checkpoint-{digest}"
     if (out / "config.json").exists():
         return out
-    tmp = out.with_name(out.name + ".tmp")
+    # Each process builds its own copy (data-parallel copies and Ray tasks may start at once, on several hosts):
+    # the first rename wins and the others drop theirs. A killed process's folder is removed by the next one here.
+    _remove_stale(out)
+    tmp = out.with_name(f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         for f in path.iterdir():
             if f in changes:
                 with safe_open(f, "pt") as sf:
@@ -71,10 +76,35 @@ def for_vllm(path: Path, config: Any, beside: Path) -> Path:
                 (tmp / f.name).write_text(json.dumps(index))
             else:
                 os.symlink(f.resolve(), tmp / f.name)
-        os.replace(tmp, out)
+        fsync_tree(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "config.json").exists():  # not another copy's rename that came first
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ConfigError(f"--teacher {path}: vLLM reads {sum(len(m) for m in changes.values())} of its weights by "
                           f"other names, and the renamed copy could not be written to {out} ({e}); free space "
                           "there, or use --backend hf") from None
     return out
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the unfinished copies of `out` that processes of this host left when killed."""
+    host = socket.gethostname()
+    for tmp in out.parent.glob(f"{out.name}.tmp-{host}-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -43,7 +43,7 @@ def test_a_dead_worker_stops_the_job_cleanly_and_the_job_resumes(zoo, demo_manif
     assert "a render worker died (worker pid" in p.stderr and "killed by SIGKILL" in p.stderr
     assert "re-run the same command" in p.stderr and "Traceback" not in p.stderr
     partial = TeacherStore(out)
-    assert 0 < len(partial) and verify(partial).ok  # rows before 7 committed
+    assert 0 < len(partial) and verify(partial, allow_partial=True).ok  # rows before 7 committed, intact
     assert max(partial.parts[0].samples["source_row"].to_pylist()) < 7
     p = _cache(zoo, demo_manifest, out, 1)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -18,9 +18,9 @@ import torch
 from genrecal_cache.core.errors import DatasetError, IncompatibleStoreError, RejectError
 from genrecal_cache.data.rows import Columns, Row, parse_row
 from genrecal_cache.data.sources import open_source
-from genrecal_cache.job.cache_job import plan_ids
 from genrecal_cache.job.config import CacheConfig, DuplicateIds
 from genrecal_cache.job.launch import run_cache
+from genrecal_cache.job.preflight import plan_ids
 from genrecal_cache.store.reader import TeacherStore
 from tests.helpers import ROOT, run_command
 

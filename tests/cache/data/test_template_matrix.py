@@ -181,8 +181,9 @@ def test_label_masks_are_the_answers_and_their_end_of_turn(kind, name, tmp_path)
         prompt = proc.apply_chat_template(head, tokenize=True, return_dict=True, add_generation_prompt=True)
         assert renderer.render_prompt(sample).input_ids.tolist() == list(prompt["input_ids"][0])
         # The student's side (train-student): the stored conversation, parsed again, renders the same.
+        images = [im.data for im in sample.images]
         teacher = SimpleNamespace(sample_id=sample.sample_id, source_row=sample.source_row, messages=sample.messages,
-                                  images=[im.data for im in sample.images], image_paths=[None] * len(sample.images),
+                                  images=images, image_paths=[None] * len(sample.images), image_data=lambda: images,
                                   segments=[s.to_dict() for s in r.segments])
         student = pair(teacher, renderer, tmp_path).student
         assert student.segments == r.segments and np.array_equal(student.input_ids, r.input_ids)

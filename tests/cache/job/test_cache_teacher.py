@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,7 @@ from genrecal_cache.job.config import CacheConfig
 from genrecal_cache.job.launch import run_cache
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.teacher.hf import HFTeacher
-from tests.helpers import run_command
+from tests.helpers import run_command, start_command
 
 
 def _cfg(zoo_model: Path, manifest: Path, out: Path, **kw) -> CacheConfig:
@@ -149,3 +153,47 @@ def test_data_parallel_copies_form_one_store(zoo, demo_manifest, tmp_path):
     counts = json.loads((tmp_path / "r.json").read_text())
     assert (counts["samples"], counts["rejects"]) == (len(rows), len(rej)) and len(rows) > 0
     assert sorted(rows + rej) == list(range(n_rows)), "every row committed or rejected exactly once"
+
+
+def _copies_of(out: Path) -> list[int]:
+    """Pids of the `python -m genrecal_cache cache-teacher` copies writing the store `out`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and b"genrecal_cache" in cmd and str(out).encode() in cmd and b"--shard" in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_data_parallel_copies_end_with_their_parent_and_keep_its_exit_status(zoo, demo_manifest, tmp_path):
+    """A SIGKILLed `--data-parallel-size` job takes its copies with it (none keeps its part locked), the re-run
+    completes the store; a teacher failure in a copy ends the whole job with exit status 3, as one copy would."""
+    out = tmp_path / "s"
+    args = ("--teacher", zoo["llava"], "--manifest", demo_manifest, "--output", out, "--data-parallel-size", "2",
+            "--dtype", "float32", "--device", "cpu", "--commit-every", "2", "--no-progress")
+    drop = ("GENRECAL_KILL_AT", "GENRECAL_CUDA_ERROR_AT")
+    p = start_command("cache-teacher", *args, env={"OMP_NUM_THREADS": "1"}, drop_env=drop, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_copies_of(out)) < 2 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        assert len(_copies_of(out)) == 2, "the two copies never started"
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        deadline = time.monotonic() + 5
+        while _copies_of(out) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _copies_of(out), "a copy outlived its killed parent"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    p = run_command("cache-teacher", *args, env={"OMP_NUM_THREADS": "1", "GENRECAL_CUDA_ERROR_AT": "teacher-forward:2"},
+                    drop_env=drop, timeout=300)
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert "failed (their errors are above)" in p.stderr and "Re-run the same command" in p.stderr
+    p = run_command("cache-teacher", *args, env={"OMP_NUM_THREADS": "1"}, drop_env=drop, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert TeacherStore(out).completeness()[0] == []

@@ -27,9 +27,9 @@ from genrecal_cache.data.rows import Row, parse_row
 from genrecal_cache.job.config import CacheConfig
 from genrecal_cache.job.launch import run_cache
 from genrecal_cache.store.reader import TeacherStore
+from genrecal_train.config import TrainConfig
 from genrecal_train.data import pair
 from genrecal_train.models import vision_parameter_names
-from genrecal_train.config import TrainConfig
 from genrecal_train.trainer import train
 from tests.helpers import ROOT, run_command
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -55,3 +59,38 @@ def test_gemma3_tower_is_renamed_and_a_checkpoint_rewritten_in_place_gets_a_new_
     key = next(k for k in tensors if k.endswith("embed_tokens.weight"))
     with safe_open(next(again.glob("*.safetensors")), "pt") as sf:
         assert sf.get_tensor(key).equal(tensors[key])
+
+
+def _renamed_llava(zoo, tmp_path) -> Path:
+    """A LLaVA checkpoint saved with transformers 5's tower names (vLLM needs a renamed copy)."""
+    src = tmp_path / "llava"
+    shutil.copytree(zoo["llava"], src)
+    for f in src.glob("*.safetensors"):
+        save_file({k.replace("vision_tower.vision_model.", "vision_tower."): v for k, v in load_file(f).items()},
+                  f, metadata={"format": "pt"})
+    return src
+
+
+def test_copies_started_at_once_share_one_renamed_checkpoint(zoo, tmp_path):
+    """Several processes (data-parallel copies, Ray tasks) writing the copy at once: each builds its own, the first
+    rename wins, none fails or deletes another's; a folder a killed process left is removed."""
+    src = _renamed_llava(zoo, tmp_path)
+    code = ("import sys; from pathlib import Path; from transformers import AutoConfig; "
+            "from genrecal_cache.teacher.vllm_checkpoint import for_vllm; "
+            "print(for_vllm(Path(sys.argv[1]), AutoConfig.from_pretrained(sys.argv[1]), Path(sys.argv[2])))")
+    first = subprocess.run([sys.executable, "-c", code, src, tmp_path / "store"], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    out = Path(first.stdout.strip())
+    shutil.rmtree(out)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = out.with_name(f"{out.name}.tmp-{socket.gethostname()}-{dead.pid}")
+    stale.mkdir()  # what a killed copy leaves
+    procs = [subprocess.Popen([sys.executable, "-c", code, src, tmp_path / "store"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(p.wait(), *p.communicate()) for p in procs]
+    assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    assert {o.strip() for _, o, _ in results} == {str(out)}
+    assert (out / "config.json").exists() and not stale.exists()
+    assert sorted(q.name for q in tmp_path.iterdir()) == sorted(["llava", "store.vllm-checkpoint-" + out.name
+                                                                 .rsplit("-", 1)[1]])
