@@ -43,6 +43,22 @@ class ULDAlign(Choice):
     chars = "chars"  # each student answer token with the teacher token covering its first character
 
 
+class BestMetric(Choice):
+    """What --keep-best ranks checkpoints by: a validation loss (lower is better) or answer score (higher)."""
+
+    val_loss = "val_loss"  # the stage's loss, as it trains
+    val_student = "val_student"  # its parts (those of the stage: stages 2-3, 1-2, --method uld's stage 2, ...)
+    val_recal = "val_recal"
+    val_reg = "val_reg"
+    val_uld = "val_uld"
+    val_ar = "val_ar"
+    val_kl = "val_kl"
+    val_reg_ar = "val_reg_ar"
+    val_reg_kl = "val_reg_kl"
+    val_exact_match = "val_exact_match"  # the student's greedy answers, scored as eval-student scores (stages 2-3)
+    val_normalised_match = "val_normalised_match"
+
+
 STAGES_OF = {"genrecal": [1, 2, 3], "uld": [2, 3], "sft": [3]}
 
 
@@ -101,7 +117,20 @@ class TrainConfig:
     save_adapter: bool = flag("--lora-rank: also save each stage's adapter (final/adapter, PEFT format, for the "
                               "student that stage started from) beside the merged student.", False)
     block_size: int = flag("Samples per block of the shuffle (consecutive samples are read together).", 64)
-    heldout_fraction: float = flag("Fraction of samples (by id) held out for the student-reliance check.", 0.05)
+    heldout_fraction: float = flag("Fraction of samples (by id) held out from training, for validation and the "
+                                   "student-reliance check (0: train on every sample, no validation).", 0.05)
+    eval_every: int = flag("Validate every this many steps (0: only at the end of each stage, which always "
+                           "validates): the stage's losses on held-out samples and, in stages that train the "
+                           "student, its greedy answers scored as eval-student scores them; logged as val_*.", 200)
+    eval_loss_samples: int = flag("Held-out samples the validation losses are computed on (the first the student "
+                                  "can take, in store order: the same in every run and rank).", 256)
+    eval_samples: int = flag("Held-out samples the student answers greedily in validation (the first of those; 0: "
+                             "no answers).", 32)
+    eval_max_new_tokens: int = flag("Longest answer the student writes in validation.", 32)
+    keep_best: BestMetric | None = flag("Also keep each stage's best student and Recalibrator by this validation "
+                                        "metric in output/stage<k>/best/ (as final/): val_loss or one of its parts "
+                                        "(lower is better), val_exact_match or val_normalised_match (higher is "
+                                        "better; stages that train the student).", None)
     reliance_every: int = flag("Run the student-reliance check every this many steps (0: never).", 200)
     save_every: int = flag("Save a resumable checkpoint every this many steps.", 200)
     prefetch: bool = flag("Prepare the next batches in a background thread while the current one trains "
@@ -112,13 +141,19 @@ class TrainConfig:
     fsdp: bool = flag("Under torchrun, shard the student's decoder layers and the Recalibrator across ranks "
                       "(FSDP2) instead of replicating them (DDP).", False)
     log_every: int = flag("Write metrics every this many steps.", 10)
-    resume: bool = flag("Continue each stage from its last checkpoint, exactly.", False)
+    resume: bool = flag("Continue each stage from its last checkpoint, exactly (the checkpoint's options, store and "
+                        "student must be this command's; docs/DESIGN.md says which options may change).", False)
+    overwrite: bool = flag("Start over in an --output that holds a run of these stages: their output/stage<k>/ "
+                           "folders are removed first (without it, or --resume, such an output is refused).", False)
     report_to: str = flag("Experiment trackers besides metrics.jsonl, comma-separated: tensorboard, wandb (W&B; "
                           "WANDB_MODE=offline works offline), mlflow (MLFLOW_TRACKING_URI, default "
                           "the file store output/mlruns); 'auto': TensorBoard when installed; 'none'.", "auto")
     verify_store: bool = flag("Read the whole store through its checksums before training (without it, only the "
                               "checks that cost no array reads; damaged chunks still stop training when read).",
                               False)
+    allow_partial: bool = flag("Train on a store that is not complete (a part its --shard count declares missing, "
+                               "or one its cache-teacher did not finish): the parts there are, named at start and "
+                               "recorded in the run's config.yaml. Without it such a store is refused.", False)
     seed: int = flag("Seed for data order and initialisation.", 0)
     device: str = flag("auto, cpu, cuda, cuda:1, ...", "auto")
     impl: Impl = flag("Kernel paths: auto (Triton on CUDA, else chunked), triton, chunked or naive.", Impl.auto)
@@ -142,7 +177,8 @@ class TrainConfig:
         self.impl = to_choice(Impl, self.impl, "--impl")
         at_least(self, 1, "epochs", "batch_size", "grad_accum", "recalibrator_layers", "save_every", "log_every",
                  "block_size")
-        at_least(self, 0, "num_workers", "warmup_steps", "reliance_every")
+        at_least(self, 0, "num_workers", "warmup_steps", "reliance_every", "eval_every", "eval_samples")
+        at_least(self, 1, "eval_loss_samples", "eval_max_new_tokens")
         if self.max_steps is not None:
             at_least(self, 1, "max_steps")
         at_least(self, 0, "lora_rank")
@@ -158,8 +194,19 @@ class TrainConfig:
                               "`torchrun --nproc-per-node N -m genrecal_train.cli ...` (N >= 2), or drop --fsdp")
         if self.temperature <= 0:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --output, --overwrite removes it: pass one of them")
         if not 0 <= self.heldout_fraction < 1:
             raise ConfigError(f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.keep_best is not None:
+            self.keep_best = to_choice(BestMetric, self.keep_best, "--keep-best")
+            if self.heldout_fraction == 0:
+                raise ConfigError(f"--keep-best {self.keep_best} ranks checkpoints on held-out samples, and "
+                                  "--heldout-fraction is 0: hold some out (e.g. --heldout-fraction 0.05) or drop "
+                                  "--keep-best")
+            if self.keep_best.value.endswith("_match") and self.eval_samples == 0:
+                raise ConfigError(f"--keep-best {self.keep_best} scores the student's answers, and --eval-samples "
+                                  "is 0: let it answer some (e.g. --eval-samples 32) or rank by val_loss")
         self.device = resolve_device(self.device)
 
     @property

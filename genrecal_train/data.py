@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset
 from genrecal_cache.core.errors import RejectError, StoreError
 from genrecal_cache.core.process import die_with_parent
 from genrecal_cache.data.render import Rendered, Renderer
-from genrecal_cache.data.rows import Row, parse_row
+from genrecal_cache.data.rows import Row, Sample, parse_row
 from genrecal_cache.store.reader import TeacherSample, TeacherStore
 
 from .sequence import answer_spans
@@ -101,11 +101,16 @@ def load_block(store: TeacherStore, renderer: Renderer, keep: Callable[[str], bo
     return block
 
 
+def as_sample(t: TeacherSample, root: Path) -> Sample:
+    """A stored sample's conversation and images as a `Sample`, for the student's renderer; RejectError (or
+    ValueError/OSError) if its images cannot be read."""
+    return parse_row(Row(t.source_row, {"id": t.sample_id, "messages": t.messages, "images": t.image_data()}), root)
+
+
 def pair(t: TeacherSample, renderer: Renderer, root: Path) -> TrainSample:
-    """The student's rendering of a stored sample; RejectError (or ValueError/OSError) if it cannot take it."""
-    images = [img if img is not None else Path(p).read_bytes() for img, p in zip(t.images, t.image_paths)]
-    sample = parse_row(Row(t.source_row, {"id": t.sample_id, "messages": t.messages, "images": images}), root)
-    rendered = renderer.render(sample)
+    """The student's rendering of a stored sample; RejectError (or ValueError/OSError) if it cannot take it (an
+    image kept by path that changed since is one)."""
+    rendered = renderer.render(as_sample(t, root))
     if len(answer_spans(rendered.segments)) != len(answer_spans(t.segments)):
         raise RejectError("the student and the teacher split the conversation into different turns")
     return TrainSample(t, rendered)
@@ -152,7 +157,9 @@ class StoreStream:
         # Workers hand back pickled bytes, not objects holding tensors: tensors would travel as shared-memory
         # file descriptors, one per tensor of every sample in flight (thousands; past the open-files limit).
         # prefetch_factor 1: a block already holds many batches, and each block in flight costs its memory.
-        loader = DataLoader(_BlockDataset(self.store.path, self.renderer, self.keep, plan, self.num_workers),
+        # Workers open the parts planned here, by name: parts added since would shift the indices in the plan.
+        parts = {p.name: len(p) for p in self.store.parts}
+        loader = DataLoader(_BlockDataset(self.store.path, parts, self.renderer, self.keep, plan, self.num_workers),
                             batch_size=None, num_workers=self.num_workers, multiprocessing_context="spawn",
                             prefetch_factor=1, collate_fn=_identity, worker_init_fn=_die_with_parent)
         return (pickle.loads(b) for b in loader)
@@ -184,17 +191,24 @@ class StoreStream:
 def pairs(store: TeacherStore, renderer: Renderer, keep: Callable[[str], bool], limit: int) -> list[TrainSample]:
     """Up to `limit` samples whose ids `keep` accepts, in store order, each with the student's rendering
     (samples the student cannot take are passed over). Reads one sample at a time: for a few samples only."""
-    out: list[TrainSample] = []
-    for p in store.parts:
+    return [s for _, _, s in located_pairs(store, renderer, keep, limit)]
+
+
+def located_pairs(store: TeacherStore, renderer: Renderer, keep: Callable[[str], bool], limit: int
+                  ) -> Iterator[tuple[int, int, TrainSample]]:
+    """`pairs`, each with where it is: its part's index in `store.parts` and its row in that part."""
+    n = 0
+    for k, p in enumerate(store.parts):
         for i, sid in enumerate(p.samples.column("sample_id").to_pylist()):
-            if len(out) >= limit:
-                return out
+            if n >= limit:
+                return
             if keep(sid):
                 try:
-                    out.append(pair(p.read(i, i + 1)[0], renderer, store.path))
+                    item = pair(p.read(i, i + 1)[0], renderer, store.path)
                 except (RejectError, ValueError, OSError):
                     continue
-    return out
+                n += 1
+                yield k, i, item
 
 
 def _identity(x: Any) -> Any:
@@ -210,18 +224,20 @@ def _die_with_parent(_: int) -> None:
 class _BlockDataset(IterableDataset):
     """The plan's blocks for DataLoader workers: worker w loads blocks w, w+N, w+2N, ... (disjoint, and handed
     back round-robin, i.e. in plan order). Each worker opens the store itself (an open store holds zarr's event
-    loop thread, which must not cross a process boundary); the renderer is pickled into it."""
+    loop thread, which must not cross a process boundary), exactly the `parts` (name: samples) the plan was made
+    from; the renderer is pickled into it."""
 
-    def __init__(self, path: Path, renderer: Renderer, keep: Callable[[str], bool] | None,
+    def __init__(self, path: Path, parts: dict[str, int], renderer: Renderer, keep: Callable[[str], bool] | None,
                  plan: list[tuple[int, int, int, int]], num_workers: int):
-        self.path, self.renderer, self.keep, self.plan, self.num_workers = path, renderer, keep, plan, num_workers
+        self.path, self.parts, self.renderer, self.keep = path, parts, renderer, keep
+        self.plan, self.num_workers = plan, num_workers
 
     def __iter__(self) -> Iterator[bytes]:
         from torch.utils.data import get_worker_info
 
         info = get_worker_info()
         assert info is not None and info.num_workers == self.num_workers, "use through a DataLoader's workers"
-        store = TeacherStore(self.path)
+        store = TeacherStore(self.path, self.parts)
         for i in range(info.id, len(self.plan), info.num_workers):
             block = load_block(store, self.renderer, self.keep, i, *self.plan[i])
             yield pickle.dumps(block, protocol=pickle.HIGHEST_PROTOCOL)

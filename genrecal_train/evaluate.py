@@ -19,7 +19,7 @@ from tqdm import tqdm
 from genrecal_cache.core.config import at_least, flag, json_object, resolve_device
 from genrecal_cache.core.errors import ConfigError, RejectError
 from genrecal_cache.core.models import load_model
-from genrecal_cache.data.render import Renderer
+from genrecal_cache.data.render import Rendered, Renderer
 from genrecal_cache.data.rows import Columns, Sample, parse_row
 from genrecal_cache.data.sources import Source, open_source
 
@@ -90,33 +90,52 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def answer_ids(model: Any, renderer: Renderer, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> list[int]:
+def answer_ids(model: Any, renderer: Renderer, inputs: dict[str, torch.Tensor], max_new_tokens: int,
+               synced_gpus: bool = False) -> list[int]:
     """The model's greedy answer to a rendered prompt; it may never write an image placeholder (an untrained
-    student's head can favour them, and they would eat the answer)."""
-    ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+    student's head can favour them, and they would eat the answer). `synced_gpus`: every rank keeps running
+    forwards until all are done (a model sharded with FSDP gathers its layers in each)."""
+    ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced_gpus,
                          pad_token_id=renderer.tokenizer.pad_token_id, suppress_tokens=renderer.image_token_ids or None)
     return ids[0, inputs["input_ids"].shape[1]:].tolist()
 
 
+def prompt_and_gold(sample: Sample, renderer: Renderer) -> tuple[Rendered, str]:
+    """What the model continues (every turn before the last assistant turn, with the generation prompt) and that
+    turn's text, the gold answer; RejectError (or ValueError: no assistant turn) when there is none."""
+    last = max(i for i, m in enumerate(sample.messages) if m["role"] == "assistant")
+    prompt = renderer.render_prompt(Sample(sample.sample_id, sample.source_row, sample.messages[: last + 1],
+                                           sample.images))
+    return prompt, _text(sample.messages[last])
+
+
+def greedy_answer(model: Any, renderer: Renderer, prompt: Rendered, device: str | torch.device, max_new_tokens: int,
+                  synced_gpus: bool = False) -> str:
+    """The model's greedy answer to `prompt` as text (special tokens dropped, stripped), as eval-student scores it."""
+    inputs = {k: v.to(device) for k, v in prompt.inputs.items()}
+    ids = answer_ids(model, renderer, inputs, max_new_tokens, synced_gpus)
+    return renderer.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def score(prediction: str, gold: str) -> dict[str, bool]:
+    """Exact match (the gold answer stripped) and normalised match (see `normalise`)."""
+    return {"exact": prediction == gold.strip(), "normalised": normalise(prediction) == normalise(gold)}
+
+
 def _answer_rows(cfg: EvalConfig, source: Source, model: Any, renderer: Renderer, rows: list[dict],
                  skipped: list[dict], out: Any) -> None:
-    tok, root = renderer.tokenizer, cfg.image_root or source.root
+    root = cfg.image_root or source.root
     for row in tqdm(source.rows(), disable=not cfg.progress, desc="eval-student", unit="sample"):
         if cfg.max_samples is not None and row.index >= cfg.max_samples:
             break
         try:
             sample = parse_row(row, root, columns=cfg.column_map)
-            last = max(i for i, m in enumerate(sample.messages) if m["role"] == "assistant")
-            gold = _text(sample.messages[last])
-            prompt = renderer.render_prompt(Sample(sample.sample_id, sample.source_row,
-                                                   sample.messages[: last + 1], sample.images))
+            prompt, gold = prompt_and_gold(sample, renderer)
         except (RejectError, ValueError) as e:
             skipped.append({"row": row.index, "reason": getattr(e, "reason", str(e))})
             continue
-        inputs = {k: v.to(cfg.device) for k, v in prompt.inputs.items()}
-        pred = tok.decode(answer_ids(model, renderer, inputs, cfg.max_new_tokens), skip_special_tokens=True).strip()
-        rec = {"id": sample.sample_id, "row": row.index, "gold": gold, "prediction": pred,
-               "exact": pred == gold.strip(), "normalised": normalise(pred) == normalise(gold)}
+        pred = greedy_answer(model, renderer, prompt, cfg.device, cfg.max_new_tokens)
+        rec = {"id": sample.sample_id, "row": row.index, "gold": gold, "prediction": pred, **score(pred, gold)}
         rows.append(rec)
         if out:
             out.write(json.dumps(rec) + "\n")

@@ -60,7 +60,8 @@ class StepForward:
         for j, run in enumerate(runs):
             group = [batch[i].student for i in run]
             inputs = {k: v.to(self.device) for k, v in self.renderer.collate(group).items()}
-            with torch.set_grad_enabled(with_loss), self.autocast(), self.timer("student_forward"):
+            grad = with_loss and torch.is_grad_enabled()  # none under an outer no_grad: validation's losses
+            with torch.set_grad_enabled(grad), self.autocast(), self.timer("student_forward"):
                 hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state  # (b, L, D_s)
             if j >= real:  # a padding run: in the graph with weight 0, so its backward gathers the layers too
                 if hidden.requires_grad:

@@ -47,12 +47,15 @@ class RecalibratorConfig:
     new_positions: bool = True  # fresh rotary positions 0..L-1 over the Recalibrator sequence; False: none
     answer_inputs: AnswerInputs = AnswerInputs.features  # saved as its plain string in recalibrator.json
     init_std: float = 0.02
+    dropout: float = 0.0  # on attention weights and each block's residual branches while training (0: the paper's)
     teacher: dict = field(default_factory=dict)  # the store's teacher it was trained for (name, vocab, head digest)
 
     def __post_init__(self) -> None:
         self.answer_inputs = AnswerInputs(self.answer_inputs)  # the member, also when loaded as a string
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @classmethod
     def from_student(cls, student_config: Any, teacher_hidden: int, **overrides: Any) -> RecalibratorConfig:
@@ -79,7 +82,7 @@ class _Block(nn.Module):
     def __init__(self, cfg: RecalibratorConfig):
         super().__init__()
         d, h, kv, hd = cfg.student_hidden, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.h, self.kv, self.hd = h, kv, hd
+        self.h, self.kv, self.hd, self.p = h, kv, hd, cfg.dropout
         self.attn_norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps)
         self.q = nn.Linear(d, h * hd, bias=False)
         self.k = nn.Linear(d, kv * hd, bias=False)
@@ -102,10 +105,15 @@ class _Block(nn.Module):
         if self.kv != self.h:
             k = k.repeat_interleave(self.h // self.kv, dim=1)  # (B, H, L, hd)
             v = v.repeat_interleave(self.h // self.kv, dim=1)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, hd)
-        x = x + self.o(att.transpose(1, 2).reshape(b, L, self.h * self.hd))
+        p = self.p if self.training else 0.0
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, L, hd)
+        x = x + self._drop(self.o(att.transpose(1, 2).reshape(b, L, self.h * self.hd)), p)
         y = self.mlp_norm(x)
-        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+        return x + self._drop(self.down(F.silu(self.gate(y)) * self.up(y)), p)
+
+    @staticmethod
+    def _drop(x: torch.Tensor, p: float) -> torch.Tensor:
+        return F.dropout(x, p) if p > 0 else x  # p 0 draws nothing from the generator
 
 
 def _rope(length: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype

@@ -14,6 +14,7 @@ from .models import vision_parameter_names
 from .recalibrator import Recalibrator
 
 LOSSES = ("student", "recal", "reg", "uld")  # the loss parts that carry gradient; the others are their pieces
+LOSS_KEYS = (*LOSSES, "ar", "kl", "reg_ar", "reg_kl")  # every part a step (and a validation) reports
 
 
 @dataclass(frozen=True)

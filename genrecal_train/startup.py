@@ -4,6 +4,7 @@ and a checkpoint being resumed was written by a run like this one (processes, Lo
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,21 @@ from .stages import StagePlan
 
 
 def open_store(cfg: TrainConfig, plan: StagePlan) -> TeacherStore:
-    """The teacher store, refused when it is empty or damaged (never train on a damaged store), or when the
-    stage's ULD loss asks for top-k log-probabilities it does not hold."""
+    """The teacher store, refused when it is empty, damaged (never train on a damaged store) or not complete (a
+    declared part missing or unfinished) unless --allow-partial, or when the stage's ULD loss asks for top-k
+    log-probabilities it does not hold."""
     store = TeacherStore(cfg.store)
     if len(store) == 0:
         raise StoreError(f"{cfg.store} has no committed samples; run cache-teacher first")
-    report = verify(store, full=cfg.verify_store)
+    problems, _ = store.completeness()
+    if problems and not cfg.allow_partial:
+        raise StoreError(f"{cfg.store} is not complete; not training on part of it:\n" + "\n".join(
+            f"  {why}" for _, why in problems) + "\nFinish it with cache-teacher (the same commands resume), or "
+            "pass --allow-partial to train on the parts there are (recorded in the run's config.yaml).")
+    if problems:
+        print(f"train-student: --allow-partial: training on an incomplete store ({len(problems)} part(s) missing or "
+              f"unfinished: {', '.join(part for part, _ in problems)})", file=sys.stderr)
+    report = verify(store, full=cfg.verify_store, allow_partial=True)  # completeness was judged just above
     if not report.ok:
         raise StoreError(f"{cfg.store} is damaged; not training on it.\n{format_verify(report)}\n"
                          "Re-create the damaged part with cache-teacher (or restore it from a copy).")

@@ -7,6 +7,7 @@ store's identity as its parameters.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,6 +54,16 @@ def open_trackers(names: tuple[str, ...], folder: Path, run: str, group: str, pa
     """One tracker per backend for the run `run` writing under `folder`, its parameters recorded."""
     makers = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _MLflow}
     return [makers[name](folder, run, group, _flat(params)) for name in names]
+
+
+def stage_trackers(cfg: Any, store: Any, folder: Path, stage: int) -> list[Tracker]:
+    """The trackers of stage `stage` of the run `cfg` (a TrainConfig) writing under `folder`, with the run's options
+    and the store's identity (`store`: its TeacherStore) as parameters."""
+    meta = store.meta
+    params = {"config": {k: str(v) for k, v in asdict(cfg).items() if k != "command"},
+              "store": {"path": str(cfg.store), "samples": len(store), "teacher": meta.get("teacher", {}),
+                        "format_version": meta.get("format_version")}}
+    return open_trackers(cfg.report_to_backends, folder, f"{cfg.output.name}-stage{stage}", cfg.output.name, params)
 
 
 def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, str | int | float | bool]:

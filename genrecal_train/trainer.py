@@ -4,7 +4,7 @@ student through it, stage 3 fine-tunes the student alone (docs/DESIGN.md, "Stage
 `Trainer(cfg, stage).run()` trains one stage from its checkpoint (or from scratch) and saves the student
 (`save_pretrained`), the Recalibrator and the trainer state for exact resume. Its parts live in their own
 modules: config, stages (what a stage does), startup (checks), stage_models (what trains), data, forward, losses,
-saving and checkpoint, metrics, reliance, dist.
+saving and checkpoint, metrics, reliance, validation, dist.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import contextlib
 import copy
 import functools
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -28,7 +27,7 @@ from genrecal_cache.core.faults import fault_point
 from genrecal_cache.data.render import Renderer
 from genrecal_cache.store.format import TOKENIZER_DIR
 
-from . import checkpoint, dist, saving
+from . import checkpoint, dist, guards, identity, saving, validation
 from .config import TrainConfig, ULDAlign
 from .data import Prefetcher, StoreStream, StreamState, TrainSample, block_order, is_heldout, pairs, trains_on
 from .forward import StepForward
@@ -36,11 +35,9 @@ from .metrics import MetricsLog
 from .recalibrator import AnswerInputs
 from .reliance import student_reliance
 from .stage_models import setup_models
-from .stages import LOSSES, StagePlan
+from .stages import LOSS_KEYS, StagePlan
 from .startup import check_resumable, open_store
-from .tracking import open_trackers
-
-LOSS_KEYS = (*LOSSES, "ar", "kl", "reg_ar", "reg_kl")  # every part a step reports
+from .tracking import stage_trackers
 
 
 class Trainer:
@@ -73,12 +70,16 @@ class Trainer:
             check_resumable(state, self.ckpt, self.world, self.lora_base,
                             asdict(cfg.lora) if self.lora_base else None)
         self._open_store()
+        self.identity = identity.run_identity(cfg, self.store, student_from or cfg.student)
+        if state is not None:  # before loading any model: a wrong option fails in seconds
+            identity.check_same_run(state, self.identity, self.ckpt)
         self._setup_models(saved if resume else None, student_from)
+        self.validation = validation.Validation(self)  # --eval-every, stage ends, --keep-best
         self._keep = functools.partial(trains_on, heldout_fraction=cfg.heldout_fraction)
         self.stream = StoreStream(self.store, self.renderer, cfg.batch_size, cfg.seed + stage, cfg.block_size,
                                   self.rank, self.world, keep=self._keep, num_workers=cfg.num_workers)
         self.total_steps = self._count_steps()
-        self.step = 0
+        self.step, self.saved_step = 0, None  # saved_step: the step of this stage's last checkpoint
         self.data_state = StreamState()
         self._batches: Iterator[tuple[list[TrainSample], StreamState]] | None = None
         self._last: list[TrainSample] | None = None  # a batch to re-run with weight 0 (see train_step)
@@ -89,20 +90,11 @@ class Trainer:
             self._load_state(state)
             self.data_state = self.stream.state
         self.metrics = MetricsLog(self.dir, stage, enabled=self.main, resumed_at=self.step if resume else None,
-                                  trackers=self._trackers)
+                                  trackers=functools.partial(stage_trackers, cfg, self.store, self.dir, stage))
         if resume:
             self.metrics.log({"stage": stage, "step": self.step, "resumed_from": self.step})
 
     # --- setup --------------------------------------------------------------------------------------------------
-
-    def _trackers(self) -> list:
-        """The `--report-to` trackers of this stage, with the run's config and the store's identity as parameters."""
-        cfg, meta = self.cfg, self.store.meta
-        params = {"config": {k: str(v) for k, v in asdict(cfg).items() if k != "command"},
-                  "store": {"path": str(cfg.store), "samples": len(self.store), "teacher": meta.get("teacher", {}),
-                            "format_version": meta.get("format_version")}}
-        return open_trackers(cfg.report_to_backends, self.dir, f"{cfg.output.name}-stage{self.stage}",
-                             cfg.output.name, params)
 
     def _open_store(self) -> None:
         """The store (checked, startup.py), its frozen teacher head and (--answer-inputs embeddings) embeddings."""
@@ -162,12 +154,16 @@ class Trainer:
         """The next `grad_accum` batches of this rank (fewer at the very end, none when its data is done)."""
         if self._batches is None:
             self.start_data()
-        out = []
-        for batch, state in self._batches:
-            out.append(batch)
-            self.data_state = state  # the position a checkpoint after this step resumes from
-            if len(out) == self.cfg.grad_accum:
+        out: list[list[TrainSample]] = []
+        while len(out) < self.cfg.grad_accum:
+            # The data path draws nothing from training's generator (a DataLoader seeds its workers from it when it
+            # starts, at step 0 of a run but at the checkpoint's step of a resumed one): resume stays exact.
+            with torch.random.fork_rng(devices=[]):
+                item = next(self._batches, None)
+            if item is None:
                 break
+            out.append(item[0])
+            self.data_state = item[1]  # the position a checkpoint after this step resumes from
         return out
 
     def _filler(self) -> list[TrainSample]:
@@ -214,6 +210,7 @@ class Trainer:
             g["lr"] = self.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
+        bad: list[TrainSample] = []  # this rank's samples of passes whose loss is not finite
         for i in range(passes):
             real = i < len(micro)
             batch = micro[i] if real else self._filler()
@@ -225,21 +222,33 @@ class Trainer:
                         (loss if real else loss * 0.0).backward()
             if real:
                 self._last = batch
-                for k, v in parts.items():
-                    totals[k] = totals.get(k, 0.0) + float(v.detach())
+                values = {k: float(v.detach()) for k, v in parts.items()}
+                if not all(map(math.isfinite, values.values())):
+                    bad += batch
+                for k, v in values.items():
+                    totals[k] = totals.get(k, 0.0) + v
         params = [p for group in self.opt.param_groups for p in group["params"]]
         for p in params:  # a parameter this step did not reach has gradient 0, whatever the number of ranks
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        flagged = float(len(bad))  # summed with the losses: every rank stops when any rank's loss is not finite
         if dist.active():  # the same keys on every rank, also on one whose data ran out
-            vals = torch.tensor([totals.get(k, 0.0) for k in LOSS_KEYS], dtype=torch.float64, device=self.device)
-            totals = {k: v for k, v in zip(LOSS_KEYS, dist.sum_(vals).tolist()) if k in totals or v != 0.0}
+            vals = torch.tensor([*(totals.get(k, 0.0) for k in LOSS_KEYS), flagged], dtype=torch.float64,
+                                device=self.device)
+            *sums, flagged = dist.sum_(vals).tolist()
+            totals = {k: v for k, v in zip(LOSS_KEYS, sums) if k in totals or v != 0.0}
+        totals["loss"] = sum(totals.get(k, 0.0) for k in self.plan.losses)
+        if flagged:
+            raise guards.non_finite(self.stage, self.step + 1, "loss", totals["loss"], bad, self.cfg.store,
+                                    self.saved_step)
         if self.cfg.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
             totals["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: DTensor
+            if not math.isfinite(totals["grad_norm"]):  # the same norm on every rank
+                raise guards.non_finite(self.stage, self.step + 1, "gradient norm", totals["grad_norm"],
+                                        [s for b in micro for s in b], self.cfg.store, self.saved_step)
         self.opt.step()
         self.step += 1
-        totals["loss"] = sum(totals.get(k, 0.0) for k in self.plan.losses)
         totals["tokens"] = n_teacher
         return totals
 
@@ -276,15 +285,20 @@ class Trainer:
                 self._log_step(m, rate, wait / max(time.perf_counter() - t0, 1e-9))
             if cfg.reliance_every and self.plan.uses_recalibrator and self.step % cfg.reliance_every == 0:
                 self.metrics.log({"stage": self.stage, "step": self.step, **self.student_reliance()})
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self.validation.run()
             if self.step % cfg.save_every == 0:
                 self.save_checkpoint()
             fault_point(f"train-step:{self.stage}:{self.step}")
         bar.close()
+        if self.step == 0:  # no rank had a sample to train on
+            raise guards.nothing_to_train(self.stage, self.store, self.stream.rejected, cfg.heldout_fraction)
         if m is not None and self.step % cfg.log_every:  # the last step, when --log-every skipped it
             self._log_step(m, rate, wait / max(time.perf_counter() - t0, 1e-9))
         self._stop_data()  # before saving: DataLoader workers and the prefetch thread hold memory
-        if self.plan.uses_recalibrator:
-            self.metrics.log({"stage": self.stage, "step": self.step, **self.student_reliance()})
+        if self.plan.uses_recalibrator and not (cfg.reliance_every and self.step % cfg.reliance_every == 0):
+            self.metrics.log({"stage": self.stage, "step": self.step, **self.student_reliance()})  # not twice
+        self.validation.run()  # every stage ends validated (and its best kept) before its checkpoint
         self.save_checkpoint()  # first: merging LoRA adapters removes them
         return saving.save_final(self.dir / "final", self.stage_models, cfg.fsdp, self.main, self.dtype,
                                  cfg.save_adapter)
@@ -334,29 +348,36 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        """Student, Recalibrator, optimizer, every rank's data position and the RNG state, written atomically
-        (by rank 0; every rank must call it)."""
-        streams = dist.gather(asdict(self.data_state))
+        """Student, Recalibrator, optimizer, every rank's data position and random generators, and the run's
+        identity, written atomically (by rank 0; every rank must call it)."""
+        streams, rngs = zip(*dist.gather((asdict(self.data_state), checkpoint.rng_state(self.device.type == "cuda"))))
         saving.save_checkpoint(self.ckpt, self.stage_models, self.cfg.fsdp, self.main, lambda optimizer: {
             "lora_base": self.lora_base, "lora": asdict(self.cfg.lora) if self.lora_base else None,
             "step": self.step, "total_steps": self.total_steps, "stage": self.stage, "world": self.world,
-            "streams": streams, "optimizer": optimizer,  # keyed by parameter name, with or without FSDP
-            "torch_rng": torch.get_rng_state(),
-            "config": {k: str(v) for k, v in asdict(self.cfg).items() if k != "command"},
-        })
+            "streams": list(streams), "rng": list(rngs),  # every rank's, in rank order
+            "validation": self.validation.state(),  # the step last validated, --keep-best's best so far
+            "optimizer": optimizer,  # keyed by parameter name, with or without FSDP
+            "config": self.identity["config"], "identity": self.identity})  # compared on --resume (identity.py)
+        self.saved_step = self.step
 
     def _load_state(self, state: dict) -> None:
-        self.step, self.total_steps = state["step"], state["total_steps"]
+        self.step = self.saved_step = state["step"]
+        self.total_steps = state["total_steps"]
         self.stream.state = StreamState(**state["streams"][self.rank])
         dist.load_optimizer_state(self.models, self.opt, state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        if "rng" in state:
+            checkpoint.set_rng_state(state["rng"][self.rank])
+        else:  # written before every rank's generators were saved
+            torch.set_rng_state(state["torch_rng"])
+        self.validation.load(state.get("validation"))
 
 
 def train(cfg: TrainConfig) -> list[Path]:
     """Run the configured stages in order; stage k+1 starts from stage k's student."""
+    rank, _, _ = dist.init(torch.device(cfg.device).type)
+    identity.claim_output(cfg, rank == 0)  # an output holding a run: --resume or --overwrite, else refused
+    validation.announce(cfg, rank == 0)
     outs, student_from = [], None
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_config(cfg, cfg.output / "config.yaml")  # `train-student --config` of it repeats this run
     for stage in cfg.stages:
         plan = StagePlan.of(cfg, stage)
         if plan.from_previous_student:  # stage 3 run alone: from stage 2's student when there is one
@@ -364,7 +385,10 @@ def train(cfg: TrainConfig) -> list[Path]:
             student_from = str(prev) if prev.exists() else None
             print(f"train-student stage {stage}: fine-tuning {student_from or cfg.student}" + (
                 "" if student_from else f" (--student: there is no stage-{stage - 1} student at {prev})"), flush=True)
-        final = Trainer(cfg, plan, student_from).run()
+        with Trainer(cfg, plan, student_from) as trainer:
+            if not outs and rank == 0:  # once the first stage accepted the options (a refused resume keeps it)
+                write_config(cfg, cfg.output / "config.yaml")  # `train-student --config` of it repeats this run
+            final = trainer.run()
         outs.append(final)
         student_from = str(final / "student")
     return outs

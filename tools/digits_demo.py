@@ -164,6 +164,25 @@ def reliance(final: Path) -> dict[str, float]:
     return out
 
 
+def validation_accuracy(run: Path) -> dict[int, float]:
+    """Each stage's last validation accuracy in a train-student output: the normalised match of the student's greedy
+    answers on the store's held-out samples (`val_normalised_match` in stage<k>/metrics.jsonl). Stages that do not
+    train the student (stage 1) give none."""
+    out = {}
+    for log in sorted(run.glob("stage[0-9]/metrics.jsonl")):
+        accs = [r["val_normalised_match"] for r in map(json.loads, log.read_text().splitlines())
+                if "val_normalised_match" in r]
+        if accs:
+            out[int(log.parent.name.removeprefix("stage"))] = accs[-1]
+    return out
+
+
+def validation_summary(run: Path) -> str:
+    """`validation_accuracy` as the demo prints it: "stage 2 41.0%, stage 3 55.0%"."""
+    accs = validation_accuracy(run)
+    return ", ".join(f"stage {k} {v:.1%}" for k, v in accs.items()) or "none logged"
+
+
 DEMO_ARMS = [Arm("SFT on the gold labels", "gold", "sft"), Arm("SFT on the teacher's answers", "teacher", "sft"),
              Arm("GenRecal on the teacher's answers", "teacher", "genrecal")]
 
@@ -186,6 +205,8 @@ def main() -> None:
     for arm in DEMO_ARMS:
         final = train_student(args.out, stores[arm.store], arm, args.seed, args.steps, f"demo-{arm.name}")
         rows.append((arm.name, accuracy(final, data["heldout"])))
+        print(f"  {arm.name}: validation accuracy at the end of each stage (on the store's held-out samples): "
+              f"{validation_summary(final.parents[2])}", flush=True)
     rows.append(("the teacher (reference)", teacher_acc))
     n_pool = sum(1 for _ in data["pool"].open())
     print(f"\ndigits VQA: {sum(1 for _ in data['heldout'].open())} held-out images; the student (tiny Idefics3, "

@@ -66,3 +66,19 @@ def test_experiment_summary_pairs_seeds_with_the_fair_baseline():
     assert out["genrecal"]["delta_vs_sft_teacher"] == pytest.approx((0.05 - 0.02) / 2)
     assert out["genrecal"]["seeds_better"] == 1 and out["genrecal"]["per_seed_delta"] == "+0.050 -0.020"
     assert out["sft-teacher"]["mean"] == pytest.approx(0.55)
+
+
+def test_the_demo_prints_each_student_stage_s_last_validation_accuracy(tmp_path):
+    """Read from each stage's metrics.jsonl: the last `val_normalised_match`; stage 1 (no answers) has none."""
+    from digits_demo import validation_accuracy, validation_summary
+
+    logs = {1: [{"step": 5, "val_loss": 2.0}],
+            2: [{"step": 5, "val_loss": 1.5, "val_normalised_match": 0.125}, {"step": 5, "loss": 1.4},
+                {"step": 10, "val_loss": 1.2, "val_normalised_match": 0.25}],
+            3: [{"step": 10, "val_loss": 1.0, "val_normalised_match": 0.5}]}
+    for stage, recs in logs.items():
+        (tmp_path / f"stage{stage}").mkdir()
+        (tmp_path / f"stage{stage}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert validation_accuracy(tmp_path) == {2: 0.25, 3: 0.5}
+    assert validation_summary(tmp_path) == "stage 2 25.0%, stage 3 50.0%"
+    assert validation_summary(tmp_path / "stage1") == "none logged"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +68,9 @@ def test_no_thread_outlives_train_stopped_by_max_steps(store, zoo, tmp_path, mon
     train(cfg)
     left = [t.name for t in threading.enumerate() if t.ident not in before and not _library_thread(t)]
     assert left == [], f"threads left running after train(): {left}"
+    for stage in (1, 2):  # the check at the stage's end is not repeated for a step --reliance-every just checked
+        records = [json.loads(x) for x in (tmp_path / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "reliance_samples" in r] == [1, 2]
 
 
 def test_train_student_stopped_by_max_steps_exits_0_every_time(store, zoo, tmp_path):

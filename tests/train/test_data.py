@@ -58,3 +58,22 @@ def test_a_worker_failure_names_the_sample(store, zoo):
     stream = StoreStream(store, _FailsOn(load_processor(zoo["idefics3"]), str(bad)), 2, num_workers=2)
     with pytest.raises(RuntimeError, match=f"preparing sample '{bad}'.*KeyError"):
         list(stream.batches(1))
+
+
+def test_workers_read_the_parts_the_stream_planned_even_after_a_part_is_added(zoo, clean_manifest, tmp_path):
+    """Training starts on a store with one shard done (`--shard 1/2`); shard 0 is committed while it runs and its
+    part sorts first. Workers must read the planned part (not whatever is at its index in the store now)."""
+    from genrecal_cache.job.config import CacheConfig
+    from genrecal_cache.job.launch import run_cache
+
+    def cache(shard: str) -> None:
+        run_cache(CacheConfig(teacher=str(zoo["llava"]), manifest=clean_manifest, output=tmp_path / "s",
+                              dtype="float32", device="cpu", shard=shard, progress=False, command=["t"]))
+
+    cache("1/2")
+    renderer = Renderer(load_processor(zoo["idefics3"]))
+    planned = _ids(StoreStream(tmp_path / "s", renderer, 2, seed=3, block_size=2), epochs=1)
+    stream = StoreStream(tmp_path / "s", renderer, 2, seed=3, block_size=2, num_workers=1)
+    cache("0/2")
+    assert next(p.name for p in StoreStream(tmp_path / "s", renderer, 2).store.parts) == "shard-00000-of-00002"
+    assert _ids(stream, epochs=1) == planned

@@ -1,14 +1,14 @@
 """train-student end to end on a tiny teacher/student pair with different tokenizers and image-token counts
-(Qwen2-VL teacher, Idefics3 student): stages, freezing, regularizer, exact resume, reloadable outputs."""
+(Qwen2-VL teacher, Idefics3 student): stages, freezing, regularizer, reloadable outputs, and a stage that stops
+rather than write nonsense (a non-finite loss, nothing to train on). Exact resume: test_resume.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ from genrecal_cache.job.launch import run_cache
 from genrecal_train.config import TrainConfig
 from genrecal_train.models import vision_parameter_names
 from genrecal_train.trainer import Trainer, train
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_command
 
 
 def _store(zoo, manifest, out, question_features=True) -> Path:
@@ -103,63 +103,6 @@ def test_regularizer_is_on_with_question_features_and_absent_without(store, zoo,
     assert not Trainer(_cfg(bare, zoo, tmp_path / "c", max_steps=1), 1).use_regularizer
 
 
-def _cli(store, zoo, out, kill_at=None, workers: int = 0) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("GENRECAL_KILL_AT", None)
-    if kill_at:
-        env["GENRECAL_KILL_AT"] = kill_at
-    cmd = [sys.executable, "-m", "genrecal_train.cli", "--store", str(store), "--student", str(zoo["idefics3"]),
-           "--output", str(out), "--stage", "1", "--batch-size", "3", "--epochs", "2", "--lr", "1e-3",
-           "--save-every", "3", "--log-every", "1", "--reliance-every", "0", "--device", "cpu", "--no-progress",
-           "--resume", "--num-workers", str(workers)]
-    if not kill_at:
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    # Killed: its output goes to a file, not a pipe (a leftover worker would keep a pipe open), and nothing of
-    # its process group may outlive it for long: DataLoader workers end with their trainer.
-    log = out.parent / f"{out.name}-killed.log"
-    with log.open("w") as f:
-        p = subprocess.Popen(cmd, env=env, stdout=f, stderr=f, text=True, cwd=ROOT, start_new_session=True)
-        p.wait(timeout=600)
-    deadline = time.monotonic() + 20
-    while _group_alive(p.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = _group_alive(p.pid)
-    if left:
-        os.killpg(p.pid, signal.SIGKILL)
-    assert not left, "DataLoader workers outlived their killed trainer"
-    return subprocess.CompletedProcess(cmd, p.returncode, "", log.read_text())
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(store, zoo, tmp_path_factory) -> list[float]:
-    out = tmp_path_factory.mktemp("ref")
-    ref = _cli(store, zoo, out)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    return _losses(out, 1)
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigkill_then_resume_gives_the_same_losses(store, zoo, uninterrupted, tmp_path, workers):
-    """Killed at step 5 and resumed from the step-3 checkpoint: the losses of one uninterrupted run without
-    workers, also when DataLoader workers read the store (the batches do not depend on their number)."""
-    killed = _cli(store, zoo, tmp_path / "run", kill_at="train-step:1:5", workers=workers)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert len(_losses(tmp_path / "run", 1)) == 5
-    again = _cli(store, zoo, tmp_path / "run", workers=workers)
-    assert again.returncode == 0, again.stderr[-2000:]
-    a, b = uninterrupted, _losses(tmp_path / "run", 1)
-    assert _losses(tmp_path / "run", 1, "resumed_from") == [3], "did not resume from the step-3 checkpoint"
-    assert len(a) == len(b) > 5 and a == b, (a, b)
-
-
 def test_saved_student_reloads_and_generates(trained):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -227,3 +170,47 @@ def test_pictures_of_a_run(trained, store, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert loss_curves(trained, tmp_path / "c.png").stat().st_size > 1000
+
+
+def _train_cli(store, student, out, *extra: object):
+    return run_command("train-student", "--store", store, "--student", student, "--output", out, "--stage", "1",
+                       "--batch-size", "4", "--heldout-fraction", "0", "--save-every", "1", "--log-every", "1",
+                       "--reliance-every", "0", "--report-to", "none", "--device", "cpu", "--no-progress", *extra,
+                       env={"OMP_NUM_THREADS": "1"}, drop_env=["GENRECAL_KILL_AT"], timeout=900)
+
+
+def test_a_non_finite_loss_stops_the_stage_naming_the_step_and_its_samples(store, zoo, tmp_path):
+    """A NaN in one sample's stored features (written by the real writer, then one value changed in its zarr array):
+    exit 2 at the step that meets it, naming the step, its samples and the one whose stored values are not finite,
+    before the optimizer step; no final/ is written and every checkpoint holds finite weights."""
+    import zarr
+
+    from genrecal_cache.store.reader import TeacherStore
+
+    bad = shutil.copytree(store, tmp_path / "store")
+    part = TeacherStore(bad).parts[0]
+    row = 5
+    sid, first = part.samples.column("sample_id")[row].as_py(), part.samples.column("label_start")[row].as_py()
+    features = zarr.open_array(str(bad / "parts" / part.name / "features"), mode="r+")
+    features[first, 0] = float("nan")
+    done = _train_cli(bad, zoo["idefics3"], tmp_path / "run", "--epochs", "1")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "the loss is nan (not finite); stopped before the optimizer step" in done.stderr, done.stderr[-3000:]
+    assert f"non-finite teacher values in {sid} (features)" in done.stderr and "--verify" in done.stderr
+    step = int(done.stderr.split("step ")[1].split(":")[0])
+    logged = _losses(tmp_path / "run", 1)
+    assert len(logged) == step - 1 and all(x == x for x in logged), (step, logged)
+    assert not (tmp_path / "run" / "stage1" / "final").exists()
+    if step > 1:  # the checkpoint before it holds the weights of step - 1, all finite
+        recal = load_file(tmp_path / "run" / "stage1" / "checkpoint" / "recalibrator" / "recalibrator.safetensors")
+        assert all(torch.isfinite(v).all() for v in recal.values())
+
+
+def test_a_stage_with_no_usable_sample_is_an_error_naming_why(store, zoo, tmp_path):
+    """A text-only student on a store whose samples all have images: exit 2 naming why, not 0 steps and exit 0."""
+    done = _train_cli(store, zoo["textlm"], tmp_path / "run", "--max-steps", "2")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "stage 1 has nothing to train on" in done.stderr, done.stderr[-3000:]
+    assert "the model is text-only" in done.stderr and "a vision-language student" in done.stderr
+    assert not (tmp_path / "run" / "stage1" / "final").exists()
+    assert not (tmp_path / "run" / "stage1" / "checkpoint").exists()
