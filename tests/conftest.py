@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny model zoo (built once per run) and the demo manifest."""
+"""Shared fixtures: the tiny model zoo (built once per run), the demo manifest, a local S3 server."""
 
 from __future__ import annotations
 
@@ -59,6 +59,22 @@ def family_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The families built only for the family matrix (tests/cache/teacher/test_families.py): Gemma 3, InternVL,
     Granite, mllama."""
     return build_zoo(tmp_path_factory.mktemp("family_zoo"), seed=0, names=FAMILY_NAMES)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server for the session: SeaweedFS on 127.0.0.1, free ports of its own (tools/s3server.py), one
+    bucket (`.bucket`, `.url(*parts)`), credentials (`.storage_options()`, `.env()` for subprocesses), `.stop()` and
+    `.start()`; stopped by its pid at the end. No skip: without `weed` it fails, naming the install."""
+    from s3server import S3Server, S3ServerError
+
+    server = S3Server(tmp_path_factory.mktemp("s3server"))
+    try:
+        server.start()
+    except S3ServerError as e:
+        pytest.fail(str(e), pytrace=False)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
