@@ -142,8 +142,6 @@ def _flock(f: Any, flags: int, root: Path) -> None:
                          "(local disk, NFS v4, Lustre mounted with -o flock)") from None
 
 
-
-
 def _write_matrix(group: zarr.Group, name: str, value: torch.Tensor, dtype: str) -> None:
     data = to_storage(value, dtype)
     spec = ArraySpec(name, "", data.shape[1] if data.ndim == 2 else None, str(data.dtype))
