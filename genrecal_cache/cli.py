@@ -14,6 +14,7 @@ import typer
 
 from genrecal_cache.core.config import flag, run_app
 from genrecal_cache.core.errors import ConfigError, StoreError
+from genrecal_cache.core.locations import STORAGE_OPTIONS_HELP, parse_storage_options
 
 
 def _cache(cfg: Any) -> None:
@@ -45,7 +46,8 @@ def _config_class() -> type:
 class InspectConfig:
     """Look inside a teacher store: a summary by default, `--verify` for integrity, `--sample ID` for one sample."""
 
-    store: Path = flag("Teacher store directory written by cache-teacher.")
+    store: str = flag("Teacher store written by cache-teacher: a folder, or an fsspec URL (s3://bucket/prefix) of a "
+                      "copy on an object store.")
     verify: bool = flag("Read every chunk through its checksum and recompute the top-k from features x head.",
                         False)
     progress: bool = flag("Where a store being written stands, per part: rows committed (of all), samples, rate, "
@@ -62,6 +64,10 @@ class InspectConfig:
                                           "stage folder (run/stage1/init, run/stage1/final) or its recalibrator/ "
                                           "subfolder.", None)
     plot_samples: int = flag("--plot: at most this many samples.", 300)
+    storage_options: str | None = flag(STORAGE_OPTIONS_HELP, None)
+
+    def __post_init__(self) -> None:
+        self.storage_options_map = parse_storage_options(self.storage_options)
 
 
 PLOT_ENTRY_POINTS = "genrecal.inspect_plot"  # where `inspect-cache --plot` finds its picture (genrecal_train)
@@ -90,12 +96,15 @@ def _inspect(cfg: InspectConfig) -> None:
     if cfg.progress:
         from genrecal_cache.inspection import format_progress, progress
 
+        if "://" in cfg.store and not cfg.store.startswith("file://"):
+            raise ConfigError(f"--progress reads a local store only (so far); {cfg.store} is a URL: run it where the "
+                              "store is written, or use inspect-cache without --progress")
         if not (Path(cfg.store) / "parts").is_dir():
             raise ConfigError(f"--store {cfg.store}: no parts yet (is cache-teacher writing here?)")
         rows = progress(cfg.store)
         print(json.dumps(rows, indent=2) if cfg.json else format_progress(rows))
         return
-    store = TeacherStore(cfg.store)
+    store = TeacherStore(cfg.store, storage_options=cfg.storage_options_map)
     if cfg.plot is not None:
         _plot(cfg, store)
         return

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from genrecal_cache.core.errors import reason_kind
-from genrecal_cache.store.format import TOKENIZER_DIR, mixable_values, part_runs
+from genrecal_cache.store.files import object_sizes
+from genrecal_cache.store.format import mixable_values, part_runs
 from genrecal_cache.store.reader import TeacherStore
 
 
@@ -21,16 +23,25 @@ def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _sizes(store: TeacherStore) -> Callable[[str], int]:
+    """The bytes a store keeps under a key prefix ("" for all of it): on an object store, from one listing."""
+    if not store.remote:
+        return lambda prefix: _du(store.path / prefix if prefix else store.path)
+    sizes = object_sizes(store.location)
+    return lambda prefix: sum(n for k, n in sizes.items() if not prefix or k.startswith(prefix + "/"))
+
+
 def summary(store: TeacherStore) -> dict[str, Any]:
     """Counts, sizes, compression and identity of a store."""
     parts, logical, stored = [], 0, 0
-    runs = part_runs(store.path)
+    runs = part_runs(store.location if store.remote else store.path)
+    du = _sizes(store)
     for p in store.parts:
         arrays = {}
         for name in p.specs:
             arr = p.array(name)
             nbytes = int(np.prod(arr.shape)) * arr.dtype.itemsize
-            on_disk = _du(p.dir / name)
+            on_disk = du(f"parts/{p.name}/{name}")
             logical, stored = logical + nbytes, stored + on_disk
             arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "bytes": nbytes, "bytes_on_disk": on_disk}
         s = p.samples
@@ -47,7 +58,7 @@ def summary(store: TeacherStore) -> dict[str, Any]:
         })
     problems, notes = store.completeness()
     reasons = Counter(reason_kind(r) for r in store.rejects().column("reason").to_pylist())
-    total = _du(store.path)
+    total = du("")
     label_tokens = sum(p["label_tokens"] for p in parts)
     return {
         "path": str(store.path),
@@ -121,8 +132,8 @@ def _fold_runs(rows: list[dict[str, Any]], min_run: int = 4) -> list[dict[str, A
 
 
 def load_store_tokenizer(store: TeacherStore) -> Any:
-    path = store.path / TOKENIZER_DIR
-    if not path.exists():
+    path = store.tokenizer_dir()
+    if path is None:
         return None
     from transformers import AutoTokenizer
 

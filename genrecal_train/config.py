@@ -11,6 +11,7 @@ from pathlib import Path
 
 from genrecal_cache.core.config import Choice, at_least, flag, json_object, resolve_device, to_choice
 from genrecal_cache.core.errors import ConfigError
+from genrecal_cache.core.locations import STORAGE_OPTIONS_HELP, parse_storage_options, store_path
 from genrecal_kernels import Impl
 
 from .lora import LoraSpec
@@ -67,7 +68,8 @@ class TrainConfig:
     """Train a student from a teacher store: stage 1 aligns the Recalibrator (student frozen), stage 2 distils
     through it, stage 3 fine-tunes the student alone. Re-run with --resume to continue after a crash."""
 
-    store: Path = flag("Teacher store written by cache-teacher.")
+    store: str = flag("Teacher store written by cache-teacher: a folder, or an fsspec URL (s3://bucket/prefix) of "
+                      "a copy on an object store.")
     student: str = flag("Student model directory (transformers), loaded with its processor.")
     output: Path = flag("Output directory; each stage writes output/stage<k>/ (student, recalibrator, state).")
     method: Method = flag("genrecal (stages 1-3), uld (Universal Logit Distillation in stage 2, then stage 3) or sft "
@@ -158,10 +160,12 @@ class TrainConfig:
     device: str = flag("auto, cpu, cuda, cuda:1, ...", "auto")
     impl: Impl = flag("Kernel paths: auto (Triton on CUDA, else chunked), triton, chunked or naive.", Impl.auto)
     progress: bool = flag("Show a progress bar.", True)
+    storage_options: str | None = flag(STORAGE_OPTIONS_HELP, None)
     command: list[str] = field(default_factory=lambda: list(sys.argv))
 
     def __post_init__(self) -> None:
-        self.store, self.output = Path(self.store), Path(self.output)
+        self.store, self.output = store_path(self.store), Path(self.output)  # a URL stays text: Path folds its //
+        self.storage_options_map = parse_storage_options(self.storage_options)
         self.report_to_backends = parse_report_to(self.report_to)
         if self.recalibrator is not None:
             self.recalibrator = Path(self.recalibrator)

@@ -159,7 +159,9 @@ class StoreStream:
         # prefetch_factor 1: a block already holds many batches, and each block in flight costs its memory.
         # Workers open the parts planned here, by name: parts added since would shift the indices in the plan.
         parts = {p.name: len(p) for p in self.store.parts}
-        loader = DataLoader(_BlockDataset(self.store.path, parts, self.renderer, self.keep, plan, self.num_workers),
+        # A remote store is reopened by its URL and --storage-options (credentials resolved in each worker).
+        loader = DataLoader(_BlockDataset(self.store.path, parts, self.renderer, self.keep, plan, self.num_workers,
+                                          self.store.storage_options),
                             batch_size=None, num_workers=self.num_workers, multiprocessing_context="spawn",
                             prefetch_factor=1, collate_fn=_identity, worker_init_fn=_die_with_parent)
         return (pickle.loads(b) for b in loader)
@@ -227,17 +229,18 @@ class _BlockDataset(IterableDataset):
     loop thread, which must not cross a process boundary), exactly the `parts` (name: samples) the plan was made
     from; the renderer is pickled into it."""
 
-    def __init__(self, path: Path, parts: dict[str, int], renderer: Renderer, keep: Callable[[str], bool] | None,
-                 plan: list[tuple[int, int, int, int]], num_workers: int):
+    def __init__(self, path: Path | str, parts: dict[str, int], renderer: Renderer,
+                 keep: Callable[[str], bool] | None, plan: list[tuple[int, int, int, int]], num_workers: int,
+                 storage_options: dict[str, Any] | None = None):
         self.path, self.parts, self.renderer, self.keep = path, parts, renderer, keep
-        self.plan, self.num_workers = plan, num_workers
+        self.plan, self.num_workers, self.storage_options = plan, num_workers, storage_options or {}
 
     def __iter__(self) -> Iterator[bytes]:
         from torch.utils.data import get_worker_info
 
         info = get_worker_info()
         assert info is not None and info.num_workers == self.num_workers, "use through a DataLoader's workers"
-        store = TeacherStore(self.path, self.parts)
+        store = TeacherStore(self.path, self.parts, storage_options=self.storage_options)
         for i in range(info.id, len(self.plan), info.num_workers):
             block = load_block(store, self.renderer, self.keep, i, *self.plan[i])
             yield pickle.dumps(block, protocol=pickle.HIGHEST_PROTOCOL)

@@ -13,7 +13,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from genrecal_cache.core.config import SECRET_OPTIONS
 from genrecal_cache.core.errors import ConfigError
+from genrecal_cache.core.locations import redact_storage_options
 from genrecal_cache.store.reader import TeacherStore
 
 from . import dist
@@ -34,7 +36,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "verify_store", "save_adapter", "allow_partial",
     # the command itself and where things are found: the store is compared by its content, the starting student by
     # its path and digest; --stage all and --stage k reach the same stage checkpoint
-    "resume", "overwrite", "output", "store", "stage",
+    "resume", "overwrite", "output", "store", "stage", "storage_options",
 })
 _PATHS = ("student", "recalibrator")  # compared as resolved paths: ./x and /abs/x are one folder
 RUN_FILES = ("checkpoint", "checkpoint.old", "final", "final.old", "metrics.jsonl")  # a stage folder holding a run
@@ -42,7 +44,8 @@ RUN_FILES = ("checkpoint", "checkpoint.old", "final", "final.old", "metrics.json
 
 def options(cfg: TrainConfig) -> dict[str, str]:
     """Every option of the run as a string (the checkpoint's `config`)."""
-    return {k: str(v) for k, v in asdict(cfg).items() if k != "command"}
+    return {k: str(redact_storage_options(v) if k in SECRET_OPTIONS else v) for k, v in asdict(cfg).items()
+            if k != "command"}
 
 
 def store_identity(store: TeacherStore) -> dict[str, str]:

@@ -95,7 +95,7 @@ def feature_picture(store: TeacherStore, student_dir: str, recalibrators: dict[s
     from sklearn.manifold import TSNE
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(store.path / TOKENIZER_DIR)
+    tok = AutoTokenizer.from_pretrained(str(store.tokenizer_dir() or store.location.join(TOKENIZER_DIR)))
     fig, axes = plt.subplots(len(recalibrators), 2, figsize=(11, 4.6 * len(recalibrators)), squeeze=False)
     for row, (title, recal) in zip(axes, recalibrators.items()):
         pts = feature_points(store, student_dir, recal, limit)

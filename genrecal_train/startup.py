@@ -20,7 +20,7 @@ def open_store(cfg: TrainConfig, plan: StagePlan) -> TeacherStore:
     """The teacher store, refused when it is empty, damaged (never train on a damaged store) or not complete (a
     declared part missing or unfinished) unless --allow-partial, or when the stage's ULD loss asks for top-k
     log-probabilities it does not hold."""
-    store = TeacherStore(cfg.store)
+    store = TeacherStore(cfg.store, storage_options=cfg.storage_options_map)
     if len(store) == 0:
         raise StoreError(f"{cfg.store} has no committed samples; run cache-teacher first")
     problems, _ = store.completeness()

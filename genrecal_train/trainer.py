@@ -118,7 +118,8 @@ class Trainer:
         if plan.uld and cfg.uld_align == ULDAlign.chars:
             from transformers import AutoTokenizer
 
-            teacher_tok = AutoTokenizer.from_pretrained(str(self.store.path / TOKENIZER_DIR))
+            where = self.store.tokenizer_dir() or self.store.location.join(TOKENIZER_DIR)  # a local copy if remote
+            teacher_tok = AutoTokenizer.from_pretrained(str(where))
         self.use_regularizer = bool(plan.regularizer and self.store.meta["question_features"])
         self.forward = StepForward(cfg, plan, self.student, self.recal, self.renderer, self.head, self.embed,
                                    self.device, self.use_regularizer, teacher_tok, self.timer)

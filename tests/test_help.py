@@ -17,7 +17,7 @@ def _help(command: str) -> str:
 def test_bracketed_help_text_is_shown():
     train = _help("train-student")
     assert "Needs genrecal[lora]." in train
-    assert "Teacher store written by cache-teacher. [required]" in train
+    assert "of a copy on an object store. [required]" in train
     cache = _help("cache-teacher")
     assert "hidden_states[k];" in cache
     assert "[required]" in cache

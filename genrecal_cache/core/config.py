@@ -24,6 +24,7 @@ import typer
 from .errors import ConfigError, GenrecalError
 
 C = TypeVar("C", bound=Enum)
+SECRET_OPTIONS = ("storage_options",)  # hold credentials: recorded with them masked (`redact_storage_options`)
 
 
 class Choice(str, Enum):
@@ -152,6 +153,10 @@ def write_config(cfg: Any, path: Path) -> None:
     for name in _options(type(cfg)):
         v = getattr(cfg, name)
         values[name] = v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v
+        if name in SECRET_OPTIONS:
+            from .locations import redact_storage_options
+
+            values[name] = redact_storage_options(v)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(f"# {' '.join(getattr(cfg, 'command', None) or [])}\n" + yaml.safe_dump(values, sort_keys=False))

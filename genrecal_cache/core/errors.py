@@ -50,6 +50,11 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
     """No teacher store at the given path."""
 
 
+class StoreServerError(StoreError):
+    """An object store's server or credentials failed (no server, access denied, no bucket), not the store's
+    content: readers pass it on rather than report damage."""
+
+
 class IncompatibleStoreError(StoreError):
     """An existing store was written by another teacher or with other settings."""
 

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -17,10 +18,13 @@ from typing import Any
 import yaml
 
 from genrecal_cache.core.durable import fsync
-from genrecal_cache.core.errors import ConfigError, StoreError
+from genrecal_cache.core.errors import ConfigError, StoreError, StoreServerError
 from genrecal_cache.core.object_stores import REFUSED, missing_bucket, obstore_s3, one_line, reply_codes, server_error
 
 FLAG = "--storage-options"
+STORAGE_OPTIONS_HELP = ("Options of the store's fsspec filesystem when it is a URL (s3fs: key, secret, token, profile, "
+                        "anon, client_kwargs.endpoint_url, ...), as JSON or YAML text or the path of a file holding "
+                        "them; AWS_* variables and profiles are read as usual without it.")
 LOCAL_PROTOCOLS = ("file", "local")
 
 
@@ -42,6 +46,36 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
                           ' \'{"client_kwargs": {"endpoint_url": "http://host:8333"}}\' or the path of a .json/.yaml'
                           " file holding one")
     return value
+
+
+SECRET_KEYS = {"key", "secret", "token", "password", "session_token", "account_key", "connection_string",
+               "sas_token", "client_secret", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
+
+
+def redact_storage_options(text: str | None) -> str | None:
+    """--storage-options as recorded in a run's config.yaml and checkpoints: credentials masked (`***`), the rest
+    (endpoint, region, profile) kept; a file's path is kept as given."""
+    if text is None or not str(text).strip() or Path(str(text).strip()).expanduser().is_file():
+        return text
+
+    def mask(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: "***" if str(k).lower() in SECRET_KEYS else mask(x) for k, x in v.items()}
+        return [mask(x) for x in v] if isinstance(v, list) else v
+
+    try:
+        return json.dumps(mask(parse_storage_options(text)))
+    except ConfigError:
+        return "***"
+
+
+def store_path(text: str | os.PathLike) -> Path | str:
+    """A store named on the command line: a local folder as a Path (`file://` dropped), an fsspec URL as given
+    (a Path would fold its `//`)."""
+    text = os.fspath(text)
+    if "://" in text and not text.startswith("file://"):
+        return text.rstrip("/")
+    return Path(text.removeprefix("file://"))
 
 
 class Location:
@@ -296,7 +330,7 @@ class Location:
         except Exception as e:
             if isinstance(e, FileNotFoundError) or reply_codes(e)[1] & {"404", "NoSuchBucket"}:
                 raise missing_bucket(self.url, bucket, self.endpoint()) from None
-            raise (self.error(e, "checking the bucket") or StoreError(
+            raise (self.error(e, "checking the bucket") or StoreServerError(
                 f"{self.url}: the server at {self.endpoint()} failed ({type(e).__name__}: {one_line(e)}); check "
                 f"the URL, the endpoint and {FLAG}")) from None
 

@@ -8,7 +8,7 @@ import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from genrecal_cache.core.errors import StoreError
+from genrecal_cache.core.errors import StoreError, StoreServerError
 
 CREDENTIALS_HINT = {  # what a user sets for each protocol, named in "access denied" errors
     "s3": "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or key/secret in --storage-options",
@@ -54,8 +54,8 @@ def one_line(exc: BaseException) -> str:
 
 
 def missing_bucket(url: str, bucket: str, endpoint: str) -> StoreError:
-    return StoreError(f"{url}: the bucket {bucket!r} does not exist at {endpoint}; create it, or check the URL and "
-                      "the endpoint (AWS_ENDPOINT_URL)")
+    return StoreServerError(f"{url}: the bucket {bucket!r} does not exist at {endpoint}; create it, or check the URL "
+                            "and the endpoint (AWS_ENDPOINT_URL)")
 
 
 def server_error(url: str, exc: BaseException, doing: str, *, protocol: str, bucket: str, endpoint: str
@@ -65,16 +65,16 @@ def server_error(url: str, exc: BaseException, doing: str, *, protocol: str, buc
     names, codes = reply_codes(exc)
     hint = CREDENTIALS_HINT.get(protocol, "the credentials in --storage-options")
     if codes & DENIED or names & (DENIED | {"PermissionError"}):
-        return StoreError(f"{url}: access denied while {doing} ({one_line(exc)}); check the credentials ({hint}) "
-                          f"and that they may use the bucket {bucket!r}")
+        return StoreServerError(f"{url}: access denied while {doing} ({one_line(exc)}); check the credentials "
+                                f"({hint}) and that they may use the bucket {bucket!r}")
     if "NoSuchBucket" in codes or "bucket does not exist" in str(exc).lower():
         return missing_bucket(url, bucket, endpoint)
     if "NoCredentialsError" in names:
-        return StoreError(f"{url}: no credentials found while {doing}; set them ({hint})")
+        return StoreServerError(f"{url}: no credentials found while {doing}; set them ({hint})")
     if names & UNREACHABLE or any(t in str(exc) for t in UNREACHABLE_TEXT):
-        return StoreError(f"{url}: cannot reach the server at {endpoint} while {doing} ({type(exc).__name__}); "
-                          "check that it is running and the endpoint (AWS_ENDPOINT_URL, or "
-                          "client_kwargs.endpoint_url in --storage-options)")
+        return StoreServerError(f"{url}: cannot reach the server at {endpoint} while {doing} "
+                                f"({type(exc).__name__}); check that it is running and the endpoint "
+                                "(AWS_ENDPOINT_URL, or client_kwargs.endpoint_url in --storage-options)")
     return None
 
 
@@ -117,7 +117,7 @@ class BotocoreCredentials:
 
             self._credentials = botocore.session.Session(profile=o.get("profile")).get_credentials()
             if self._credentials is None:
-                raise StoreError(f"no S3 credentials found; set them ({CREDENTIALS_HINT['s3']})")
+                raise StoreServerError(f"no S3 credentials found; set them ({CREDENTIALS_HINT['s3']})")
         frozen = self._credentials.get_frozen_credentials()
         return {"access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key, "token": frozen.token,
                 "expires_at": datetime.now(timezone.utc) + self.TTL}

@@ -19,6 +19,7 @@ import torch
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from genrecal_cache.core.errors import IncompatibleStoreError, StoreError, StoreNotFoundError
+from genrecal_cache.core.locations import Location
 
 FORMAT_VERSION = 1  # of the store layout; a store of another version is refused
 ATTR = "genrecal"
@@ -127,9 +128,14 @@ def part_arrays(meta: dict[str, Any]) -> list[ArraySpec]:
 ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
+def shard_key(shard: int, two_d: bool) -> str:
+    """The key of shard `shard` of an array, under the array (default chunk key encoding, "/" separator)."""
+    return f"c/{shard}/0" if two_d else f"c/{shard}"
+
+
 def shard_file(array_dir: Path, shard: int, two_d: bool) -> Path:
-    """Where zarr keeps shard `shard` of an array (default chunk key encoding, "/" separator)."""
-    return array_dir / "c" / str(shard) / "0" if two_d else array_dir / "c" / str(shard)
+    """Where zarr keeps shard `shard` of an array in a local store."""
+    return array_dir / shard_key(shard, two_d)
 
 
 def codecs() -> list:
@@ -178,10 +184,19 @@ def finished(path: Path) -> bool:
         return False
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    if not (path / "zarr.json").exists():
-        raise StoreNotFoundError(f"no teacher store at {path} (create one with `cache-teacher --output {path}`)")
-    attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+def read_meta(path: Path | Location) -> dict[str, Any]:
+    """The store's attributes; `path` a local folder or a `Location` (an object store's prefix)."""
+    if isinstance(path, Location) and not path.is_local:
+        try:
+            attrs = json.loads(path.join("zarr.json").read_bytes()).get("attributes", {})
+        except FileNotFoundError:
+            raise StoreNotFoundError(f"{path}: no teacher store there (no zarr.json): check the URL; a store is the "
+                                     "whole folder cache-teacher wrote, copied there") from None
+    else:
+        path = Path(path.path) if isinstance(path, Location) else path
+        if not (path / "zarr.json").exists():
+            raise StoreNotFoundError(f"no teacher store at {path} (create one with `cache-teacher --output {path}`)")
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
     if ATTR not in attrs:
         raise StoreError(f"{path} is a Zarr group but not a finished GenRecal store (no '{ATTR}' attributes); "
                          "re-run the cache-teacher command that created it")
@@ -272,10 +287,21 @@ def describe_differences(diffs: list[tuple[str, Any, Any]]) -> str:
     return "; ".join(f"{key}: {_short(old)} in the store, {_short(new)} in this job" for key, old, new in diffs)
 
 
-def part_runs(root: Path) -> dict[str, list[dict[str, Any]]]:
+def part_runs(root: Path | Location) -> dict[str, list[dict[str, Any]]]:
     """Each part's provenance records, one per run of its writer (oldest first), from the part's attributes; read
-    without opening the parts (safe while writers run)."""
+    without opening the parts (safe while writers run). `root` a local folder or a `Location`."""
     out: dict[str, list[dict[str, Any]]] = {}
+    if isinstance(root, Location) and not root.is_local:
+        from .files import names_under, read_many
+
+        found = read_many(root, [f"parts/{n}/zarr.json" for n in names_under(root.join("parts"))])
+        for key, data in sorted(found.items()):
+            try:
+                out[key.split("/")[1]] = list(json.loads(data).get("attributes", {}).get("provenance", []))
+            except json.JSONDecodeError:
+                continue
+        return out
+    root = Path(root.path) if isinstance(root, Location) else root
     parts = Path(root) / "parts"
     for d in sorted(parts.iterdir()) if parts.is_dir() else []:
         try:

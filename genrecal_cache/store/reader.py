@@ -4,10 +4,7 @@ committed samples of every writer's part, read in contiguous blocks. Writing liv
 
 from __future__ import annotations
 
-import hashlib
 import json
-import stat
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +14,18 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
-from genrecal_cache.core.errors import RejectError, StoreError
+from genrecal_cache.core.errors import StoreError, StoreServerError
+from genrecal_cache.core.locations import Location
 
+from .files import local_copy, names_under, object_sizes, read_many, server_failure
 from .format import (
+    COMMIT_FILE,
     REJECT_SCHEMA,
     REJECTS_DIR,
     SAMPLE_SCHEMA,
     SAMPLES_DIR,
+    TOKENIZER_DIR,
+    WRITER_FILE,
     commit_files,
     from_storage,
     parse_part_name,
@@ -32,82 +34,52 @@ from .format import (
     read_commit,
     read_meta,
     retryable_flags,
+    shard_file,
+    shard_key,
     stray_files,
 )
 from .head import TeacherHead
-
-
-@dataclass
-class TeacherSample:
-    """Everything the trainer needs of one sample; tensors in the store's dtype on CPU."""
-
-    sample_id: str
-    source_row: int
-    part: str
-    messages: list[dict]
-    images: list[bytes | None]  # None: read it from image_paths (stores written with --image-refs)
-    image_paths: list[str]
-    segments: list[dict]
-    token_ids: torch.Tensor  # (L,) int64, teacher tokenization, image placeholders expanded
-    label_mask: torch.Tensor  # (L,) bool
-    features: torch.Tensor  # (A, D) teacher final features at the label positions
-    targets: torch.Tensor  # (A,) int64
-    topk_ids: torch.Tensor | None  # (A, K)
-    topk_logprobs: torch.Tensor | None  # (A, K)
-    question_features: torch.Tensor | None  # (P, D), at every position not a label position
-    layers: dict[int, torch.Tensor]  # layer -> (A, D)
-    answers_generated: bool
-    answer_truncated: bool = False
-    image_digests: list[str] = field(default_factory=list)  # sha256 of each image's encoded bytes
-
-    @property
-    def label_positions(self) -> torch.Tensor:  # (A,)
-        return self.label_mask.nonzero().squeeze(1)
-
-    def image_data(self) -> list[bytes]:
-        """Each image's encoded bytes: as stored, or read from its stored path (`--image-refs`), which must be a
-        regular file still holding the image cached (its sha256 the stored digest); else a RejectError saying
-        why. A store names any path: this reads no device or pipe, and never another image."""
-        return [data if data is not None else _image_file(path, self.image_digests[k] if k < len(
-            self.image_digests) else "", k) for k, (data, path) in enumerate(zip(self.images, self.image_paths))]
-
-
-def _image_file(path: str, digest: str, k: int) -> bytes:
-    p = Path(path)
-    try:
-        if not p.is_absolute() or not stat.S_ISREG(p.stat().st_mode):
-            raise RejectError(f"image {k}'s stored path {path!r} is not a regular file (the store keeps no bytes "
-                              "for it)")
-        data = p.read_bytes()
-    except OSError as e:
-        raise RejectError(f"image {k} cannot be read from {path} ({e.strerror or e}); the store keeps only its "
-                          "path (--image-refs): restore the file") from None
-    now = hashlib.sha256(data).hexdigest()
-    if digest and now != digest:
-        raise RejectError(f"image {k} at {path} has changed since the store was written (sha256 {digest[:12]}… "
-                          f"then, {now[:12]}… now): restore it, or cache the data again")
-    return data
+from .sample import TeacherSample  # noqa: F401 (re-exported: readers import it from here)
 
 
 class Part:
-    """One writer's committed samples: its arrays and its Parquet tables."""
+    """One writer's committed samples: its arrays and its Parquet tables. `root` a local folder (`dir` is the
+    part's folder) or an object store's `Location` (`dir` is None; arrays through `zstore`, one client for all)."""
 
-    def __init__(self, root: Path, name: str, meta: dict[str, Any]):
-        self.name, self.dir, self.meta = name, root / "parts" / name, meta
+    def __init__(self, root: Path | Location, name: str, meta: dict[str, Any], zstore: Any = None):
+        remote = isinstance(root, Location) and not root.is_local
+        self.root = root if remote else None  # where server errors are named; None for a local store
+        root = root if remote else Path(root.path) if isinstance(root, Location) else root
+        self.name, self.meta, self._zstore = name, meta, zstore
+        self.dir = None if remote else root / "parts" / name
+        self.location = root.join("parts", name) if remote else Location.of(self.dir)
         self.specs = {s.name: s for s in part_arrays(meta)}
-        commits = commit_files(self.dir / SAMPLES_DIR)  # files of other names are not ours: see `strays`
-        seqs = {int(f.stem) for f in commits}
-        tables = [pq.read_table(f) for f in commits]
+        self._listings: dict[str, set[str]] = {}
+        if remote:
+            seq_tables, strays = _remote_commits(self.location, SAMPLES_DIR, None)
+        else:
+            commits = commit_files(self.dir / SAMPLES_DIR)  # files of other names are not ours: see `strays`
+            seq_tables = [(int(f.stem), pq.read_table(f)) for f in commits]
+        seqs = {seq for seq, _ in seq_tables}
+        tables = [t for _, t in seq_tables]
         self.samples = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()
         # Per commit number its record; per sample the commit that added it (--retry-rejects appends older rows).
-        self.commits = {int(f.stem): json.loads((t.schema.metadata or {}).get(b"genrecal_commit", b"{}"))
-                        for f, t in zip(commits, tables)}
-        self.sample_seqs = np.repeat([int(f.stem) for f in commits], [t.num_rows for t in tables]).astype(np.int64)
-        rej = commit_files(self.dir / REJECTS_DIR)
-        self.strays = [f"{sub}/{f.name}" for sub in (SAMPLES_DIR, REJECTS_DIR) for f in stray_files(self.dir / sub)]
-        self.reject_log = _reject_log([(int(f.stem), pq.read_table(f)) for f in rej if int(f.stem) in seqs])
+        self.commits = {seq: json.loads((t.schema.metadata or {}).get(b"genrecal_commit", b"{}"))
+                        for seq, t in seq_tables}
+        self.sample_seqs = np.repeat([seq for seq, _ in seq_tables], [t.num_rows for t in tables]).astype(np.int64)
+        if remote:
+            rejects, rej_strays = _remote_commits(self.location, REJECTS_DIR, seqs)
+            self.strays = [f"{SAMPLES_DIR}/{n}" for n in strays] + [f"{REJECTS_DIR}/{n}" for n in rej_strays]
+            self.reject_log = _reject_log(rejects)
+            self.commit = json.loads(tables[-1].schema.metadata[b"genrecal_commit"]) if tables else \
+                {"rows_end": 0, "lengths": {}}
+        else:
+            rej = commit_files(self.dir / REJECTS_DIR)
+            self.strays = [f"{sub}/{f.name}" for sub in (SAMPLES_DIR, REJECTS_DIR)
+                           for f in stray_files(self.dir / sub)]
+            self.reject_log = _reject_log([(int(f.stem), pq.read_table(f)) for f in rej if int(f.stem) in seqs])
+            self.commit = read_commit(commits[-1]) if commits else {"rows_end": 0, "lengths": {}}
         self.rejects = self._effective_rejects()
-        self.commit = read_commit(commits[-1]) if commits else {"rows_end": 0, "lengths": {}}
         self.starts = {u: self.samples.column(f"{c}_start").to_numpy() for u, c in
                         (("tokens", "token"), ("labels", "label"), ("question", "question"))}
         self.counts = {u: self.samples.column(f"num_{c}").to_numpy() for u, c in
@@ -115,13 +87,27 @@ class Part:
         self._arrays: dict[str, zarr.Array] = {}
         self.problems = self._check_bookkeeping(seqs)
 
+    def server_failure(self, exc: BaseException, doing: str) -> StoreServerError | None:
+        """The one-line error `exc` means if the server or the credentials failed (an object store only): readers
+        raise it rather than call the store damaged."""
+        return server_failure(self.root, exc, doing)
+
+    def shard_present(self, name: str, shard: int) -> bool:
+        """Whether shard `shard` of array `name` exists (on an object store, from one listing of the array)."""
+        two_d = self.specs[name].width is not None
+        if self.dir is not None:
+            return shard_file(self.dir / name, shard, two_d).exists()
+        if name not in self._listings:
+            self._listings[name] = set(object_sizes(self.location.join(name)))
+        return shard_key(shard, two_d) in self._listings[name]
+
     def _check_bookkeeping(self, seqs: set[int]) -> list[str]:
         """Structural damage visible without reading arrays: missing commit files, non-contiguous offsets."""
         problems = []
         missing = sorted(set(range(max(seqs) + 1)) - seqs) if seqs else []
         if missing:
-            problems.append(f"commit file(s) {missing[:5]} missing from {self.dir / SAMPLES_DIR} (a gap in the "
-                            "commit sequence: those samples are lost)")
+            problems.append(f"commit file(s) {missing[:5]} missing from {self.location.join(SAMPLES_DIR)} (a gap in "
+                            "the commit sequence: those samples are lost)")
         for unit in ("tokens", "labels", "question"):
             ends = self.starts[unit] + self.counts[unit]
             gaps = np.flatnonzero(self.starts[unit][1:] != ends[:-1])
@@ -155,8 +141,11 @@ class Part:
     def array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
             try:
-                self._arrays[name] = zarr.open_array(str(self.dir / name), mode="r")
+                self._arrays[name] = zarr.open_array(str(self.dir / name), mode="r") if self.dir is not None else \
+                    zarr.open_array(store=self._zstore, path=f"parts/{self.name}/{name}", mode="r")
             except Exception as e:  # zarr raises several types for missing/damaged metadata
+                if (err := self.server_failure(e, f"opening array {name!r} of part {self.name}")) is not None:
+                    raise err from None
                 raise StoreError(f"part {self.name}: cannot open array {name!r} ({type(e).__name__}: {e}); "
                                  "run `inspect-cache --verify` for a full diagnosis") from e
         return self._arrays[name]
@@ -174,7 +163,11 @@ class Part:
             lo, hi = self.span(spec.unit, start, stop)
             try:
                 blocks[name] = self.array(name)[lo:hi]
+            except StoreServerError:
+                raise
             except Exception as e:
+                if (err := self.server_failure(e, f"reading part {self.name}, array {name!r}")) is not None:
+                    raise err from None
                 raise StoreError(f"part {self.name}, array {name!r}, samples {start}..{stop - 1}: read failed "
                                  f"({type(e).__name__}: {e}); the store is damaged, run `inspect-cache --verify`"
                                  ) from e
@@ -205,8 +198,19 @@ class Part:
                 answers_generated=row["answers_generated"],
                 answer_truncated=bool(row.get("answer_truncated")),
                 image_digests=row.get("image_digests") or [],
+                storage_options=self.root.storage_options if self.root is not None else {},
             ))
         return out
+
+
+def _remote_commits(part: Location, sub: str, only: set[int] | None) -> tuple[list[tuple[int, pa.Table]], list[str]]:
+    """A remote part's commit tables of `sub` (samples/ or rejects/) in commit order (`only`: just these commit
+    numbers), fetched concurrently, and the names there no writer wrote."""
+    names = names_under(part.join(sub))
+    files = [n for n in names if COMMIT_FILE.fullmatch(n) and (only is None or int(n[:8]) in only)]
+    blobs = read_many(part.join(sub), files)
+    return ([(int(n[:8]), pq.read_table(pa.BufferReader(blobs[n]))) for n in files if n in blobs],
+            [n for n in names if not WRITER_FILE.fullmatch(n)])
 
 
 def _reject_log(files: list[tuple[int, pa.Table]]) -> pa.Table:
@@ -222,19 +226,47 @@ def _reject_log(files: list[tuple[int, pa.Table]]) -> pa.Table:
 class TeacherStore:
     """Read side of a store: attributes, the teacher head, and committed samples of every part."""
 
-    def __init__(self, path: Path | str, parts: dict[str, int] | None = None):
-        """`parts`: open exactly these parts, in this order, each holding at least the samples given (a reader in
-        another process sees what the one that planned saw, though parts are added and commits made since)."""
-        self.path = Path(path)
-        self.meta = read_meta(self.path)
-        parts_dir = self.path / "parts"
-        names = sorted(p.name for p in parts_dir.iterdir() if (p / "zarr.json").exists()) if parts_dir.exists() else []
-        self.parts = [Part(self.path, n, self.meta) for n in (names if parts is None else parts)]
+    def __init__(self, path: Path | str, parts: dict[str, int] | None = None,
+                 storage_options: dict[str, Any] | None = None):
+        """`path`: a local folder or an fsspec URL (s3://bucket/prefix; `storage_options` as --storage-options
+        gives them). `parts`: open exactly these parts, in this order, each holding at least the samples given (a
+        reader in another process sees what the one that planned saw, though parts are added and commits made
+        since)."""
+        self.location = Location.of(path, storage_options)
+        self.storage_options = dict(storage_options or {})
+        self.remote = not self.location.is_local
+        # `path`: the folder (a Path) of a local store, the URL of a remote one (for messages and to reopen it).
+        self.path: Path | str = self.location.url if self.remote else Path(self.location.path)
+        self._zstore = None
+        if self.remote:
+            self.location.check_reachable()  # a server down, wrong credentials, no bucket: named once, here
+            self.meta = read_meta(self.location)
+            self._zstore = self.location.zarr_store(read_only=True)
+            names = parts if parts is not None else sorted(
+                k.split("/")[1] for k in read_many(self.location, [
+                    f"parts/{n}/zarr.json" for n in names_under(self.location.join("parts"))]))
+            self.parts = [Part(self.location, n, self.meta, self._zstore) for n in names]
+        else:
+            self.meta = read_meta(self.path)
+            parts_dir = self.path / "parts"
+            names = sorted(p.name for p in parts_dir.iterdir() if (p / "zarr.json").exists()) \
+                if parts_dir.exists() else []
+            self.parts = [Part(self.path, n, self.meta) for n in (names if parts is None else parts)]
         for p in self.parts if parts is not None else []:
             if len(p) < parts[p.name]:
                 raise StoreError(f"part {p.name} of {self.path} holds {len(p)} samples, {parts[p.name]} when it was "
                                  "opened before: it was rewritten meanwhile; start again")
         self._offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def tokenizer_dir(self) -> Path | None:
+        """A local folder holding the teacher tokenizer the store keeps (a remote store's: copied once into the
+        user's cache folder, keyed by the store's URL and tokenizer digest); None when it keeps none."""
+        if not self.remote:
+            path = self.path / TOKENIZER_DIR
+            return path if path.exists() else None
+        teacher = self.meta.get("teacher", {})
+        return local_copy(self.location.join(TOKENIZER_DIR), {k: teacher.get(k) for k in
+                                                               ("tokenizer_digest", "chat_template_digest")})
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -266,8 +298,15 @@ class TeacherStore:
         """The teacher head's `weight` (V, D), `embed` (V, D; the weight when tied) or `bias` (V,)."""
         if name == "embed" and self.meta["head"]["tied"]:
             name = "weight"
-        arr = zarr.open_array(str(self.path / "head" / name), mode="r")
-        return from_storage(arr[...], self.meta["head"]["dtype"])
+        try:
+            arr = zarr.open_array(str(self.path / "head" / name), mode="r") if not self.remote else \
+                zarr.open_array(store=self._zstore, path=f"head/{name}", mode="r")
+            data = arr[...]
+        except Exception as e:
+            if (err := server_failure(self.location, e, f"reading the teacher head ({name})")) is not None:
+                raise err from None
+            raise
+        return from_storage(data, self.meta["head"]["dtype"])
 
     def teacher_head(self) -> TeacherHead:
         """The frozen teacher LM head (weight, bias, logit scale, softcap) as stored."""

@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .format import parse_part_name, shard_file, to_storage
+from genrecal_cache.core.errors import StoreServerError
+
+from .format import parse_part_name, to_storage
 from .head import TeacherHead
 from .reader import Part, TeacherStore
 
@@ -94,6 +96,8 @@ def verify(store: TeacherStore, block: int = 64, atol: float | None = None, full
                 continue
             try:
                 samples = p.read(s, e)
+            except StoreServerError:  # the server or the credentials, not the store: no verdict on it
+                raise
             except Exception as err:
                 rep.fail(p.name, "read", (s, e - 1), str(err), ids[s:e])
                 continue
@@ -148,6 +152,8 @@ def _verify_chunks(p: Part, rep: VerifyReport, ids: list[str], read: bool = True
         expected = p.commit["lengths"].get(spec.unit, 0) if len(p) else 0
         try:
             arr = p.array(name)
+        except StoreServerError:
+            raise
         except Exception as e:
             rep.fail(p.name, name, (0, len(p) - 1) if len(p) else None, str(e), ids)
             damaged.append((0, len(p)))
@@ -159,12 +165,16 @@ def _verify_chunks(p: Part, rep: VerifyReport, ids: list[str], read: bool = True
         for lo in range(0, min(arr.shape[0], expected), spec.shard_rows):
             hi = min(lo + spec.shard_rows, expected)
             try:
-                if not shard_file(p.dir / name, lo // spec.shard_rows, spec.width is not None).exists():
+                if not p.shard_present(name, lo // spec.shard_rows):
                     raise FileNotFoundError(f"shard file {lo // spec.shard_rows} is missing")
                 if read:
                     arr[lo:hi]
                     rep.chunks_read += -(-(hi - lo) // spec.chunk_rows)
+            except StoreServerError:
+                raise
             except Exception as e:
+                if (err := p.server_failure(e, f"reading part {p.name}, array {name!r}")) is not None:
+                    raise err from None
                 rng = _samples_for_rows(p, spec.unit, lo, hi)
                 rep.fail(p.name, name, rng, f"rows {lo}..{hi - 1} unreadable ({type(e).__name__}: {str(e)[:160]})",
                          ids[rng[0]: rng[1] + 1] if rng else [])
