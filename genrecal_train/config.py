@@ -191,7 +191,7 @@ class TrainConfig:
                               "replicate; drop --fsdp (DDP under torchrun) or train in full with --fsdp")
         if self.save_adapter and not self.lora_rank:
             raise ConfigError("--save-adapter keeps a LoRA adapter and needs --lora-rank R")
-        if self.lora_alpha is None:
+        if self.lora_alpha is None and self.lora_rank:  # without LoRA it stays unset (not shown as 0.0)
             self.lora_alpha = 2.0 * self.lora_rank
         if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
             raise ConfigError("--fsdp shards the models across processes, and this is one process: launch with "

@@ -60,7 +60,9 @@ class IncompatibleStoreError(StoreError):
 
 
 def reason_kind(reason: str) -> str:
-    """A reject reason with its numbers, paths and quoted values folded, to count reasons by kind."""
+    """A reject reason with its numbers and quoted values folded, to count reasons by kind: "row 12 has 3 images"
+    and "row 7 has 2 images" are one kind; digits after a letter ("base64", "utf-8") are part of a word."""
     kind = reason.split(":")[0] if ":" in reason and not reason.startswith("processor") else reason
     kind = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", kind)
-    return re.sub(r"\d+", "N", kind)
+    kind = re.sub(r"\b\d+x\d+\b", "NxN", kind)  # sizes: 640x480
+    return re.sub(r"(?<![A-Za-z_\d.])(?<![A-Za-z]-)\d+(\.\d+)?", "N", kind)

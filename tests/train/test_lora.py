@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from genrecal_cache.core.config import to_argv
 from genrecal_cache.core.errors import ConfigError
 from genrecal_train.lora import LoraSpec, target_names
 from genrecal_train.models import vision_parameter_names
@@ -109,6 +110,8 @@ def test_targets_and_bad_options_are_named(zoo, store, tmp_path):
         target_names(model, LoraSpec(4, 8.0, ("q_proj", "q_prj")))
     with pytest.raises(ConfigError, match="needs --lora-rank"):
         _cfg(store, zoo, tmp_path, save_adapter=True)
+    assert _cfg(store, zoo, tmp_path, lora_rank=4).lora_alpha == 8.0
+    assert "--lora-alpha" not in to_argv(_cfg(store, zoo, tmp_path), changed_only=True)  # unset without LoRA
     bad = subprocess.run([sys.executable, "-m", "genrecal_train.cli", "--store", str(store), "--student",
                           str(zoo["idefics3"]), "--output", str(tmp_path / "o"), "--method", "sft", "--lora-rank",
                           "4", "--lora-targets", "q_prj", "--device", "cpu", "--no-progress"],
