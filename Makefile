@@ -40,11 +40,16 @@ demo: $(STAMP)
 	$(VENV)/bin/inspect-cache --store $(DEMO)/stores/teacher --verify
 	$(PY) tools/summarize_metrics.py $(DEMO)/runs/demo-GenRecal-on-the-teacher-s-answers
 
+# Two workers (pytest-xdist): a test file's tests stay together, the vLLM tests share one worker's engines
+# (tests/conftest.py). TEST_WORKERS=1 runs them in this process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+
 test: $(VLLM_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "not gpu"
+	$(PY) -m pytest -q $(XDIST) -m "not gpu"
 
 vllm: $(VLLM_STAMP)
 

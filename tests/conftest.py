@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny model zoo (built once per run), the demo manifest, a local S3 server."""
+"""Shared fixtures: the tiny model zoo (built once per run), the demo manifest, a local S3 server, vLLM engines
+shared across test files; and how `pytest -n 2` (xdist) splits the tests between its workers."""
 
 from __future__ import annotations
 
@@ -82,3 +83,43 @@ def cli():
     """Run a console command as users do: `cli("cache-teacher", "--teacher", path, ...)` returns the completed
     subprocess (`returncode`, `stdout`, `stderr`); see `tests/helpers.run_command`."""
     return run_command
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under `pytest -n N --dist loadgroup` (`make test`): a test file's tests stay on one worker (its module
+    fixtures are built once), and every test marked `vllm` goes to one worker, whose `vllm_engine` they share (two
+    engines at once would also compete for the two cores)."""
+    for item in items:
+        if not any(m.name == "xdist_group" for m in item.iter_markers()):
+            group = "vllm" if item.get_closest_marker("vllm") else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(zoo):
+    """vLLM engines shared by the session's tests: `vllm_engine(name_or_path, layers=(0, 1), eager=True)` starts a
+    `VLLMTeacher` once per (model, layers, eager) and holds one at a time (asking for another closes the held one;
+    `vllm_engine.release()` closes it without starting one, for a test that starts its own). Starting an engine
+    costs 20-40 s here, a compiled one a minute more: tests that are about the data, not the engine's start, share
+    these. On CPU `gpu_memory_utilization` is the share of RAM the engine reserves: kept small beside the tests."""
+    from genrecal_cache.teacher.vllm import VLLMTeacher
+
+    held: dict[tuple, VLLMTeacher] = {}
+
+    def release() -> None:
+        for teacher in held.values():
+            teacher.close()
+        held.clear()
+
+    def get(model: str | Path, layers: tuple[int, ...] = (), eager: bool = True) -> VLLMTeacher:
+        path = str(zoo[model]) if model in zoo else str(model)
+        key = (path, tuple(layers), eager)
+        if key not in held:
+            release()
+            held[key] = VLLMTeacher(path, "float32", layers=tuple(layers), max_model_len=1024,
+                                    gpu_memory_utilization=0.15, enforce_eager=eager)
+        return held[key]
+
+    get.release = release
+    yield get
+    release()

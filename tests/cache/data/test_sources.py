@@ -338,12 +338,14 @@ def test_a_resumed_job_on_changed_data_is_refused_naming_the_file(zoo, data, tmp
 
 
 @pytest.mark.vllm
-def test_a_llava_json_array_on_the_vllm_engine(zoo, data, reference, tmp_path):
+def test_a_llava_json_array_on_the_vllm_engine(zoo, vllm_engine, data, reference, tmp_path):
+    """The JSON array and its image folder reach vLLM's engine as the transformers backend's rows (the session's
+    shared LLaVA engine, which also captures layers 0 and 1)."""
     pytest.importorskip("vllm")
-    r = run_command("cache-teacher", "--teacher", zoo["llava"], "--manifest", _llava_json(data), "--image-root", data,
-                    "--output", tmp_path / "s", "--backend", "vllm", "--dtype", "float32", "--no-progress",
-                    env={"OMP_NUM_THREADS": "1"}, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    teacher = vllm_engine("llava", (0, 1), eager=False)
+    run_cache(CacheConfig(teacher=str(zoo["llava"]), manifest=_llava_json(data), image_root=data, output=tmp_path / "s",
+                          backend="vllm", layers="0,1", dtype="float32", device="cpu", progress=False,
+                          command=["t"]), teacher)
     got, ref = _by_row(TeacherStore(tmp_path / "s")), _by_row(reference)
     assert sorted(got) == sorted(ref)
     for i in ref:

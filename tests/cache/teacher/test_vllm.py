@@ -23,7 +23,6 @@ from genrecal_cache.job.launch import run_cache  # noqa: E402
 from genrecal_cache.store.reader import TeacherStore  # noqa: E402
 from genrecal_cache.store.verify import verify  # noqa: E402
 from genrecal_cache.teacher.hf import HFTeacher  # noqa: E402
-from genrecal_cache.teacher.vllm import VLLMTeacher  # noqa: E402
 from tests.cache.job.test_answers_layers import check_generated, check_layers, generate_reference  # noqa: E402
 from tests.helpers import run_command, start_command  # noqa: E402
 
@@ -35,24 +34,11 @@ def _cfg(model, manifest, out, backend, **kw):
                        device="cpu", question_features=True, max_length=1024, progress=False, command=["t"], **kw)
 
 
-@pytest.fixture(scope="module")
-def engine(zoo):
-    """One engine at a time (loading takes ~20 s; two would compete for the cores): `engine(name)`."""
-    held: dict[str, VLLMTeacher] = {}
-
-    def get(name: str) -> VLLMTeacher:
-        if name not in held:
-            for t in held.values():
-                t.close()
-            held.clear()
-            # On the CPU backend gpu_memory_utilization is the share of RAM reserved; keep it small beside the tests.
-            held[name] = VLLMTeacher(str(zoo[name]), "float32", layers=LAYERS, max_model_len=1024,
-                                     gpu_memory_utilization=0.15)
-        return held[name]
-
-    yield get
-    for t in held.values():
-        t.close()
+@pytest.fixture
+def engine(vllm_engine):
+    """The session's shared engine (conftest `vllm_engine`) for `name` capturing LAYERS: the reading engine eager
+    (its hooks need it), the one that writes answers compiled (vLLM's default)."""
+    return lambda name: vllm_engine(name, LAYERS, eager=False)
 
 
 @pytest.mark.parametrize("name", ["textlm", "qwen2vl", "llava"])
@@ -84,21 +70,22 @@ def test_vllm_generated_answers_reproduce_their_logprobs(zoo, engine, clean_mani
     assert not teacher.generator.llm_engine.model_config.enforce_eager
 
 
-def test_vllm_resume_after_sigkill(zoo, text_manifest, tmp_path):
+def test_vllm_resume_after_sigkill(zoo, vllm_engine, text_manifest, tmp_path):
     """The CLI with --backend vllm killed right after its first commit, then re-run: the store an uninterrupted
-    run gives (compared with the transformers backend's), every row once. The first run's engine is compiled (the
-    default), the second eager (--enforce-eager): both write the transformers backend's features."""
+    run gives (compared with the transformers backend's), every row once. Both engines eager (--enforce-eager):
+    a compiled pooling engine is checked in test_teacher_failures_vllm.py, a compiled writing one above."""
+    vllm_engine.release()  # this test's engines are the CLI's (one engine at a time)
     args = ["--teacher", zoo["textlm"], "--manifest", text_manifest, "--output", tmp_path / "vllm", "--backend", "vllm",
             "--gpu-memory-utilization", "0.15", "--commit-every", "1", "--dtype", "float32", "--device", "cpu",
-            "--question-features", "--max-length", "1024", "--no-progress"]
+            "--question-features", "--max-length", "1024", "--no-progress", "--enforce-eager"]
     with open(tmp_path / "killed.log", "w") as log:  # not a pipe: the engine's processes outlive the kill
         killed = start_command("cache-teacher", *args, env={"OMP_NUM_THREADS": "1", "GENRECAL_KILL_AT": "committed:0"},
                                stdout=log, stderr=log, start_new_session=True)
         assert killed.wait(timeout=600) == -9, (tmp_path / "killed.log").read_text()[-2000:]
     os.killpg(killed.pid, signal.SIGKILL)  # as a scheduler does: the whole job, the engine's processes too
     assert len(TeacherStore(tmp_path / "vllm")) == 1
-    assert "enforce_eager=False" in (tmp_path / "killed.log").read_text()  # vLLM's engine config line
-    done = run_command("cache-teacher", *args, "--enforce-eager", env={"OMP_NUM_THREADS": "1"},
+    assert "enforce_eager=True" in (tmp_path / "killed.log").read_text()  # vLLM's engine config line
+    done = run_command("cache-teacher", *args, env={"OMP_NUM_THREADS": "1"},
                        drop_env=("GENRECAL_KILL_AT",), timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "enforce_eager=True" in done.stderr + done.stdout
@@ -142,8 +129,8 @@ def _transformers5_llava(zoo, out):
     return out
 
 
-def test_transformers5_llava_loads_through_a_renamed_copy(zoo, engine, clean_manifest, tmp_path):
-    engine("textlm")  # the shared engine gives way to this test's (one engine at a time)
+def test_transformers5_llava_loads_through_a_renamed_copy(zoo, vllm_engine, clean_manifest, tmp_path):
+    vllm_engine.release()  # the shared engine gives way to this test's (one engine at a time)
     model = _transformers5_llava(zoo, tmp_path / "llava-t5")
     run_cache(_cfg(model, clean_manifest, tmp_path / "vllm", "vllm", enforce_eager=True,
                    gpu_memory_utilization=0.15))
@@ -180,10 +167,10 @@ def _llava_with_bos(zoo, out, template_writes_bos: bool):
 
 
 @pytest.mark.parametrize("template_writes_bos", [False, True])
-def test_one_bos_whoever_writes_it(template_writes_bos, zoo, engine, clean_manifest, tmp_path):
+def test_one_bos_whoever_writes_it(template_writes_bos, zoo, vllm_engine, clean_manifest, tmp_path):
     """A tokenizer that adds BOS: the ids start with exactly one BOS on both backends, whether the template leaves
     it to the tokenizer or writes it itself (vLLM must not add a second one)."""
-    engine("textlm")  # the shared engine gives way to this test's (one engine at a time)
+    vllm_engine.release()  # the shared engine gives way to this test's (one engine at a time)
     model = _llava_with_bos(zoo, tmp_path / "llava-bos", template_writes_bos)
     run_cache(_cfg(model, clean_manifest, tmp_path / "hf", "hf"))
     run_cache(_cfg(model, clean_manifest, tmp_path / "vllm", "vllm", enforce_eager=True,
