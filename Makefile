@@ -33,7 +33,7 @@ $(VLLM_STAMP): $(STAMP)
 
 # The whole pipeline on digits VQA (scikit-learn's bundled digits): train a tiny LLaVA teacher, cache it (vLLM's
 # CPU build when installed, else transformers), distil it into a tiny Idefics3 student with another tokenizer and
-# image layout (SFT baselines beside GenRecal), evaluate, print a table. About 6-8 minutes on 2 cores.
+# image layout (SFT baselines beside GenRecal), evaluate, print a table. About 16 minutes on 2 cores (README).
 demo: $(STAMP)
 	rm -rf $(DEMO)/runs
 	$(PY) tools/digits_demo.py $(DEMO)
