@@ -87,11 +87,11 @@ def cli():
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under `pytest -n N --dist loadgroup` (`make test`): a test file's tests stay on one worker (its module
-    fixtures are built once), and every test marked `vllm` goes to one worker, whose `vllm_engine` they share (two
-    engines at once would also compete for the two cores)."""
+    fixtures are built once), and every test that uses `vllm_engine` goes to one worker, where they share its
+    engines (two engines at once would also compete for the two cores)."""
     for item in items:
         if not any(m.name == "xdist_group" for m in item.iter_markers()):
-            group = "vllm" if item.get_closest_marker("vllm") else item.nodeid.split("::")[0]
+            group = "vllm" if "vllm_engine" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
             item.add_marker(pytest.mark.xdist_group(group))
 
 
