@@ -340,8 +340,7 @@ def test_a_resumed_job_on_changed_data_is_refused_naming_the_file(zoo, data, tmp
 @pytest.mark.vllm
 def test_a_llava_json_array_on_the_vllm_engine(zoo, vllm_engine, data, reference, tmp_path):
     """The JSON array and its image folder reach vLLM's engine as the transformers backend's rows (the session's
-    shared LLaVA engine, which also captures layers 0 and 1)."""
-    pytest.importorskip("vllm")
+    shared LLaVA engine, which also captures layers 0 and 1; skipped without vLLM)."""
     teacher = vllm_engine("llava", (0, 1), eager=False)
     run_cache(CacheConfig(teacher=str(zoo["llava"]), manifest=_llava_json(data), image_root=data, output=tmp_path / "s",
                           backend="vllm", layers="0,1", dtype="float32", device="cpu", progress=False,

@@ -135,7 +135,8 @@ def test_a_stopped_server_is_one_line(tmp_path):
     url = server.url("store")
     opts = json.dumps(server.storage_options(config_kwargs={"retries": {"max_attempts": 1}}))
     done = _inspect(url, "--storage-options", opts, env={**ENV, "XDG_CACHE_HOME": str(tmp_path / "cache")})
-    _one_line_error(done, url, "cannot reach the server", server.endpoint)
+    line = _one_line_error(done, url, "cannot reach the server", server.endpoint)  # exit 2, one `error:` line
+    assert "verify" not in line and "damaged" not in line  # the server, not the store, is named
 
 
 def test_secrets_are_masked_where_options_are_recorded_and_urls_keep_their_form():
