@@ -47,6 +47,7 @@ from .format import (
     shard_file,
     to_storage,
 )
+from .shards import ShardEncoder, sync_folders, write_shard
 
 _ZARR_PARTIAL = re.compile(r".*\.[0-9a-f]{32}\.partial")  # zarr's LocalStore temp files (zarr 3.x)
 
@@ -182,11 +183,12 @@ def open_or_create(path: Path, meta: dict[str, Any], head: dict[str, torch.Tenso
 # --- a writer's part ------------------------------------------------------------------------------------------
 
 class StageClock:
-    """Wall seconds a writer's commits spent per step (`copy`: tails joined to the pending rows, `zarr`: arrays
-    compressed and written, `fsync`, `table`: the Parquet tables); a nested step's time is not counted again in the
-    step around it. Read by `tools/bench_store.py`."""
+    """Wall seconds a writer's commits spent per step (`copy`: tails joined to the pending rows, `encode`: shards
+    compressed, `write`: shard files written and synced, `zarr`: arrays zarr writes itself (other codecs), `fsync`,
+    `table`: the Parquet tables); a nested step's time is not counted again in the step around it. Read by
+    `tools/bench_store.py`."""
 
-    STEPS = ("zarr", "fsync", "copy", "table")
+    STEPS = ("encode", "write", "zarr", "fsync", "copy", "table")
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = dict.fromkeys(self.STEPS, 0.0)
@@ -247,6 +249,7 @@ class PartWriter:
         self._pending_rejects: list[dict[str, Any]] = []
         self._pending_rows: dict[str, list[np.ndarray]] = {s.name: [] for s in self.specs}
         self._pending_lengths = dict(self.lengths)
+        self.encoders = {spec.name: ShardEncoder.of(self.arrays[spec.name]) for spec in self.specs}
         self.clock = StageClock()
 
     def close(self) -> None:
@@ -343,13 +346,22 @@ class PartWriter:
             assert start % spec.shard_rows == 0 and start + len(data) == new_n
             with self.clock("zarr"):
                 arr.resize(spec.shape(new_n))
+            encoder = self.encoders[spec.name]
             for s in range(start, new_n, spec.shard_rows):  # whole shards, never two writes into one
                 e = min(s + spec.shard_rows, new_n)
                 fault_point(f"array-write:{self.seq}:{spec.name}")
-                with self.clock("zarr"):
-                    arr[s:e] = data[s - start : e - start]
-                with self.clock("fsync"):
-                    _fsync_shard(self.dir / spec.name, s // spec.shard_rows, spec.width is not None)
+                file = shard_file(self.dir / spec.name, s // spec.shard_rows, spec.width is not None)
+                if encoder is not None:
+                    with self.clock("encode"):
+                        blob = encoder.encode(data[s - start : e - start])
+                    with self.clock("write"):
+                        write_shard(file, blob, self.dir / spec.name)
+                else:  # codecs this version does not encode itself: zarr writes the shard
+                    with self.clock("zarr"):
+                        arr[s:e] = data[s - start : e - start]
+                    with self.clock("fsync"):
+                        fsync(file)
+                        sync_folders(file, self.dir / spec.name)
             keep = new_n - new_n % spec.shard_rows
             with self.clock("copy"):
                 self.tail[spec.name] = data[keep - start :].copy()  # not a view: it would keep the whole commit
@@ -368,14 +380,6 @@ class PartWriter:
         self.seq, self.rows_end, self.lengths = self.seq + 1, rows_end, dict(new)
         self._pending, self._pending_rejects = [], []
         self._pending_rows = {s.name: [] for s in self.specs}
-
-
-def _fsync_shard(array_dir: Path, shard: int, two_d: bool) -> None:
-    """zarr renames each shard file into place; fsync its data, the rename and any new directory."""
-    f = shard_file(array_dir, shard, two_d)
-    fsync(f)
-    for d in (f.parent, f.parent.parent, array_dir):
-        fsync(d)
 
 
 def _write_table(path: Path, rows: list[dict], schema: pa.Schema, commit: dict, clock: StageClock,
