@@ -282,6 +282,7 @@ def write_store(path: Path, recs: list[SampleRecord], meta: dict, every: int,
         w.add(r)
         if i in points:
             w.commit(i + 1)
+    w.wait()  # the commits are written on the writer's thread
     dt = since(t)
     w.close()
     if steps is not None:

@@ -1,14 +1,16 @@
 """Fault injection for the reliability tests. GENRECAL_KILL_AT="<point>" makes the process SIGKILL itself when it
 reaches that point (a crash, an OOM kill); GENRECAL_ENOSPC_AT="<point>" raises ENOSPC there (a full disk);
 GENRECAL_CUDA_ERROR_AT="<point>" raises a CUDA error there (a failing device); GENRECAL_ENOSYS_AT="<point>" raises
-ENOSYS there (a file system without the call, e.g. flock on Lustre). Unset (always, outside tests) they do
-nothing."""
+ENOSYS there (a file system without the call, e.g. flock on Lustre); GENRECAL_HOLD_AT="<point>" blocks the thread
+that reaches it for good (a commit still being written when the process dies). Unset (always, outside tests) they
+do nothing."""
 
 from __future__ import annotations
 
 import errno
 import os
 import signal
+import threading
 
 
 def fault_point(point: str) -> None:
@@ -20,3 +22,5 @@ def fault_point(point: str) -> None:
         raise OSError(errno.ENOSYS, f"Function not implemented (injected at {point})")
     if os.environ.get("GENRECAL_CUDA_ERROR_AT") == point:
         raise RuntimeError(f"CUDA error: an illegal memory access was encountered (injected at {point})")
+    if os.environ.get("GENRECAL_HOLD_AT") == point:
+        threading.Event().wait()

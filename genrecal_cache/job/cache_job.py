@@ -119,10 +119,10 @@ class CacheJob:
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
+            seq, rows_end = self.writer.durable
             raise StoreError(
-                f"out of disk space writing {self.cfg.output} ({e.strerror}); everything up to commit "
-                f"{self.writer.seq - 1} is kept (manifest rows < {self.writer.rows_end}). Free space and re-run "
-                "the same command to continue.") from None
+                f"out of disk space writing {self.cfg.output} ({e.strerror}); everything up to commit {seq} is "
+                f"kept (manifest rows < {rows_end}). Free space and re-run the same command to continue.") from None
         finally:
             self.writer.close()  # the part's lock: a re-run in this process (after an error) may take it
 
@@ -177,11 +177,13 @@ class CacheJob:
             w.drop_from(rows_end)
             if w.num_pending or rows_end > w.rows_end:
                 w.commit(rows_end)
+            w.wait()
             raise stop.args[0](rows_end, res)
         if stop is not None:
             w.commit(rows_end)
         elif w.num_pending or total > w.rows_end:
             w.commit(total)  # every row of this shard is done
+        w.wait()  # every commit durable before the job reports (a failed one raises its error here)
         bar.close()
         res.seconds = time.perf_counter() - t0
         if isinstance(stop, _TooManyRejects):

@@ -1,5 +1,5 @@
 """The write side of a teacher store: create it (attributes, head, tokenizer) and append to one part, committing
-atomically (array data written and fsynced, then the commit's Parquet file renamed into place).
+atomically (array data written and fsynced, then the commit's Parquet file renamed into place) on a writer thread.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ import errno
 import fcntl
 import json
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -207,10 +209,28 @@ class StageClock:
                 self._inner[-1] += dt
 
 
-class PartWriter:
-    """Appends samples to one part; `commit()` makes everything added so far durable and visible.
+@dataclass
+class _Commit:
+    """What one `commit()` hands the writer thread: the rows added since the previous one."""
 
-    On open it recovers: uncommitted files are deleted and arrays are cut back to the last commit."""
+    seq: int
+    rows_end: int
+    lengths: dict[str, int]  # each unit's length once it is written
+    samples: list[dict[str, Any]]
+    rejects: list[dict[str, Any]]
+    rows: dict[str, list[np.ndarray]]  # per array, each sample's rows
+
+
+class PartWriter:
+    """Appends samples to one part; `commit()` hands everything added so far to the writer thread, which makes it
+    durable and visible (commits in order, one at a time), while the job goes on; `wait()` returns once all are.
+
+    On open it recovers: uncommitted files are deleted and arrays are cut back to the last commit. `seq`,
+    `rows_end` and `lengths` count the commits handed over; `durable` is (seq, rows_end) of the last one written.
+    A commit that fails stops the writer: the error is raised by the job's next `add`, `commit` or `wait`, and no
+    later commit is written."""
+
+    QUEUE = 1  # commits waiting behind the one being written; `commit()` blocks beyond that (bounded memory)
 
     def __init__(self, root: Path, part: str, meta: dict[str, Any], provenance: dict[str, Any]):
         self.root, self.meta, self.dir = root, meta, root / "parts" / part
@@ -250,11 +270,30 @@ class PartWriter:
         self._pending_rows: dict[str, list[np.ndarray]] = {s.name: [] for s in self.specs}
         self._pending_lengths = dict(self.lengths)
         self.encoders = {spec.name: ShardEncoder.of(self.arrays[spec.name]) for spec in self.specs}
-        self.clock = StageClock()
+        self.clock = StageClock()  # the writer thread's time per step
+        self.durable = (self.seq - 1, self.rows_end)  # the writer thread's: the last commit on disk
+        self._written = dict(self.lengths)  # the writer thread's: lengths on disk
+        self._queue: queue.Queue[_Commit | None] = queue.Queue(self.QUEUE)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write_commits, name=f"genrecal-writer-{part}", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
-        """Release the part (its lock); what was not committed is dropped by the next writer's recovery."""
+        """Write the commits handed over, then release the part (its lock); what was not committed is dropped by
+        the next writer's recovery. Raises nothing: a failed commit's error is raised by `wait()`."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
         self._lock.close()
+
+    def wait(self) -> None:
+        """Block until every commit handed over is durable; raises the error of one that failed."""
+        self._queue.join()
+        self._raise_failed()
+
+    def _raise_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def _recover(self) -> tuple[int, int, dict[str, int]]:
         commits = commit_files(self.dir / SAMPLES_DIR)
@@ -285,6 +324,7 @@ class PartWriter:
 
     def add(self, rec: SampleRecord, keep_image_bytes: bool = True) -> None:
         """Buffer one sample; raises `NonFiniteError` (adding nothing) when any of its values is NaN or inf."""
+        self._raise_failed()
         rows = rec.rows(self.meta)
         bad = non_finite(rows)
         if bad is not None:
@@ -333,15 +373,41 @@ class PartWriter:
                                  for u, c in (("tokens", "tokens"), ("labels", "labels"), ("question", "question"))}
 
     def commit(self, rows_end: int) -> None:
-        """Make everything added so far durable; `rows_end` is the manifest row to resume from."""
-        new = self._pending_lengths
+        """Hand everything added so far to the writer thread; `rows_end` is the manifest row to resume from once it
+        is durable. Blocks while `QUEUE` commits wait already."""
+        self._raise_failed()
+        c = _Commit(self.seq, rows_end, dict(self._pending_lengths), self._pending, self._pending_rejects,
+                    self._pending_rows)
+        self._queue.put(c)
+        fault_point(f"commit-queued:{c.seq}")
+        self.seq, self.rows_end, self.lengths = self.seq + 1, rows_end, dict(c.lengths)
+        self._pending, self._pending_rejects = [], []
+        self._pending_rows = {s.name: [] for s in self.specs}
+
+    def _write_commits(self) -> None:
+        """The writer thread: write each commit in order; after a failure only drain the queue."""
+        while True:
+            c = self._queue.get()
+            try:
+                if c is None:
+                    return
+                if self._error is None:
+                    self._write(c)
+            except BaseException as e:  # noqa: BLE001 - handed to the job's thread, raised there
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _write(self, c: _Commit) -> None:
+        """Make one commit durable: whole shards of each array written and synced, then its rejects table, then
+        its samples table (the commit record, renamed into place last)."""
         for spec in self.specs:
-            old_n, new_n = self.lengths[spec.unit], new[spec.unit]
+            old_n, new_n = self._written[spec.unit], c.lengths[spec.unit]
             if new_n == old_n:
                 continue
             arr = self.arrays[spec.name]
             with self.clock("copy"):
-                data = np.concatenate([self.tail[spec.name], *self._pending_rows[spec.name]])
+                data = np.concatenate([self.tail[spec.name], *c.rows[spec.name]])
             start = old_n - len(self.tail[spec.name])
             assert start % spec.shard_rows == 0 and start + len(data) == new_n
             with self.clock("zarr"):
@@ -349,7 +415,7 @@ class PartWriter:
             encoder = self.encoders[spec.name]
             for s in range(start, new_n, spec.shard_rows):  # whole shards, never two writes into one
                 e = min(s + spec.shard_rows, new_n)
-                fault_point(f"array-write:{self.seq}:{spec.name}")
+                fault_point(f"array-write:{c.seq}:{spec.name}")
                 file = shard_file(self.dir / spec.name, s // spec.shard_rows, spec.width is not None)
                 if encoder is not None:
                     with self.clock("encode"):
@@ -368,18 +434,17 @@ class PartWriter:
             with self.clock("fsync"):
                 fsync(self.dir / spec.name / "zarr.json")
                 fsync(self.dir / spec.name)
-        name = f"{self.seq:08d}.parquet"
-        commit = {"seq": self.seq, "rows_end": rows_end, "lengths": dict(new), "time": round(time.time(), 3),
+        name = f"{c.seq:08d}.parquet"
+        commit = {"seq": c.seq, "rows_end": c.rows_end, "lengths": dict(c.lengths), "time": round(time.time(), 3),
                   "rows_total": self.rows_total}  # time and rows_total: for inspect-cache --progress
-        fault_point(f"arrays-written:{self.seq}")
-        kinds = {REJECT_KINDS: json.dumps({"retryable": [r["retryable"] for r in self._pending_rejects]})}
-        _write_table(self.dir / REJECTS_DIR / name, self._pending_rejects, REJECT_SCHEMA, commit, self.clock, kinds)
-        fault_point(f"rejects-written:{self.seq}")
-        _write_table(self.dir / SAMPLES_DIR / name, self._pending, SAMPLE_SCHEMA, commit, self.clock)  # the commit
-        fault_point(f"committed:{self.seq}")
-        self.seq, self.rows_end, self.lengths = self.seq + 1, rows_end, dict(new)
-        self._pending, self._pending_rejects = [], []
-        self._pending_rows = {s.name: [] for s in self.specs}
+        fault_point(f"arrays-written:{c.seq}")
+        kinds = {REJECT_KINDS: json.dumps({"retryable": [r["retryable"] for r in c.rejects]})}
+        _write_table(self.dir / REJECTS_DIR / name, c.rejects, REJECT_SCHEMA, commit, self.clock, kinds)
+        fault_point(f"rejects-written:{c.seq}")
+        _write_table(self.dir / SAMPLES_DIR / name, c.samples, SAMPLE_SCHEMA, commit, self.clock)  # the commit
+        fault_point(f"committed:{c.seq}")
+        self._written = dict(c.lengths)
+        self.durable = (c.seq, c.rows_end)
 
 
 def _write_table(path: Path, rows: list[dict], schema: pa.Schema, commit: dict, clock: StageClock,

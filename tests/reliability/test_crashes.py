@@ -24,7 +24,7 @@ def _run(zoo, manifest, out, shard="0/1", **faults) -> subprocess.Popen:
                          "--commit-every", "3", "--batch-tokens", "200", "--dtype", "float32", "--device", "cpu",
                          "--question-features", "--shard", shard, "--no-progress",
                          env={"OMP_NUM_THREADS": "1", **faults},
-                         drop_env=("GENRECAL_KILL_AT", "GENRECAL_ENOSPC_AT", "GENRECAL_ENOSYS_AT"),
+                         drop_env=("GENRECAL_KILL_AT", "GENRECAL_ENOSPC_AT", "GENRECAL_ENOSYS_AT", "GENRECAL_HOLD_AT"),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -52,6 +52,23 @@ def test_sigkill_anywhere_then_rerun_equals_uninterrupted(zoo, demo_manifest, re
     assert verify(TeacherStore(out)).ok
 
 
+def test_sigkill_while_a_commit_is_written_and_the_next_is_queued(zoo, demo_manifest, reference, tmp_path):
+    """The writer thread holds in the middle of commit 1 (its token ids written, its features not) while the job
+    goes on and queues commit 2; the job is killed then. Only commit 0 is on record, and the re-run completes the
+    store byte-equal to an uninterrupted run."""
+    out = tmp_path / "s"
+    rc, err = _done(_run(zoo, demo_manifest, out, GENRECAL_HOLD_AT="array-write:1:features",
+                         GENRECAL_KILL_AT="commit-queued:2"))
+    assert rc == -9, f"commit 2 was never queued: {err[-1000:]}"
+    assert [f.name for f in sorted((out / "parts/shard-00000-of-00001/samples").glob("*.parquet"))] == [
+        "00000000.parquet"]
+    assert TeacherStore(out).parts[0].commit["rows_end"] < TeacherStore(reference).parts[0].commit["rows_end"]
+    rc, err = _done(_run(zoo, demo_manifest, out))
+    assert rc == 0, err[-2000:]
+    assert_same_store(reference, out)
+    assert verify(TeacherStore(out)).ok
+
+
 def test_two_writers_one_killed_and_restarted(zoo, demo_manifest, tmp_path):
     ref = tmp_path / "ref"
     for shard in ("0/2", "1/2"):
@@ -73,6 +90,9 @@ def test_out_of_disk_stops_cleanly_keeps_the_store_and_resumes(zoo, demo_manifes
     assert rc == 2 and "out of disk space" in err and "re-run the same command" in err, err[-2000:]
     assert "Traceback" not in err
     partial = TeacherStore(out)
+    # commit 2 failed on the writer thread: the message names what is on disk, not what the job had handed over
+    kept = partial.parts[0].commit["rows_end"]
+    assert f"everything up to commit 1 is kept (manifest rows < {kept})" in err, err[-2000:]
     assert 0 < len(partial) < len(TeacherStore(reference)) and verify(partial, allow_partial=True).ok  # intact
     rc, err = _done(_run(zoo, demo_manifest, out))
     assert rc == 0, err[-2000:]
