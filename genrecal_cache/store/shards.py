@@ -79,7 +79,7 @@ class ShardEncoder:
             if len(chunk) < self.chunk_rows:
                 chunk = np.concatenate([chunk, np.zeros((self.chunk_rows - len(chunk), *self.row_shape),
                                                         chunk.dtype)])
-            data = _with_crc(bytes(self.zstd.encode(chunk.tobytes())))
+            data = _with_crc(bytes(self.zstd.encode(chunk)))  # the array's buffer itself, not a copy
             index[c] = offset, len(data)
             offset += len(data)
             parts.append(data)
@@ -88,9 +88,10 @@ class ShardEncoder:
         return b"".join(parts)
 
 
-def write_shard(path: Path, data: bytes, array_dir: Path) -> None:
-    """Write one shard file durably as zarr's local store does (a `<name>.<hex>.partial` beside it, renamed into
-    place: a kill in between leaves only that, which the writer's recovery removes)."""
+def write_shard(path: Path, data: bytes) -> None:
+    """Write one shard file as zarr's local store does (a `<name>.<hex>.partial` beside it, fsynced and renamed
+    into place: a kill in between leaves only that, which the writer's recovery removes). The rename is durable
+    once the folder is synced (`sync_folders`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
     with open(tmp, "wb") as f:
@@ -98,12 +99,16 @@ def write_shard(path: Path, data: bytes, array_dir: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    sync_folders(path, array_dir)
 
 
-def sync_folders(path: Path, array_dir: Path) -> None:
-    """fsync the folders from a shard file's up to its array's: its rename and any folder made for it."""
-    for d in path.parents:
+def sync_folders(files: list[Path], array_dir: Path) -> None:
+    """fsync each folder from the shard files' up to their array's, once: their renames and any folder made for
+    them, the deepest first."""
+    folders: dict[Path, None] = {}
+    for path in files:
+        for d in path.parents:
+            folders[d] = None
+            if d == array_dir:
+                break
+    for d in sorted(folders, key=lambda d: len(d.parts), reverse=True):
         fsync(d)
-        if d == array_dir:
-            break

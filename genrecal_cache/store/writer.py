@@ -14,6 +14,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,28 +186,55 @@ def open_or_create(path: Path, meta: dict[str, Any], head: dict[str, torch.Tenso
 # --- a writer's part ------------------------------------------------------------------------------------------
 
 class StageClock:
-    """Wall seconds a writer's commits spent per step (`copy`: tails joined to the pending rows, `encode`: shards
-    compressed, `write`: shard files written and synced, `zarr`: arrays zarr writes itself (other codecs), `fsync`,
-    `table`: the Parquet tables); a nested step's time is not counted again in the step around it. Read by
-    `tools/bench_store.py`."""
+    """Seconds a writer's commits spent per step: on the writer thread (wall time) `copy` (tails joined to the
+    pending rows), `shards` (waiting for the shard pool), `zarr` (arrays zarr writes itself: other codecs),
+    `fsync` (folders, `zarr.json`), `table` (the Parquet tables); on the shard pool, summed over its threads
+    (overlapping each other and `shards`), `encode` (shards compressed) and `write` (shard files written and
+    fsynced). A nested step's time is not counted again in the step around it. Read by `tools/bench_store.py`."""
 
-    STEPS = ("encode", "write", "zarr", "fsync", "copy", "table")
+    STEPS = ("shards", "encode", "write", "zarr", "fsync", "copy", "table")
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = dict.fromkeys(self.STEPS, 0.0)
-        self._inner: list[float] = []  # per open step: the time its nested steps took
+        self._lock = threading.Lock()
+        self._local = threading.local()  # per thread, per open step: the time its nested steps took
 
     @contextlib.contextmanager
     def __call__(self, step: str) -> Iterator[None]:
+        inner = self._local.__dict__.setdefault("inner", [])
         t = time.perf_counter()
-        self._inner.append(0.0)
+        inner.append(0.0)
         try:
             yield
         finally:
-            dt, inner = time.perf_counter() - t, self._inner.pop()
-            self.seconds[step] += dt - inner
-            if self._inner:
-                self._inner[-1] += dt
+            dt, nested = time.perf_counter() - t, inner.pop()
+            with self._lock:
+                self.seconds[step] += dt - nested
+            if inner:
+                inner[-1] += dt
+
+
+class _Rows:
+    """An array's rows from `start` on, as the pieces they came in (the tail, then each sample's rows), joined
+    only where a shard spans pieces."""
+
+    def __init__(self, pieces: list[np.ndarray], start: int):
+        self.pieces, self.start = pieces, start
+        self.bounds = np.cumsum([start] + [len(p) for p in pieces])  # piece i holds rows bounds[i]..bounds[i+1]
+        self.end = int(self.bounds[-1])
+
+    def take(self, a: int, b: int) -> np.ndarray:
+        """Rows a..b: a view when one piece holds them all."""
+        first = int(np.searchsorted(self.bounds, a, side="right")) - 1
+        parts = []
+        for i in range(first, len(self.pieces)):
+            lo, hi = int(self.bounds[i]), int(self.bounds[i + 1])
+            if lo >= b:
+                break
+            parts.append(self.pieces[i][max(a, lo) - lo : min(b, hi) - lo])
+        if len(parts) <= 1:
+            return parts[0] if parts else self.pieces[0][:0]
+        return np.concatenate(parts)
 
 
 @dataclass
@@ -231,6 +259,7 @@ class PartWriter:
     later commit is written."""
 
     QUEUE = 1  # commits waiting behind the one being written; `commit()` blocks beyond that (bounded memory)
+    SHARD_THREADS = 4  # a commit's shards encoded and written at once (overlapping compression and the disk)
 
     def __init__(self, root: Path, part: str, meta: dict[str, Any], provenance: dict[str, Any]):
         self.root, self.meta, self.dir = root, meta, root / "parts" / part
@@ -275,6 +304,7 @@ class PartWriter:
         self._written = dict(self.lengths)  # the writer thread's: lengths on disk
         self._queue: queue.Queue[_Commit | None] = queue.Queue(self.QUEUE)
         self._error: BaseException | None = None
+        self._shards = futures.ThreadPoolExecutor(self.SHARD_THREADS, thread_name_prefix=f"genrecal-shards-{part}")
         self._thread = threading.Thread(target=self._write_commits, name=f"genrecal-writer-{part}", daemon=True)
         self._thread.start()
 
@@ -284,6 +314,7 @@ class PartWriter:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+            self._shards.shutdown()
         self._lock.close()
 
     def wait(self) -> None:
@@ -384,6 +415,15 @@ class PartWriter:
         self._pending, self._pending_rejects = [], []
         self._pending_rows = {s.name: [] for s in self.specs}
 
+    def _put_shard(self, encoder: ShardEncoder, file: Path, rows: _Rows, start: int, end: int, point: str) -> None:
+        """Rows start..end encoded as one shard and written (a pool thread: zstd and the file calls release the
+        GIL)."""
+        fault_point(point)
+        with self.clock("encode"):
+            blob = encoder.encode(rows.take(start, end))
+        with self.clock("write"):
+            write_shard(file, blob)
+
     def _write_commits(self) -> None:
         """The writer thread: write each commit in order; after a failure only drain the queue."""
         while True:
@@ -401,39 +441,43 @@ class PartWriter:
     def _write(self, c: _Commit) -> None:
         """Make one commit durable: whole shards of each array written and synced, then its rejects table, then
         its samples table (the commit record, renamed into place last)."""
+        shards: list[futures.Future] = []
+        synced: list[tuple[list[Path], Path]] = []  # each array's shard files, their folders synced once
         for spec in self.specs:
             old_n, new_n = self._written[spec.unit], c.lengths[spec.unit]
             if new_n == old_n:
                 continue
             arr = self.arrays[spec.name]
-            with self.clock("copy"):
-                data = np.concatenate([self.tail[spec.name], *c.rows[spec.name]])
-            start = old_n - len(self.tail[spec.name])
-            assert start % spec.shard_rows == 0 and start + len(data) == new_n
+            rows = _Rows([self.tail[spec.name], *c.rows[spec.name]], old_n - len(self.tail[spec.name]))
+            assert rows.start % spec.shard_rows == 0 and rows.end == new_n
             with self.clock("zarr"):
                 arr.resize(spec.shape(new_n))
-            encoder = self.encoders[spec.name]
-            for s in range(start, new_n, spec.shard_rows):  # whole shards, never two writes into one
+            encoder, files = self.encoders[spec.name], []
+            for s in range(rows.start, new_n, spec.shard_rows):  # whole shards, never two writes into one
                 e = min(s + spec.shard_rows, new_n)
-                fault_point(f"array-write:{c.seq}:{spec.name}")
                 file = shard_file(self.dir / spec.name, s // spec.shard_rows, spec.width is not None)
-                if encoder is not None:
-                    with self.clock("encode"):
-                        blob = encoder.encode(data[s - start : e - start])
-                    with self.clock("write"):
-                        write_shard(file, blob, self.dir / spec.name)
-                else:  # codecs this version does not encode itself: zarr writes the shard
-                    with self.clock("zarr"):
-                        arr[s:e] = data[s - start : e - start]
-                    with self.clock("fsync"):
-                        fsync(file)
-                        sync_folders(file, self.dir / spec.name)
-            keep = new_n - new_n % spec.shard_rows
-            with self.clock("copy"):
-                self.tail[spec.name] = data[keep - start :].copy()  # not a view: it would keep the whole commit
-            with self.clock("fsync"):
-                fsync(self.dir / spec.name / "zarr.json")
-                fsync(self.dir / spec.name)
+                files.append(file)
+                if encoder is not None:  # encoded and written by the pool, all shards of the commit at once
+                    shards.append(self._shards.submit(self._put_shard, encoder, file, rows, s, e,
+                                                      f"array-write:{c.seq}:{spec.name}"))
+                    continue
+                fault_point(f"array-write:{c.seq}:{spec.name}")  # codecs not encoded here: zarr writes the shard
+                with self.clock("zarr"):
+                    arr[s:e] = rows.take(s, e)
+                with self.clock("fsync"):
+                    fsync(file)
+            synced.append((files, self.dir / spec.name))
+            with self.clock("copy"):  # a copy, not a view: it would keep the commit's rows
+                self.tail[spec.name] = np.array(rows.take(new_n - new_n % spec.shard_rows, new_n))
+        with self.clock("shards"):  # the pool's shards, each written and fsynced; the first error is raised
+            futures.wait(shards)
+            for f in shards:
+                f.result()
+        with self.clock("fsync"):
+            for files, array_dir in synced:
+                sync_folders(files, array_dir)
+                fsync(array_dir / "zarr.json")
+                fsync(array_dir)
         name = f"{c.seq:08d}.parquet"
         commit = {"seq": c.seq, "rows_end": c.rows_end, "lengths": dict(c.lengths), "time": round(time.time(), 3),
                   "rows_total": self.rows_total}  # time and rows_total: for inspect-cache --progress

@@ -37,8 +37,7 @@ def test_direct_shards_are_the_bytes_zarr_writes(tmp_path, dtype, width):
             arr[s:e] = data[s:e]
             blob = enc.encode(data[s:e])
             assert blob == shard_file(tmp_path / "zarr" / "x", s // 16, width is not None).read_bytes(), (n, s)
-            write_shard(shard_file(tmp_path / "direct" / "x", s // 16, width is not None), blob,
-                        tmp_path / "direct" / "x")
+            write_shard(shard_file(tmp_path / "direct" / "x", s // 16, width is not None), blob)
             compared += 1
         done = n
     assert compared == 5  # shard 0; shards 0, 1, 2; shard 2
@@ -52,3 +51,15 @@ def test_other_codecs_are_left_to_zarr_and_bad_rows_are_refused(tmp_path):
     enc = ShardEncoder.of(_array(tmp_path / "ok", "uint16", 8)[0])
     with pytest.raises(ValueError, match="a shard holds 1 to 16 rows of shape \\(8,\\)"):
         enc.encode(np.zeros((17, 8), np.uint16))
+
+
+def test_rows_are_taken_across_the_pieces_they_came_in():
+    from genrecal_cache.store.writer import _Rows
+
+    pieces = [np.zeros((0, 2)), np.arange(6).reshape(3, 2), np.zeros((0, 2)), np.arange(6, 14).reshape(4, 2)]
+    rows, whole = _Rows(pieces, 16), np.arange(14).reshape(7, 2)
+    assert rows.end == 23
+    for a in range(16, 24):
+        for b in range(a, 24):
+            np.testing.assert_array_equal(rows.take(a, b), whole[a - 16 : b - 16], err_msg=f"{a}..{b}")
+    assert np.shares_memory(rows.take(17, 19), pieces[1])  # inside one piece: a view, no copy
