@@ -85,6 +85,7 @@ def cli():
     return run_command
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups to name the tests' work units
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under `pytest -n N --dist loadgroup` (`make test`): a test file's tests stay on one worker (its module
     fixtures are built once), and every test that uses `vllm_engine` goes to one worker, where they share its
@@ -97,30 +98,62 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def vllm_engine(zoo):
-    """vLLM engines shared by the session's tests: `vllm_engine(name_or_path, layers=(0, 1), eager=True)` starts a
-    `VLLMTeacher` once per (model, layers, eager) and holds one at a time (asking for another closes the held one;
-    `vllm_engine.release()` closes it without starting one, for a test that starts its own). Starting an engine
-    costs 20-40 s here, a compiled one a minute more: tests that are about the data, not the engine's start, share
-    these. On CPU `gpu_memory_utilization` is the share of RAM the engine reserves: kept small beside the tests."""
-    pytest.importorskip("vllm")  # a test that asks for an engine is skipped, not failed, without vLLM
-    from genrecal_cache.teacher.vllm import VLLMTeacher
+    """vLLM engines shared by the session's tests: `vllm_engine(name_or_path, layers=(0, 1), eager=True, **args)`
+    starts a `VLLMTeacher` once per (model, layers, eager, args) and holds one at a time (asking for another closes
+    the held one; `vllm_engine.release()` closes it without starting one, for a test that starts its own).
 
-    held: dict[tuple, VLLMTeacher] = {}
+    The engines run in this process (`in_process_teacher`): 3-7 s to start an eager one here instead of 30-40 s for
+    the engine's own processes, 25 s for a compiled one instead of a minute more. Tests that are about the data, not
+    the engine's processes, share these; those about the processes (killed, started by the CLI) start their own."""
+    pytest.importorskip("vllm")  # a test that asks for an engine is skipped, not failed, without vLLM
+    held: dict[tuple, object] = {}
+    env = dict(os.environ)
 
     def release() -> None:
         for teacher in held.values():
             teacher.close()
         held.clear()
+        for name in set(os.environ) - set(env):  # what vLLM set for its engines (VLLM_*, TORCHINDUCTOR_*)
+            if name.startswith(("VLLM_", "TORCHINDUCTOR_")):
+                del os.environ[name]
 
-    def get(model: str | Path, layers: tuple[int, ...] = (), eager: bool = True) -> VLLMTeacher:
+    def get(model: str | Path, layers: tuple[int, ...] = (), eager: bool = True, **args):
         path = str(zoo[model]) if model in zoo else str(model)
-        key = (path, tuple(layers), eager)
+        key = (path, tuple(layers), eager, tuple(sorted(args.items())))
         if key not in held:
             release()
-            held[key] = VLLMTeacher(path, "float32", layers=tuple(layers), max_model_len=1024,
-                                    gpu_memory_utilization=0.15, enforce_eager=eager)
+            held[key] = in_process_teacher(path, layers=tuple(layers), enforce_eager=eager, **args)
         return held[key]
 
     get.release = release
     yield get
     release()
+
+
+def in_process_teacher(path: str, **args):
+    """A `VLLMTeacher` whose engines (the pooling one, and the one that writes answers when asked) run in this
+    process: vLLM's uniprocess executor with V1 multiprocessing off while each engine starts. What that changes
+    in this process is put back: `torch.set_num_threads` (vLLM's CPU worker replaces it) and the environment."""
+    import vllm.envs
+
+    from genrecal_cache.teacher.vllm import VLLMTeacher
+
+    class InProcess(VLLMTeacher):
+        def _start(self, **engine_args):
+            keep, env = torch.set_num_threads, os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            vllm.envs.disable_envs_cache()  # vLLM caches its environment once an engine has started
+            try:
+                return super()._start(**engine_args)
+            finally:
+                torch.set_num_threads = keep
+                if env is None:
+                    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+                else:
+                    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = env
+                vllm.envs.disable_envs_cache()
+
+    # An explicit KV cache: vLLM's CPU worker otherwise sizes it as its RAM share less this process's whole RSS,
+    # which a second engine here (the one that writes answers) finds already spent.
+    return InProcess(path, "float32", **{"max_model_len": 1024, "kv_cache_memory_bytes": 256 << 20,
+                                         "distributed_executor_backend": "uni", **args})

@@ -82,10 +82,12 @@ VOCAB = 152_064  # Qwen2's, for the synthetic top-k ids
 
 FIELDS = ["section", "d", "question_features", "codecs", "chunk_kib", "cores", "samples", "label_tokens",
           "question_tokens", "feature_mib", "compression", "compression_all", "plain_write_mbs", "store_write_mbs",
-          "write_vs_plain", "plain_write_cpu_mbs", "store_write_cpu_mbs",  # write_*_pct: StageClock steps
-          *(f"write_{step}_pct" for step in StageClock.STEPS), "codec_encode_cpu_mbs", "plain_read_mbs", "store_read_mbs", "read_vs_plain", "plain_read_cpu_mbs", "store_read_cpu_mbs",
-          "plain_read_warm_mbs", "store_read_warm_mbs", "read_label_tok_s", "read_label_tok_cpu_s",
-          "stream_label_tok_s", "stream_label_tok_cpu_s", "stream_mbs", "stream_cpu_mbs", "repeats"]
+          "write_vs_plain", "plain_write_cpu_mbs", "store_write_cpu_mbs",
+          *(f"write_{step}_pct" for step in StageClock.STEPS),  # the writer's time per step (StageClock)
+          "codec_encode_cpu_mbs", "plain_read_mbs", "store_read_mbs", "read_vs_plain", "plain_read_cpu_mbs",
+          "store_read_cpu_mbs", "plain_read_warm_mbs", "store_read_warm_mbs", "read_label_tok_s",
+          "read_label_tok_cpu_s", "stream_label_tok_s", "stream_label_tok_cpu_s", "stream_mbs", "stream_cpu_mbs",
+          "repeats"]
 
 
 # --- codec pipelines -------------------------------------------------------------------------------------------

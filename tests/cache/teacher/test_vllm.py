@@ -130,10 +130,9 @@ def _transformers5_llava(zoo, out):
 
 
 def test_transformers5_llava_loads_through_a_renamed_copy(zoo, vllm_engine, clean_manifest, tmp_path):
-    vllm_engine.release()  # the shared engine gives way to this test's (one engine at a time)
     model = _transformers5_llava(zoo, tmp_path / "llava-t5")
-    run_cache(_cfg(model, clean_manifest, tmp_path / "vllm", "vllm", enforce_eager=True,
-                   gpu_memory_utilization=0.15))
+    cfg = _cfg(model, clean_manifest, tmp_path / "vllm", "vllm")
+    run_cache(cfg, vllm_engine(model, beside=cfg.teacher_spec.beside))  # the copy goes where the job puts it
     run_cache(_cfg(zoo["llava"], clean_manifest, tmp_path / "hf", "hf"))
     assert_close_stores(tmp_path / "hf", tmp_path / "vllm")
     (copy,) = tmp_path.glob("vllm.vllm-checkpoint-*")  # beside the store, written once
@@ -170,11 +169,9 @@ def _llava_with_bos(zoo, out, template_writes_bos: bool):
 def test_one_bos_whoever_writes_it(template_writes_bos, zoo, vllm_engine, clean_manifest, tmp_path):
     """A tokenizer that adds BOS: the ids start with exactly one BOS on both backends, whether the template leaves
     it to the tokenizer or writes it itself (vLLM must not add a second one)."""
-    vllm_engine.release()  # the shared engine gives way to this test's (one engine at a time)
     model = _llava_with_bos(zoo, tmp_path / "llava-bos", template_writes_bos)
     run_cache(_cfg(model, clean_manifest, tmp_path / "hf", "hf"))
-    run_cache(_cfg(model, clean_manifest, tmp_path / "vllm", "vllm", enforce_eager=True,
-                   gpu_memory_utilization=0.15))
+    run_cache(_cfg(model, clean_manifest, tmp_path / "vllm", "vllm"), vllm_engine(model))
     store = TeacherStore(tmp_path / "hf")
     assert store.rejects().num_rows == 0 and all(
         store[i].token_ids[0] == 1 and store[i].token_ids[1] != 1 for i in range(len(store)))
