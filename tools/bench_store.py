@@ -74,7 +74,9 @@ from genrecal_cache.store import format as store_format
 from genrecal_cache.store import writer as store_writer
 from genrecal_cache.store.format import FORMAT_VERSION, to_storage
 from genrecal_cache.store.reader import TeacherStore
-from genrecal_cache.store.writer import PartWriter, SampleRecord, StageClock, open_or_create
+from genrecal_cache.store.record import SampleRecord
+from genrecal_cache.store.shards import StageClock
+from genrecal_cache.store.writer import PartWriter, open_or_create
 
 MB = 1e6
 POOL_BYTES = 64 << 20

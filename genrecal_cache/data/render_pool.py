@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -99,6 +100,7 @@ class RenderPool:
     def __init__(self, preparer: Preparer, workers: int, ahead_tokens: int = 0):
         self.preparer, self.workers, self.ahead_tokens = preparer, workers, ahead_tokens
         self._executor: ProcessPoolExecutor | None = None
+        self._procs: dict[int, Any] = {}  # every worker started, by pid: a broken pool may forget its own
         if workers > 0:
             # fork, as torch's DataLoader does: workers start at once with the processor already loaded.
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
@@ -119,6 +121,7 @@ class RenderPool:
             try:
                 while len(window) < limit and (task := next(it, None)) is not None:
                     window.append((task, self._executor.submit(_prepare_in_worker, task)))
+                    self._procs.update(_pool_processes(self._executor))
                 if not window:
                     return
                 task, future = window[0]
@@ -135,9 +138,13 @@ class RenderPool:
 
     def _death(self) -> str:
         """How the workers ended, e.g. 'worker pid 123 killed by SIGKILL, often the out-of-memory killer'."""
-        procs = _pool_processes(self._executor)
         out = []
-        for pid, p in list(procs.items()):
+        for pid, p in list({**self._procs, **_pool_processes(self._executor)}.items()):
+            # The pool may see a worker die before its status is collected, and the pool's own thread may reap it
+            # first (our waitpid then finds nothing): wait until one of us has the status, two seconds at most.
+            deadline = time.monotonic() + 2
+            while p.exitcode is None and time.monotonic() < deadline:
+                time.sleep(0.02)
             code = p.exitcode
             if code is not None and code < 0:
                 name = signal.Signals(-code).name

@@ -29,7 +29,8 @@ from genrecal_cache.store.format import (
     to_storage,
 )
 from genrecal_cache.store.reader import Part
-from genrecal_cache.store.writer import NonFiniteError, PartWriter, SampleRecord, open_or_create
+from genrecal_cache.store.record import NonFiniteError, SampleRecord
+from genrecal_cache.store.writer import PartWriter, open_or_create
 from genrecal_cache.teacher.base import Teacher
 from genrecal_cache.teacher.failures import Failed, Guard, TeacherDown, describe
 from genrecal_cache.teacher.load import load_teacher
@@ -161,6 +162,10 @@ class CacheJob:
                     stop = _TooManyRejects()
                     break
         except RenderWorkerError as e:
+            # The rows since the last commit are redone by the re-run, not committed here: it then resumes at a
+            # commit boundary, so its batches, and every feature byte, are those of an uninterrupted run.
+            rows_end, pending = w.rows_end, []
+            w.drop_from(rows_end)
             stop = RenderWorkerError(f"{e}. Every row before {rows_end} is committed: re-run the same command to "
                                      "continue (--render-workers 0 renders in the job's own process).")
         except _Stop as e:
@@ -180,7 +185,8 @@ class CacheJob:
             w.wait()
             raise stop.args[0](rows_end, res)
         if stop is not None:
-            w.commit(rows_end)
+            if w.num_pending or rows_end > w.rows_end:
+                w.commit(rows_end)
         elif w.num_pending or total > w.rows_end:
             w.commit(total)  # every row of this shard is done
         w.wait()  # every commit durable before the job reports (a failed one raises its error here)

@@ -1,14 +1,19 @@
 """Whole shards encoded directly, byte for byte as zarr writes them: the inner chunks through the array's own codecs
 (bytes, zstd, crc32c), the shard index after them, one file write per shard instead of zarr's read-merge-write path.
+Also what a commit's shards are cut from (`Rows`) and the clock of a commit's steps (`StageClock`).
 
 An array with other codecs (a store written by another version) is written through zarr as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,3 +117,55 @@ def sync_folders(files: list[Path], array_dir: Path) -> None:
                 break
     for d in sorted(folders, key=lambda d: len(d.parts), reverse=True):
         fsync(d)
+
+
+class StageClock:
+    """Seconds a writer's commits spent per step: on the writer thread (wall time) `copy` (tails joined to the
+    pending rows), `shards` (waiting for the shard pool), `zarr` (arrays zarr writes itself: other codecs),
+    `fsync` (folders, `zarr.json`), `table` (the Parquet tables); on the shard pool, summed over its threads
+    (overlapping each other and `shards`), `encode` (shards compressed) and `write` (shard files written and
+    fsynced). A nested step's time is not counted again in the step around it. Read by `tools/bench_store.py`."""
+
+    STEPS = ("shards", "encode", "write", "zarr", "fsync", "copy", "table")
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(self.STEPS, 0.0)
+        self._lock = threading.Lock()
+        self._local = threading.local()  # per thread, per open step: the time its nested steps took
+
+    @contextlib.contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        inner = self._local.__dict__.setdefault("inner", [])
+        t = time.perf_counter()
+        inner.append(0.0)
+        try:
+            yield
+        finally:
+            dt, nested = time.perf_counter() - t, inner.pop()
+            with self._lock:
+                self.seconds[step] += dt - nested
+            if inner:
+                inner[-1] += dt
+
+
+class Rows:
+    """An array's rows from `start` on, as the pieces they came in (the tail, then each sample's rows), joined
+    only where a shard spans pieces."""
+
+    def __init__(self, pieces: list[np.ndarray], start: int):
+        self.pieces, self.start = pieces, start
+        self.bounds = np.cumsum([start] + [len(p) for p in pieces])  # piece i holds rows bounds[i]..bounds[i+1]
+        self.end = int(self.bounds[-1])
+
+    def take(self, a: int, b: int) -> np.ndarray:
+        """Rows a..b: a view when one piece holds them all."""
+        first = int(np.searchsorted(self.bounds, a, side="right")) - 1
+        parts = []
+        for i in range(first, len(self.pieces)):
+            lo, hi = int(self.bounds[i]), int(self.bounds[i + 1])
+            if lo >= b:
+                break
+            parts.append(self.pieces[i][max(a, lo) - lo : min(b, hi) - lo])
+        if len(parts) <= 1:
+            return parts[0] if parts else self.pieces[0][:0]
+        return np.concatenate(parts)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 import zarr
 
 from genrecal_cache.core.durable import fsync, fsync_tree
-from genrecal_cache.core.errors import RejectError, StoreError
+from genrecal_cache.core.errors import StoreError
 from genrecal_cache.core.faults import fault_point
 
 from .format import (
@@ -50,73 +50,10 @@ from .format import (
     shard_file,
     to_storage,
 )
-from .shards import ShardEncoder, sync_folders, write_shard
+from .record import NonFiniteError, SampleRecord, non_finite
+from .shards import Rows, ShardEncoder, StageClock, sync_folders, write_shard
 
 _ZARR_PARTIAL = re.compile(r".*\.[0-9a-f]{32}\.partial")  # zarr's LocalStore temp files (zarr 3.x)
-
-# --- what a writer appends ------------------------------------------------------------------------------------
-
-@dataclass
-class SampleRecord:
-    """One teacher-forced sample ready to append: token-axis arrays plus its table row."""
-
-    sample_id: str
-    source_row: int
-    messages: list[dict]
-    images: list[Any]  # dataset.ImageRef
-    token_ids: np.ndarray  # (L,) int
-    label_mask: np.ndarray  # (L,) bool
-    features: torch.Tensor  # (A, D) at the label positions
-    targets: np.ndarray  # (A,)
-    segments: list[dict]
-    topk_ids: torch.Tensor | None = None  # (A, K)
-    topk_logprobs: torch.Tensor | None = None  # (A, K)
-    question_features: torch.Tensor | None = None  # (P, D) at every other position
-    layers: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (A, D)
-    answers_generated: bool = False
-    answer_truncated: bool = False
-
-    def rows(self, meta: dict[str, Any]) -> dict[str, np.ndarray]:
-        fd = meta["feature_dtype"]
-        out = {
-            "token_ids": np.asarray(self.token_ids, dtype=np.int32),
-            "label_mask": np.asarray(self.label_mask, dtype=np.uint8),
-            "features": to_storage(self.features, fd),
-            "targets": np.asarray(self.targets, dtype=np.int32),
-        }
-        if meta["topk"]:
-            out["topk_ids"] = self.topk_ids.to(torch.int32).numpy()
-            out["topk_logprobs"] = self.topk_logprobs.to(torch.float32).numpy()
-        if meta["question_features"]:
-            out["question_features"] = to_storage(self.question_features, fd)
-        for layer in meta.get("layers", []):
-            out[f"layers/{layer}"] = to_storage(self.layers[layer], fd)
-        return out
-
-
-class NonFiniteError(RejectError):
-    """A sample whose teacher values are NaN or infinite (`reason` says which and where); nothing of it is added."""
-
-
-_CHECKED = ("features", "question_features", "topk_logprobs")  # and layers/*: float rows as stored
-
-
-def non_finite(rows: dict[str, np.ndarray]) -> str | None:
-    """Which of a sample's float values, as stored, are NaN or infinite, and in which rows; None when all are
-    finite."""
-    found = []
-    for name, a in rows.items():
-        if name not in _CHECKED and not name.startswith("layers/"):
-            continue
-        # bf16 is kept as its bits: NaN and inf are the ones whose exponent bits are all set. No float copy.
-        bad = (a & 0x7F80) == 0x7F80 if a.dtype == np.uint16 else ~np.isfinite(a)
-        if bad.any():
-            where = np.flatnonzero(bad.reshape(len(a), -1).any(1)).tolist()
-            at = ", ".join(map(str, where[:8])) + (", ..." if len(where) > 8 else "")
-            unit = "question" if name == "question_features" else "label"
-            found.append(f"{name}: {int(bad.sum())} NaN/inf values at {unit} positions [{at}] of {len(a)}")
-    return "; ".join(found) or None
-
 
 # --- the store's root -----------------------------------------------------------------------------------------
 
@@ -184,58 +121,6 @@ def open_or_create(path: Path, meta: dict[str, Any], head: dict[str, torch.Tenso
 
 
 # --- a writer's part ------------------------------------------------------------------------------------------
-
-class StageClock:
-    """Seconds a writer's commits spent per step: on the writer thread (wall time) `copy` (tails joined to the
-    pending rows), `shards` (waiting for the shard pool), `zarr` (arrays zarr writes itself: other codecs),
-    `fsync` (folders, `zarr.json`), `table` (the Parquet tables); on the shard pool, summed over its threads
-    (overlapping each other and `shards`), `encode` (shards compressed) and `write` (shard files written and
-    fsynced). A nested step's time is not counted again in the step around it. Read by `tools/bench_store.py`."""
-
-    STEPS = ("shards", "encode", "write", "zarr", "fsync", "copy", "table")
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = dict.fromkeys(self.STEPS, 0.0)
-        self._lock = threading.Lock()
-        self._local = threading.local()  # per thread, per open step: the time its nested steps took
-
-    @contextlib.contextmanager
-    def __call__(self, step: str) -> Iterator[None]:
-        inner = self._local.__dict__.setdefault("inner", [])
-        t = time.perf_counter()
-        inner.append(0.0)
-        try:
-            yield
-        finally:
-            dt, nested = time.perf_counter() - t, inner.pop()
-            with self._lock:
-                self.seconds[step] += dt - nested
-            if inner:
-                inner[-1] += dt
-
-
-class _Rows:
-    """An array's rows from `start` on, as the pieces they came in (the tail, then each sample's rows), joined
-    only where a shard spans pieces."""
-
-    def __init__(self, pieces: list[np.ndarray], start: int):
-        self.pieces, self.start = pieces, start
-        self.bounds = np.cumsum([start] + [len(p) for p in pieces])  # piece i holds rows bounds[i]..bounds[i+1]
-        self.end = int(self.bounds[-1])
-
-    def take(self, a: int, b: int) -> np.ndarray:
-        """Rows a..b: a view when one piece holds them all."""
-        first = int(np.searchsorted(self.bounds, a, side="right")) - 1
-        parts = []
-        for i in range(first, len(self.pieces)):
-            lo, hi = int(self.bounds[i]), int(self.bounds[i + 1])
-            if lo >= b:
-                break
-            parts.append(self.pieces[i][max(a, lo) - lo : min(b, hi) - lo])
-        if len(parts) <= 1:
-            return parts[0] if parts else self.pieces[0][:0]
-        return np.concatenate(parts)
-
 
 @dataclass
 class _Commit:
@@ -415,7 +300,7 @@ class PartWriter:
         self._pending, self._pending_rejects = [], []
         self._pending_rows = {s.name: [] for s in self.specs}
 
-    def _put_shard(self, encoder: ShardEncoder, file: Path, rows: _Rows, start: int, end: int, point: str) -> None:
+    def _put_shard(self, encoder: ShardEncoder, file: Path, rows: Rows, start: int, end: int, point: str) -> None:
         """Rows start..end encoded as one shard and written (a pool thread: zstd and the file calls release the
         GIL)."""
         fault_point(point)
@@ -448,7 +333,7 @@ class PartWriter:
             if new_n == old_n:
                 continue
             arr = self.arrays[spec.name]
-            rows = _Rows([self.tail[spec.name], *c.rows[spec.name]], old_n - len(self.tail[spec.name]))
+            rows = Rows([self.tail[spec.name], *c.rows[spec.name]], old_n - len(self.tail[spec.name]))
             assert rows.start % spec.shard_rows == 0 and rows.end == new_n
             with self.clock("zarr"):
                 arr.resize(spec.shape(new_n))

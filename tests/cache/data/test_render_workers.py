@@ -40,7 +40,7 @@ def test_a_dead_worker_stops_the_job_cleanly_and_the_job_resumes(zoo, demo_manif
     out = tmp_path / "s"
     p = _cache(zoo, demo_manifest, out, 1, GENRECAL_KILL_AT="render-row-7")
     assert p.returncode == 2, p.stderr[-2000:]
-    assert "a render worker died (worker pid" in p.stderr and "killed by SIGKILL" in p.stderr
+    assert "a render worker died (worker pid" in p.stderr and "killed by SIGKILL" in p.stderr, p.stderr[-700:]
     assert "re-run the same command" in p.stderr and "Traceback" not in p.stderr
     partial = TeacherStore(out)
     assert 0 < len(partial) and verify(partial, allow_partial=True).ok  # rows before 7 committed, intact

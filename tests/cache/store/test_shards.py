@@ -54,10 +54,10 @@ def test_other_codecs_are_left_to_zarr_and_bad_rows_are_refused(tmp_path):
 
 
 def test_rows_are_taken_across_the_pieces_they_came_in():
-    from genrecal_cache.store.writer import _Rows
+    from genrecal_cache.store.shards import Rows
 
     pieces = [np.zeros((0, 2)), np.arange(6).reshape(3, 2), np.zeros((0, 2)), np.arange(6, 14).reshape(4, 2)]
-    rows, whole = _Rows(pieces, 16), np.arange(14).reshape(7, 2)
+    rows, whole = Rows(pieces, 16), np.arange(14).reshape(7, 2)
     assert rows.end == 23
     for a in range(16, 24):
         for b in range(a, 24):

@@ -1,0 +1,76 @@
+"""What a cache job appends to a store: one teacher-forced sample (`SampleRecord`) as the rows of each array,
+and the check that refuses a sample with NaN or infinite teacher values (`NonFiniteError`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from genrecal_cache.core.errors import RejectError
+
+from .format import to_storage
+
+
+@dataclass
+class SampleRecord:
+    """One teacher-forced sample ready to append: token-axis arrays plus its table row."""
+
+    sample_id: str
+    source_row: int
+    messages: list[dict]
+    images: list[Any]  # dataset.ImageRef
+    token_ids: np.ndarray  # (L,) int
+    label_mask: np.ndarray  # (L,) bool
+    features: torch.Tensor  # (A, D) at the label positions
+    targets: np.ndarray  # (A,)
+    segments: list[dict]
+    topk_ids: torch.Tensor | None = None  # (A, K)
+    topk_logprobs: torch.Tensor | None = None  # (A, K)
+    question_features: torch.Tensor | None = None  # (P, D) at every other position
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (A, D)
+    answers_generated: bool = False
+    answer_truncated: bool = False
+
+    def rows(self, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+        fd = meta["feature_dtype"]
+        out = {
+            "token_ids": np.asarray(self.token_ids, dtype=np.int32),
+            "label_mask": np.asarray(self.label_mask, dtype=np.uint8),
+            "features": to_storage(self.features, fd),
+            "targets": np.asarray(self.targets, dtype=np.int32),
+        }
+        if meta["topk"]:
+            out["topk_ids"] = self.topk_ids.to(torch.int32).numpy()
+            out["topk_logprobs"] = self.topk_logprobs.to(torch.float32).numpy()
+        if meta["question_features"]:
+            out["question_features"] = to_storage(self.question_features, fd)
+        for layer in meta.get("layers", []):
+            out[f"layers/{layer}"] = to_storage(self.layers[layer], fd)
+        return out
+
+
+class NonFiniteError(RejectError):
+    """A sample whose teacher values are NaN or infinite (`reason` says which and where); nothing of it is added."""
+
+
+_CHECKED = ("features", "question_features", "topk_logprobs")  # and layers/*: float rows as stored
+
+
+def non_finite(rows: dict[str, np.ndarray]) -> str | None:
+    """Which of a sample's float values, as stored, are NaN or infinite, and in which rows; None when all are
+    finite."""
+    found = []
+    for name, a in rows.items():
+        if name not in _CHECKED and not name.startswith("layers/"):
+            continue
+        # bf16 is kept as its bits: NaN and inf are the ones whose exponent bits are all set. No float copy.
+        bad = (a & 0x7F80) == 0x7F80 if a.dtype == np.uint16 else ~np.isfinite(a)
+        if bad.any():
+            where = np.flatnonzero(bad.reshape(len(a), -1).any(1)).tolist()
+            at = ", ".join(map(str, where[:8])) + (", ..." if len(where) > 8 else "")
+            unit = "question" if name == "question_features" else "label"
+            found.append(f"{name}: {int(bad.sum())} NaN/inf values at {unit} positions [{at}] of {len(a)}")
+    return "; ".join(found) or None
