@@ -9,6 +9,8 @@ fresh positions, T=2, L_ar only: no KL); the untrained-teacher control (the same
 a random teacher); an exact repeat of the default arm (run-to-run noise); and the cross-tokenizer baseline ULD
 (Universal Logit Distillation) from the same store, with the teacher's full distribution or its stored top-k.
 Run: python tools/experiment.py exp-out --seeds 5 --sizes 300 1400 --jobs 2
+The pre-registered transfer experiment (a teacher that never saw the students' images; docs/experiment.md):
+     python tools/experiment.py --preset transfer exp-transfer   (tools/transfer_experiment.py)
 """
 
 from __future__ import annotations
@@ -122,8 +124,15 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="students trained at once (one core each)")
     ap.add_argument("--noise", type=float, default=0.0, help="image noise (a harder task, a less sure teacher)")
     ap.add_argument("--rotate", type=float, default=0.0, help="random rotation of the images, in degrees")
-    ap.add_argument("--csv", type=Path, default=Path("tools/results/experiment.csv"))
+    ap.add_argument("--csv", type=Path, default=Path("tools/results/experiment.csv"),
+                    help="rows (--preset transfer: its CSVs go to this file's folder)")
+    ap.add_argument("--preset", choices=["transfer"], default=None,
+                    help="transfer: the pre-registered transfer experiment, all of it (its own seeds and arms)")
     args = ap.parse_args()
+    if args.preset == "transfer":
+        import transfer_experiment
+
+        return transfer_experiment.run(args.out, args.jobs, args.csv.parent)
     work = args.out
     data = make_data(work, args.gold, noise=args.noise, rotate=args.rotate)
     teacher, acc = make_teacher(work, data)
