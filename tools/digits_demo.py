@@ -91,14 +91,15 @@ def make_teacher(work: Path, data: dict[str, Path], kind: str = "trained", seed:
 
 
 def make_store(work: Path, name: str, teacher: Path, manifest: Path, answers: str, rows: int | None = None,
-               backend: str = "hf") -> Path:
-    """A teacher store of the first `rows` rows of `manifest` (with question features for the regularizer)."""
+               backend: str = "hf", render_workers: int | None = None) -> Path:
+    """A teacher store of the first `rows` rows of `manifest` (with question features for the regularizer);
+    `render_workers=0` where the caller is itself a pool's worker (which may not start processes)."""
     out = work / "stores" / name
     if not (out / "DONE").exists():
         shutil.rmtree(out, ignore_errors=True)
         cfg = config_from(CacheConfig, EXAMPLES / "cache-teacher.yaml", teacher=str(teacher), manifest=manifest,
                           output=out, max_samples=rows, answers=answers, backend=backend, progress=False,
-                          command=["demo"])
+                          render_workers=render_workers, command=["demo"])
         _show("cache-teacher", cfg)
         res = run_cache(cfg)
         if res.rejects:

@@ -168,7 +168,7 @@ def untrained_teacher(path: Path, seed: int) -> Path:
 def store_job(job: dict) -> str:
     _one_thread()
     return str(make_store(Path(job["work"]), job["name"], Path(job["teacher"]), Path(job["manifest"]),
-                          job["answers"]))
+                          job["answers"], render_workers=0))  # a pool's worker starts no processes
 
 
 # ---------------------------------------------------------------------------------------------------------- phases
