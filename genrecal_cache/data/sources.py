@@ -8,7 +8,6 @@ source's identity (each file's size and digest) lets a resumed job refuse data t
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from genrecal_cache.core.digests import digest_files, kept_result
 from genrecal_cache.core.errors import DatasetError
 
 from .rows import MAX_NESTING, Row, nested_too_deep
@@ -46,11 +46,19 @@ class Source:
         for f in self.files:
             yield from _read_ids(f, column)
 
-    def identity(self) -> dict[str, Any]:
+    def kept_ids(self, column: str, identity: dict[str, Any]) -> list[str | None]:
+        """`ids(column)` as strings, read once per version of the data (`identity`: its files' digests) and kept
+        beside the digests, so a restart, resume or another shard of the same data reads no file for them."""
+        key = {"files": [f["sha256"] for f in identity["files"]], "column": column}
+        return kept_result("ids", key, lambda: [None if x is None else str(x) for x in self.ids(column)])
+
+    def identity(self, rehash: bool = False) -> dict[str, Any]:
         """What the store records of its source: every file's name (its place under the root, links not followed:
-        in the Hugging Face cache every file is a link into `blobs/`), size and sha256 (of what it links to)."""
-        return {"files": [{"name": _relative(f, self.root), "bytes": f.stat().st_size, "sha256": file_digest(f)}
-                          for f in self.files]}
+        in the Hugging Face cache every file is a link into `blobs/`), size and sha256 (of what it links to), each
+        digest computed once per version of the file and kept (`rehash`: computed again)."""
+        digests = digest_files(self.files, "file(s) of the dataset", rehash)
+        return {"files": [{"name": _relative(f, self.root), "bytes": f.stat().st_size, "sha256": d}
+                          for f, d in zip(self.files, digests)]}
 
 
 def open_source(spec: str | Path, split: str | None = None) -> Source:
@@ -73,14 +81,6 @@ def open_source(spec: str | Path, split: str | None = None) -> Source:
         raise DatasetError(f"--manifest {spec}: unknown file type {path.suffix!r} (expected one of "
                            f"{', '.join(SHARD_SUFFIXES)})")
     return Source(spec, [path], path.parent)
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def changed_file(recorded: dict[str, Any], now: dict[str, Any]) -> str | None:

@@ -60,6 +60,7 @@ class CacheJob:
         check_output(cfg.output)
         self.cfg = cfg
         settings = self._settings()
+        self.source_identity = settings["source"]
         check_source(cfg.output, settings["source"])
         check_settings(cfg.output, settings)  # before loading a teacher that may take minutes to load
         self.teacher = teacher or load_teacher(cfg.teacher_spec)
@@ -76,7 +77,7 @@ class CacheJob:
         meta = {
             "format_version": FORMAT_VERSION,
             **settings,
-            "teacher": t.identity(),
+            "teacher": t.identity(cfg.rehash),
             "head": {"dtype": cfg.dtype, "tied": t.tied, "bias": t.head.bias is not None,
                      "logit_scale": t.head.logit_scale, "softcap": t.head.softcap},
             "provenance": prov,
@@ -105,7 +106,7 @@ class CacheJob:
             "answers": cfg.answers.value,
             "generation": asdict(cfg.generation) if cfg.generation else None,
             "manifest": cfg.manifest,
-            "source": self.source.identity(),
+            "source": self.source.identity(cfg.rehash),
             "split": cfg.split,
             "columns": asdict(cfg.column_map),
             "duplicate_ids": cfg.duplicate_ids.value,
@@ -211,7 +212,8 @@ class CacheJob:
         """The rows to cache (manifest rows < the returned count) and this shard's tasks after the last commit,
         each with its id as renamed or rejected by the `--duplicate-ids` plan."""
         cfg, w = self.cfg, self.writer
-        total, renamed, duplicates = plan_ids(self.source.ids(cfg.column_map.id), cfg.duplicate_ids)
+        ids = self.source.kept_ids(cfg.column_map.id, self.source_identity)
+        total, renamed, duplicates = plan_ids(ids, cfg.duplicate_ids)
         if cfg.max_samples is not None:
             total = min(total, cfg.max_samples)
         w.rows_total = total

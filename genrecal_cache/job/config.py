@@ -130,6 +130,10 @@ class CacheConfig:
                                     "written: another --backend, other torch/transformers/vLLM versions, teacher "
                                     "weights or processor configuration (same architecture and head). Each "
                                     "difference is recorded in the part and shown by inspect-cache.", False)
+    rehash: bool = _flag("Digest every dataset and teacher weight file again. By default a file's sha256 is computed "
+                         "once per version of the file (its path, size, mtime, ctime and inode) and kept in "
+                         "~/.cache/genrecal/digests, so a restart, resume or data-parallel copy reads no file twice.",
+                         False)
     progress: bool = _flag("Show a progress bar.", True)
     result_json: Path | None = _flag("Also write the job's counts and timings to this JSON file.", None)
     command: list[str] = field(default_factory=lambda: list(sys.argv))

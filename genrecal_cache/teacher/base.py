@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,11 +13,10 @@ from typing import Any, Protocol
 import torch
 
 from genrecal_cache.core.config import Choice
-from genrecal_cache.core.digests import cache_dir, cached_digest, kept_digest
+from genrecal_cache.core.digests import digest_files
 from genrecal_cache.core.errors import ConfigError, RejectError
 from genrecal_cache.core.models import is_multimodal
 from genrecal_cache.data.render import Generated, GenerationSettings, Rendered, Renderer
-from genrecal_cache.data.sources import file_digest
 from genrecal_cache.store.head import TeacherHead
 
 
@@ -98,19 +96,15 @@ def model_folder(path: str, revision: str | None = None) -> Path:
                           f"({type(e).__name__}); pass the checkpoint's local directory") from None
 
 
-def weight_files(folder: Path) -> list[dict[str, Any]]:
+def weight_files(folder: Path, rehash: bool = False) -> list[dict[str, Any]]:
     """Every weight file of a checkpoint (top level, as transformers and vLLM read them): name, bytes and sha256,
-    each digest computed once per version of the file and kept (`core/digests.py`)."""
+    each digest computed once per version of the file and kept (`core/digests.py`; `rehash`: computed again)."""
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
     files = [f for f in files if f.suffix == ".safetensors"] or files
     if not files:
         raise ConfigError(f"--teacher {folder}: no weight file ({', '.join(WEIGHT_SUFFIXES)}) in it")
-    todo = [f for f in files if kept_digest(f) is None]
-    if todo:
-        size = sum(f.stat().st_size for f in todo) / 2**30
-        print(f"cache-teacher: hashing {len(todo)} weight file(s) of the teacher ({size:.2f} GiB), once: the digests "
-              f"are kept in {cache_dir()}", file=sys.stderr)
-    return [{"name": f.name, "bytes": f.stat().st_size, "sha256": cached_digest(f, file_digest)} for f in files]
+    digests = digest_files(files, "weight file(s) of the teacher", rehash)
+    return [{"name": f.name, "bytes": f.stat().st_size, "sha256": d} for f, d in zip(files, digests)]
 
 
 def processor_digest(processor: Any) -> str | None:
@@ -150,14 +144,14 @@ class TeacherBase:
     def close(self) -> None:
         """Release what the backend holds (engine processes); nothing to do by default."""
 
-    def identity(self) -> dict[str, Any]:
-        """What identifies this teacher in a store's attributes."""
+    def identity(self, rehash: bool = False) -> dict[str, Any]:
+        """What identifies this teacher in a store's attributes (`rehash`: its weight files digested again)."""
         tok = getattr(self.processor, "tokenizer", self.processor)
         backend = getattr(tok, "backend_tokenizer", None)
         vocab = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
         template = getattr(self.processor, "chat_template", None) or tok.chat_template or ""
         w = self.head.weight
-        files = weight_files(model_folder(str(self.path), getattr(self.config, "_commit_hash", None)))
+        files = weight_files(model_folder(str(self.path), getattr(self.config, "_commit_hash", None)), rehash)
         return {
             "name_or_path": str(self.path),
             "revision": getattr(self.config, "_commit_hash", None),

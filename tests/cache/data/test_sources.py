@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from genrecal_cache.core.digests import file_digest
 from genrecal_cache.core.errors import DatasetError, IncompatibleStoreError, RejectError
 from genrecal_cache.data.rows import Columns, Row, parse_row
-from genrecal_cache.data.sources import open_source
+from genrecal_cache.data.sources import changed_file, open_source
 from genrecal_cache.job.config import CacheConfig, DuplicateIds
 from genrecal_cache.job.launch import run_cache
 from genrecal_cache.job.preflight import plan_ids
@@ -335,6 +337,40 @@ def test_a_resumed_job_on_changed_data_is_refused_naming_the_file(zoo, data, tmp
     (folder / "part-1.jsonl").write_text(canonical[3] + "\n" + canonical[2] + "\n")
     with pytest.raises(IncompatibleStoreError, match="part-1.jsonl has changed since"):
         _cache(zoo, folder, tmp_path / "s", image_root=data)
+
+
+def test_each_source_file_is_digested_once_per_version_and_its_ids_read_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    a, b = folder / "a.jsonl", folder / "b.jsonl"
+    a.write_text('{"id": "x"}\n{"id": 7}\n')
+    b.write_text('{"id": "y"}\n{"no": 1}\n')
+
+    def identity(rehash: bool = False) -> tuple[dict, str]:
+        return open_source(folder).identity(rehash), capsys.readouterr().err
+
+    first, err = identity()
+    assert "hashing 2 file(s) of the dataset" in err and ", once" in err
+    assert [f["sha256"] for f in first["files"]] == [file_digest(a), file_digest(b)]
+    again, err = identity()
+    assert again == first and err == ""  # a restart reads no file for its digests
+    # The ids: read once per content, the same as a fresh read (ints as strings, None where a row has none).
+    ids = open_source(folder).kept_ids("id", first)
+    assert ids == ["x", "7", "y", None]
+    old = b.stat()
+    b.write_text('{"id": "z"}\n{"no": 1}\n')  # same size, new bytes ...
+    os.utime(b, ns=(old.st_atime_ns, old.st_mtime_ns))  # ... even with the old mtime (its ctime tells)
+    assert (b.stat().st_size, b.stat().st_mtime_ns, b.stat().st_ino) == (old.st_size, old.st_mtime_ns, old.st_ino)
+    now, err = identity()
+    assert "hashing 1 file(s) of the dataset" in err and now["files"][1]["sha256"] == file_digest(b)
+    assert changed_file(first, now).startswith("b.jsonl has changed since"), changed_file(first, now)
+    assert open_source(folder).kept_ids("id", now) == ["x", "7", "z", None]
+    b.write_text('{"id": "z"}\n')  # a new size
+    now, err = identity()
+    assert "hashing 1 file(s)" in err and changed_file(first, now).startswith("b.jsonl has changed since")
+    again, err = identity(rehash=True)  # --rehash: every file read again, the same digests
+    assert again == now and "hashing 2 file(s) of the dataset (" in err and ", once" not in err
 
 
 @pytest.mark.vllm

@@ -13,9 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from genrecal_cache.core.digests import cached_digest
+from genrecal_cache.core.digests import cached_digest, file_digest
 from genrecal_cache.core.errors import IncompatibleStoreError
-from genrecal_cache.data.sources import file_digest
 from genrecal_cache.inspection import summary
 from genrecal_cache.job.config import CacheConfig
 from genrecal_cache.job.launch import run_cache
@@ -68,16 +67,20 @@ def test_a_teacher_with_one_perturbed_layer_is_refused_unless_mixing_is_allowed(
     first = run_command("cache-teacher", "--teacher", zoo["llava"], *job, "--max-samples", "2", env=env,
                         drop_env=("GENRECAL_KILL_AT",), timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
+    assert "hashing 1 file(s) of the dataset" in first.stderr and "hashing 1 weight file(s)" in first.stderr
     refused = run_command("cache-teacher", "--teacher", teacher_b, *job, "--max-samples", "4", env=env,
                           drop_env=("GENRECAL_KILL_AT",), timeout=600)
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "teacher.weights_digest" in refused.stderr and "in the store" in refused.stderr
     assert "model.safetensors" in refused.stderr and "--allow-mixed-store" in refused.stderr
     assert "Traceback" not in refused.stderr and len(TeacherStore(out)) == 2  # nothing of teacher B was written
+    assert "of the dataset" not in refused.stderr  # digested once, by the first run
 
     mixed = run_command("cache-teacher", "--teacher", teacher_b, *job, "--max-samples", "4", "--allow-mixed-store",
-                        env=env, drop_env=("GENRECAL_KILL_AT",), timeout=600)
+                        "--rehash", env=env, drop_env=("GENRECAL_KILL_AT",), timeout=600)
     assert mixed.returncode == 0, mixed.stderr[-2000:]
+    assert "hashing 1 file(s) of the dataset (" in mixed.stderr and "hashing 1 weight file(s) of the teacher (" \
+        in mixed.stderr and ", once" not in mixed.stderr  # --rehash: every file again
     run = part_runs(out)[PART][-1]
     assert run["writer"]["allow_mixed_store"] and [m["key"] for m in run["mixed"]] == ["teacher.weights_digest"]
     shown = run_command("inspect-cache", "--store", out, env=env, timeout=600)
