@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ import numpy as np
 
 from genrecal_cache.core.errors import reason_kind
 from genrecal_cache.store.files import object_sizes
-from genrecal_cache.store.format import mixable_values, part_runs
+from genrecal_cache.store.format import mixable_values, part_runs, question_fraction
 from genrecal_cache.store.reader import TeacherStore
+from genrecal_cache.store.size import StoreShape, human, store_bytes
 
 
 def _du(path: Path) -> int:
@@ -56,6 +58,7 @@ def summary(store: TeacherStore) -> dict[str, Any]:
             "runs": [{"time": r.get("time"), "writer": r.get("writer"), "mixed": r.get("mixed", [])}
                      for r in runs.get(p.name, [])],
         })
+    saved = _question_bytes_saved(store, parts)
     problems, notes = store.completeness()
     reasons = Counter(reason_kind(r) for r in store.rejects().column("reason").to_pylist())
     total = du("")
@@ -78,6 +81,9 @@ def summary(store: TeacherStore) -> dict[str, Any]:
         "feature_dtype": store.meta["feature_dtype"],
         "topk": store.meta["topk"],
         "question_features": store.meta["question_features"],
+        "question_features_fraction": question_fraction(store.meta),
+        "samples_with_question_features": sum(int(p.has_question_features.sum()) for p in store.parts),
+        "question_feature_bytes_saved": saved,
         "layers": store.meta.get("layers", []),
         "answers": store.meta.get("answers", "dataset"),
         "generation": store.meta.get("generation"),
@@ -88,6 +94,20 @@ def summary(store: TeacherStore) -> dict[str, Any]:
         "completeness_notes": notes,
         "mixed": [{"part": p["name"], "time": r["time"], **m} for p in parts for r in p["runs"] for m in r["mixed"]],
     }
+
+
+def _question_bytes_saved(store: TeacherStore, parts: list[dict[str, Any]]) -> int:
+    """What --question-features-fraction saved: the question positions of the samples left out, at the stored
+    question-feature bytes per row (the raw row bytes while none is stored)."""
+    if not store.meta["question_features"]:
+        return 0
+    left_out = sum(int(np.sum((p.samples.column("num_tokens").to_numpy() - p.samples.column("num_labels").to_numpy())
+                              [~p.has_question_features])) for p in store.parts)
+    arrays = [p["arrays"]["question_features"] for p in parts]
+    rows, stored = sum(a["shape"][0] for a in arrays), sum(a["bytes_on_disk"] for a in arrays)
+    per_row = stored / rows if rows else store.meta["teacher"]["hidden_size"] * (
+        4 if store.meta["feature_dtype"] == "float32" else 2)
+    return round(left_out * per_row)
 
 
 def sample_view(store: TeacherStore, sample_id: str, k: int = 3) -> dict[str, Any]:
@@ -145,6 +165,14 @@ def _generation(g: dict[str, Any]) -> str:
     return f"{how}, at most {g['max_new_tokens']} tokens"
 
 
+def _question_line(s: dict[str, Any]) -> str:
+    f = s["question_features_fraction"]
+    if not s["question_features"] or f >= 1:
+        return "yes" if s["question_features"] else "no"
+    return (f"for a fraction {f:g} of the samples ({s['samples_with_question_features']} of {s['samples']}; "
+            f"{human(s['question_feature_bytes_saved'])} saved)")
+
+
 def format_summary(s: dict[str, Any]) -> str:
     t = s["teacher"]
     ratio = f"{s['compression_ratio']:.2f}x" if s["compression_ratio"] else "n/a"
@@ -152,8 +180,7 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"store            {s['path']}",
         f"teacher          {t['name_or_path']} ({t['architecture']}, hidden {t['hidden_size']}, vocab {t['vocab_size']})",
-        f"features         {s['feature_dtype']}, top-k {s['topk']}, question features "
-        f"{'yes' if s['question_features'] else 'no'}",
+        f"features         {s['feature_dtype']}, top-k {s['topk']}, question features {_question_line(s)}",
         f"layers           {', '.join(map(str, s['layers'])) or 'none (final features only)'}",
         "answers          " + ("from the dataset" if s["answers"] == "dataset" else
                                 f"written by the teacher ({_generation(s['generation'])})"),
@@ -202,21 +229,25 @@ def progress(root: Path) -> list[dict[str, Any]]:
     """Where each part of a store being written stands, from its commit files alone (no arrays read): the manifest
     row it has committed up to, of how many (every shard's rows counted), its samples, the rate over its commits
     and the time left at that rate."""
-    import pyarrow.parquet as pq
-
-    from genrecal_cache.store.format import SAMPLES_DIR, commit_files, read_commit
+    from genrecal_cache.store.format import SAMPLES_DIR, commit_files, read_commit, read_meta
 
     out = []
+    meta = read_meta(Path(root))
     for part in sorted(p for p in (Path(root) / "parts").iterdir() if p.is_dir()):
         files = commit_files(part / SAMPLES_DIR)
         commits = [{"time": f.stat().st_mtime, **read_commit(f)} for f in files]  # older stores record no time
+        counts = _sample_counts(files, meta)
         row: dict[str, Any] = {"part": part.name, "commits": len(commits), "rows_end": 0, "rows_total": None,
-                               "samples": sum(pq.read_metadata(f).num_rows for f in files), "rows_per_s": None,
-                               "eta_s": None, "last_commit_age_s": None}
+                               "samples": counts["samples"], "rows_per_s": None, "eta_s": None,
+                               "last_commit_age_s": None, "bytes": _du(part), "projected_bytes": None}
         if commits:
             first, last = commits[0], commits[-1]
             row.update(rows_end=last["rows_end"], rows_total=last.get("rows_total"),
                        last_commit_age_s=round(time.time() - last["time"], 1))
+            if row["rows_total"] and counts["samples"] and last["rows_end"]:
+                row["projected_bytes"] = round(projected_bytes(
+                    meta, counts, row["bytes"] - _du(part / SAMPLES_DIR), _du(part / SAMPLES_DIR),
+                    row["rows_total"] / last["rows_end"]))
             if len(commits) > 1 and last["time"] > first["time"]:
                 rate = (last["rows_end"] - first["rows_end"]) / (last["time"] - first["time"])
                 row["rows_per_s"] = round(rate, 2)
@@ -226,17 +257,49 @@ def progress(root: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _sample_counts(files: list[Path], meta: dict[str, Any]) -> dict[str, int]:
+    """Samples, tokens, label tokens and samples with question features in these commit files (columns only)."""
+    import pyarrow.parquet as pq
+
+    out = {"samples": 0, "tokens": 0, "labels": 0, "carried": 0}
+    for f in files:
+        names = pq.read_schema(f).names
+        t = pq.read_table(f, columns=[c for c in ("num_tokens", "num_labels", "has_question_features") if c in names])
+        out["samples"] += t.num_rows
+        out["tokens"] += int(np.sum(t.column("num_tokens").to_numpy())) if t.num_rows else 0
+        out["labels"] += int(np.sum(t.column("num_labels").to_numpy())) if t.num_rows else 0
+        has = t.column("has_question_features").fill_null(True).to_numpy(zero_copy_only=False) \
+            if "has_question_features" in names else np.ones(t.num_rows, bool)
+        out["carried"] += int(has.sum()) if meta["question_features"] else 0
+    return out
+
+
+def projected_bytes(meta: dict[str, Any], counts: dict[str, int], array_bytes: int, table_bytes: int,
+                    scale: float) -> float:
+    """A part's bytes once `scale` times its samples are written (`store_bytes`), at the per-sample token counts, the
+    share with question features, the compression and the table bytes per sample measured so far."""
+    n = counts["samples"]
+    shape = StoreShape(n, counts["labels"] / n, (counts["tokens"] - counts["labels"]) / n,
+                       meta["teacher"]["hidden_size"], meta["feature_dtype"], meta["topk"], counts["carried"] / n,
+                       len(meta.get("layers", [])))
+    raw = store_bytes(shape)["total"]  # uncompressed arrays, no images
+    return store_bytes(replace(shape, samples=n * scale, compression=raw / max(1, array_bytes),
+                               image_bytes=table_bytes / n))["total"]
+
+
 def format_progress(rows: list[dict[str, Any]]) -> str:
     """The progress table, one line per part."""
     def dur(s: float | None) -> str:
         return "?" if s is None else f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{s:.0f}s"
 
-    lines = [f"{'part':<24} {'rows done':>16} {'samples':>9} {'rows/s':>8} {'ETA':>8} {'last commit':>12}"]
+    lines = [f"{'part':<24} {'rows done':>16} {'samples':>9} {'rows/s':>8} {'ETA':>8} {'last commit':>12} "
+             f"{'size':>10} {'projected':>10}"]
     for r in rows:
         total = r["rows_total"]
         done = f"{r['rows_end']}/{total} ({100 * r['rows_end'] / total:.0f}%)" if total else f"{r['rows_end']}/?"
         rate = "?" if r["rows_per_s"] is None else f"{r['rows_per_s']:.1f}"
         eta = "done" if total and r["rows_end"] >= total else dur(r["eta_s"])
         lines.append(f"{r['part']:<24} {done:>16} {r['samples']:>9} {rate:>8} {eta:>8} "
-                     f"{dur(r['last_commit_age_s']) + ' ago' if r['commits'] else 'none':>12}")
+                     f"{dur(r['last_commit_age_s']) + ' ago' if r['commits'] else 'none':>12} {human(r['bytes']):>10} "
+                     f"{'?' if r['projected_bytes'] is None else human(r['projected_bytes']):>10}")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -25,8 +25,21 @@ from .sequence import SlotSample, build_batch, student_question_inputs, teacher_
 from .stages import StagePlan
 
 
+class Counts(NamedTuple):
+    """What a pass's loss parts are divided by: sums over a step's samples on every rank (or over the validation
+    set), so each part is a per-token mean however the samples are split into passes and ranks."""
+
+    teacher: int  # label tokens (ULD: aligned answer pairs): the teacher-side losses
+    student: int  # the student's own label tokens: L_s
+    regularizer: int  # label tokens of the samples whose question features the store keeps: the regularizer's,
+    # so its scale does not change with --question-features-fraction
+
+    def at_least_one(self) -> Counts:
+        return Counts(*(max(1, int(c)) for c in self))
+
+
 class StepForward:
-    """The losses of one pass of the stage `plan` describes: `forward(batch, n_teacher, n_student)` -> {part: loss}.
+    """The losses of one pass of the stage `plan` describes: `forward(batch, counts)` -> {part: loss}.
 
     `use_regularizer`: the teacher-only path is on (the plan's, when the store has question features);
     `timer(name)`: a context that times a phase (the trainer's)."""
@@ -42,10 +55,12 @@ class StepForward:
         self.pairs: dict[str, tuple[list[int], list[int]]] = {}  # ULD: this step's aligned positions, by sample
         self.student_scaling = head_scaling(model.config)  # the student's own logit scale and softcap
 
-    def count(self, sample: TrainSample) -> int:
-        """What the teacher-side loss of this sample is averaged over: its label tokens, or (ULD) its aligned
-        pairs."""
-        return len(self.aligned(sample)[0]) if self.plan.uld else len(sample.teacher.targets)
+    def counts(self, samples: list[TrainSample]) -> Counts:
+        """These samples' share of `Counts` (sum them over ranks, or over the validation set)."""
+        labels = [len(s.teacher.targets) for s in samples]
+        return Counts(sum(len(self.aligned(s)[0]) for s in samples) if self.plan.uld else sum(labels),
+                      sum(int(s.student.label_mask.sum()) for s in samples),
+                      sum(n for n, s in zip(labels, samples) if s.teacher.question_features is not None))
 
     def student(self, batch: list[TrainSample], n_student: int, with_loss: bool
                  ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -80,42 +95,47 @@ class StepForward:
     def autocast(self) -> torch.autocast:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
-    def __call__(self, batch: list[TrainSample], n_teacher: int, n_student: int) -> dict[str, torch.Tensor]:
-        """The loss parts of one pass (run inside the DDP/FSDP root as `model(forward, ...)`); `n_teacher` and
-        `n_student` are the global counts the teacher-side and student losses are divided by."""
+    def __call__(self, batch: list[TrainSample], counts: Counts) -> dict[str, torch.Tensor]:
+        """The loss parts of one pass (run inside the DDP/FSDP root as `model(forward, ...)`), each divided by its
+        `counts`."""
         with self.autocast():
-            return self.losses(batch, n_teacher, n_student)
+            return self.losses(batch, counts)
 
-    def losses(self, batch: list[TrainSample], n_teacher: int, n_student: int) -> dict[str, torch.Tensor]:
-        feats, s_loss = self.student(batch, n_student, with_loss=self.plan.trains_student)
+    def losses(self, batch: list[TrainSample], counts: Counts) -> dict[str, torch.Tensor]:
+        feats, s_loss = self.student(batch, counts.student, with_loss=self.plan.trains_student)
         parts: dict[str, torch.Tensor] = {}
         if s_loss is not None:
             parts["student"] = self.cfg.student_weight * s_loss
         if self.plan.uld:
             with self.timer("loss"):
-                parts["uld"] = self.cfg.uld_weight * self.uld_loss(batch, feats, n_teacher)
+                parts["uld"] = self.cfg.uld_weight * self.uld_loss(batch, feats, counts.teacher)
         if self.recal is None:
             return parts
-        z = torch.cat([s.teacher.features for s in batch]).to(self.device)  # (A, D_l)
-        targets = torch.cat([s.teacher.targets for s in batch]).to(self.device)  # (A,)
         answers = [teacher_answer_inputs(s.teacher, self.cfg.answer_inputs, self.embed) for s in batch]
         slots = [SlotSample(student_question_inputs(feats[i], s.student.segments), answers[i])
                  for i, s in enumerate(batch)]
-        d_s = feats[0].shape[-1]
-        kw = dict(head=self.head, normalizer=n_teacher, temperature=self.cfg.temperature,
-                  ce_weight=self.cfg.ce_weight, kl_weight=self.cfg.kl_weight, impl=self.cfg.impl)
-        # (loss key, its CE/KL keys, slots): the student path, and the teacher-only regularizer when it is on
-        paths = [("recal", "ar", "kl", slots)]
+        # (loss key, its CE/KL keys, samples, slots, normalizer): the student path, and the teacher-only regularizer
+        # when it is on, over the samples whose question features the store keeps (all, unless it was written with
+        # --question-features-fraction)
+        paths = [("recal", "ar", "kl", list(range(len(batch))), slots, counts.teacher)]
         if self.use_regularizer:
-            reg = [SlotSample([q.to(self.device) for q in teacher_question_inputs(s.teacher)],
-                              [a.to(self.device) for a in answers[i]], teacher_question=True)
-                   for i, s in enumerate(batch)]
-            paths.append(("reg", "reg_ar", "reg_kl", reg))
-        for key, ce_key, kl_key, path in paths:
+            kept = [i for i, s in enumerate(batch) if s.teacher.question_features is not None]
+            reg = [SlotSample([q.to(self.device) for q in teacher_question_inputs(batch[i].teacher)],
+                              [a.to(self.device) for a in answers[i]], teacher_question=True) for i in kept]
+            paths.append(("reg", "reg_ar", "reg_kl", kept, reg, counts.regularizer))
+        d_s = feats[0].shape[-1]
+        for key, ce_key, kl_key, kept, path, normalizer in paths:
+            if not kept:  # no sample of this pass has question features: the regularizer adds nothing
+                parts[key] = parts[ce_key] = parts[kl_key] = torch.zeros((), device=self.device)
+                continue
+            z = torch.cat([batch[i].teacher.features for i in kept]).to(self.device)  # (A, D_l)
+            targets = torch.cat([batch[i].teacher.targets for i in kept]).to(self.device)  # (A,)
             with self.timer("recalibrator"):
                 r = self.recal(build_batch(path, d_s, self.device, self.dtype), impl=self.cfg.impl)
             with self.timer("loss"):
-                out = teacher_head_loss(r, z, targets, **kw)
+                out = teacher_head_loss(r, z, targets, head=self.head, normalizer=normalizer,
+                                        temperature=self.cfg.temperature, ce_weight=self.cfg.ce_weight,
+                                        kl_weight=self.cfg.kl_weight, impl=self.cfg.impl)
             parts[key], parts[ce_key], parts[kl_key] = out.loss, out.ce, out.kl
         return parts
 

@@ -25,12 +25,12 @@ from genrecal_cache.core.config import write_config
 from genrecal_cache.core.errors import StoreError
 from genrecal_cache.core.faults import fault_point
 from genrecal_cache.data.render import Renderer
-from genrecal_cache.store.format import TOKENIZER_DIR
+from genrecal_cache.store.format import TOKENIZER_DIR, question_fraction
 
 from . import checkpoint, dist, guards, identity, saving, validation
 from .config import TrainConfig, ULDAlign
 from .data import Prefetcher, StoreStream, StreamState, TrainSample, block_order, is_heldout, pairs, trains_on
-from .forward import StepForward
+from .forward import Counts, StepForward
 from .metrics import MetricsLog
 from .recalibrator import AnswerInputs
 from .reliance import student_reliance
@@ -121,6 +121,12 @@ class Trainer:
             where = self.store.tokenizer_dir() or self.store.location.join(TOKENIZER_DIR)  # a local copy if remote
             teacher_tok = AutoTokenizer.from_pretrained(str(where))
         self.use_regularizer = bool(plan.regularizer and self.store.meta["question_features"])
+        fraction = question_fraction(self.store.meta)
+        if self.use_regularizer and fraction < 1 and self.main:
+            kept = sum(int(p.has_question_features.sum()) for p in self.store.parts)
+            print(f"train-student stage {self.stage}: the regularizer trains on the {kept} of {len(self.store)} "
+                  f"samples whose question features the store keeps (--question-features-fraction {fraction:g})",
+                  flush=True)
         self.forward = StepForward(cfg, plan, self.student, self.recal, self.renderer, self.head, self.embed,
                                    self.device, self.use_regularizer, teacher_tok, self.timer)
 
@@ -204,9 +210,8 @@ class Trainer:
         so a rank that skipped one would leave the others waiting."""
         passes = len(micro) if passes is None else passes
         self.forward.pairs = {}
-        counts = torch.tensor([sum(self.forward.count(s) for b in micro for s in b),
-                               sum(int(s.student.label_mask.sum()) for b in micro for s in b)], dtype=torch.float64)
-        n_teacher, n_student = (max(1, int(c)) for c in dist.sum_(counts.to(self.device)).tolist())
+        local = torch.tensor(self.forward.counts([s for b in micro for s in b]), dtype=torch.float64)
+        counts = Counts(*dist.sum_(local.to(self.device)).tolist()).at_least_one()
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
@@ -216,7 +221,7 @@ class Trainer:
             real = i < len(micro)
             batch = micro[i] if real else self._filler()
             with dist.no_sync(self.model, sync=i == passes - 1):
-                parts = self.model(self.forward, batch, n_teacher, n_student)
+                parts = self.model(self.forward, batch, counts)
                 loss = sum(v for k, v in parts.items() if k in self.plan.losses)
                 if loss.requires_grad:
                     with self.timer("backward"):
@@ -250,7 +255,7 @@ class Trainer:
                                         [s for b in micro for s in b], self.cfg.store, self.saved_step)
         self.opt.step()
         self.step += 1
-        totals["tokens"] = n_teacher
+        totals["tokens"] = counts.teacher
         return totals
 
     # --- the loop -----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from . import checkpoint, dist, saving
 from .config import TrainConfig
 from .data import TrainSample, as_sample, is_heldout, located_pairs, pair
 from .evaluate import greedy_answer, prompt_and_gold, score
+from .forward import Counts
 from .stages import StagePlan
 
 SCORES = ("val_exact_match", "val_normalised_match")  # higher is better; every other metric is a loss
@@ -66,7 +67,7 @@ class Validation:
         self.keep = wanted if wanted in self.metrics else None  # the metric --keep-best ranks by in this stage
         self.at: int | None = None  # the step last validated: a stage resumed at its end does not validate again
         self.best: dict[str, Any] | None = None  # {metric, value, step, basis}
-        self._found: list[tuple[int, int, int, int]] | None = None  # (part, row, teacher count, student count)
+        self._found: list[tuple[int, int, Counts]] | None = None  # (part, row, its loss counts)
         if wanted and not self.keep and trainer.main:
             print(f"train-student stage {plan.stage}: --keep-best {wanted}: this stage does not compute it (it "
                   f"computes {', '.join(self.metrics)}), so it keeps no best/", flush=True)
@@ -127,14 +128,14 @@ class Validation:
                        f"samples" + (f", {values['val_answers']} answers)" if "val_answers" in values else ")"))
         self._keep_best(values)
 
-    def _samples(self) -> list[tuple[int, int, int, int]]:
+    def _samples(self) -> list[tuple[int, int, Counts]]:
         """Where the validation samples are: the first held-out samples (by id) the student can take, in store
         order, found once; each with the counts its losses are averaged over. They are read again at each
         validation rather than kept (with question features a sample can take megabytes)."""
         if self._found is None:
             t, cfg = self.t, self.t.cfg
             keep = functools.partial(is_heldout, fraction=cfg.heldout_fraction)
-            self._found = [(k, i, t.forward.count(s), int(s.student.label_mask.sum())) for k, i, s in located_pairs(
+            self._found = [(k, i, t.forward.counts([s])) for k, i, s in located_pairs(
                 t.store, t._renderer_copy(), keep, max(cfg.eval_loss_samples, cfg.eval_samples))]
             t.forward.pairs = {}
             if not self._found and t.main:
@@ -145,25 +146,25 @@ class Validation:
     def _teacher(self, k: int, i: int) -> TeacherSample:
         return self.t.store.parts[k].read(i, i + 1)[0]
 
-    def _read(self, found: list[tuple[int, int, int, int]]) -> Iterator[TrainSample]:
+    def _read(self, found: list[tuple[int, int, Counts]]) -> Iterator[TrainSample]:
         t = self.t
         for k, i, *_ in found:
             yield pair(self._teacher(k, i), t._renderer_copy(), t.store.path)
 
-    def _losses(self, found: list[tuple[int, int, int, int]]) -> dict[str, float]:
+    def _losses(self, found: list[tuple[int, int, Counts]]) -> dict[str, float]:
         """The stage's loss parts over `found`, each divided by the whole set's counts (as a step divides by its
         batch's): the per-token averages over the held-out samples; `val_loss` is the sum the stage trains."""
         t, f, size = self.t, self.t.forward, self.t.cfg.batch_size
-        n_teacher, n_student = max(1, sum(x[2] for x in found)), max(1, sum(x[3] for x in found))
+        counts = Counts(*map(sum, zip(Counts(0, 0, 0), *(c for _, _, c in found)))).at_least_one()
         totals: dict[str, float] = {}
         for a in range(0, len(found), size):
             f.pairs = {}
-            for k, v in t.model(f, list(self._read(found[a : a + size])), n_teacher, n_student).items():
+            for k, v in t.model(f, list(self._read(found[a : a + size])), counts).items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         parts = {f"val_{k}": v for k, v in totals.items()}
         return {"val_loss": sum(totals.get(k, 0.0) for k in t.plan.losses), **parts, "val_samples": len(found)}
 
-    def _answers(self, found: list[tuple[int, int, int, int]]) -> dict[str, float]:
+    def _answers(self, found: list[tuple[int, int, Counts]]) -> dict[str, float]:
         """The student's greedy answers to the held-out prompts, scored against their last answers (run inside the
         DDP/FSDP root: every rank answers the same prompts, each forward in step with the others')."""
         t = self.t

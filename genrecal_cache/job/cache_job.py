@@ -100,6 +100,7 @@ class CacheJob:
             "feature_dtype": cfg.dtype,
             "topk": cfg.topk,
             "question_features": cfg.question_features,
+            "question_features_fraction": cfg.question_features_fraction,
             "layers": list(cfg.layer_ids),
             "max_length": cfg.max_length,
             "num_shards": cfg.num_shards,

@@ -86,6 +86,10 @@ class CacheConfig:
     max_model_len: int | None = _flag("vLLM: longest sequence the engine plans for (default: --max-length).", None)
     topk: int = _flag("Top-k teacher log-probabilities stored per label token (0: none).", 20)
     question_features: bool = _flag("Also store features at every non-label position (the trainer's regularizer needs them).", False)
+    question_features_fraction: float = _flag(
+        "--question-features: keep them for this fraction of the samples only (0 < F <= 1), chosen by sample id (the "
+        "same in every shard, run and resume). Question features are most of a store's bytes (every image token is "
+        "a question position); the trainer's regularizer uses the samples that have them. Fixed at creation.", 1.0)
     layers: str = _flag("Also store intermediate layers' hidden states at the label positions, comma-separated, e.g. "
                         "'8,16': layer k is the residual stream after decoder layer k (transformers' "
                         "hidden_states[k]; 0: the input embeddings). Default: the final features only.", "")
@@ -164,6 +168,11 @@ class CacheConfig:
             raise ConfigError(f"--layers must be >= 0 (0: the input embeddings); got {self.layers!r}")
         if self.topk < 0:
             raise ConfigError(f"--topk must be >= 0, got {self.topk}")
+        if not 0 < self.question_features_fraction <= 1:
+            raise ConfigError(f"--question-features-fraction must be in (0, 1], got {self.question_features_fraction}")
+        if self.question_features_fraction < 1 and not self.question_features:
+            raise ConfigError("--question-features-fraction keeps question features for some samples: add "
+                              "--question-features, or drop --question-features-fraction")
         at_least(self, 1, "batch_tokens", "commit_every", "tensor_parallel_size", "pipeline_parallel_size",
                  "data_parallel_size")
         at_least(self, 0, "ray_retries")

@@ -4,6 +4,7 @@ the group attributes every reader and writer agree on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -45,6 +46,8 @@ SAMPLE_SCHEMA = pa.schema([
     ("segments", pa.string()),  # JSON list of {turn, role, start, end, answer_start}
     ("answers_generated", pa.bool_()),
     ("answer_truncated", pa.bool_()),  # a generated answer cut off at --max-new-tokens (--truncated keep)
+    # Whether its question features are stored (--question-features-fraction); absent from older stores: all are.
+    ("has_question_features", pa.bool_()),
 ])
 REJECT_SCHEMA = pa.schema([("source_row", pa.int64()), ("sample_id", pa.string()), ("reason", pa.string())])
 # Each reject's kind, in its rejects file's schema metadata (older readers ignore it): {"retryable": [bool per row]}.
@@ -59,6 +62,20 @@ def retryable_flags(table: pa.Table) -> list[bool]:
     if REJECT_KINDS.encode() in md:
         return [bool(x) for x in json.loads(md[REJECT_KINDS.encode()])["retryable"]]
     return [r.startswith(LEGACY_RETRYABLE) for r in table.column("reason").to_pylist()]
+
+
+def carries_question_features(sample_id: str, fraction: float) -> bool:
+    """Whether a store written with --question-features-fraction `fraction` keeps this sample's question features:
+    decided by its id alone (a hash independent of the held-out split's), so every shard, run and resume agrees."""
+    if fraction >= 1:
+        return True
+    h = hashlib.sha256(b"genrecal question features\0" + sample_id.encode()).digest()
+    return int.from_bytes(h[:8], "big") < fraction * 2**64
+
+
+def question_fraction(meta: dict[str, Any]) -> float:
+    """The store's --question-features-fraction (0 without question features; 1 in stores written before it)."""
+    return float(meta.get("question_features_fraction", 1.0)) if meta["question_features"] else 0.0
 
 
 # --- dtypes -------------------------------------------------------------------------------------------------
@@ -210,8 +227,11 @@ def read_meta(path: Path | Location) -> dict[str, Any]:
 # What must match for a job to add to an existing store.
 _IDENTITY = ("architecture", "hidden_size", "vocab_size", "config_digest", "tokenizer_digest",
              "chat_template_digest", "head_digest")
-_SETTINGS = ("dtype", "feature_dtype", "topk", "question_features", "layers", "max_length", "num_shards",
-             "answers", "generation", "source", "split", "columns", "duplicate_ids", "processor_kwargs")
+_SETTINGS = ("dtype", "feature_dtype", "topk", "question_features", "question_features_fraction", "layers",
+             "max_length", "num_shards", "answers", "generation", "source", "split", "columns", "duplicate_ids",
+             "processor_kwargs")
+_SETTING_DEFAULTS = {"question_features_fraction": 1.0}  # what a store written before the setting existed used
+_OPTION = {"question_features_fraction": "--question-features-fraction"}  # settings that are one option
 
 
 def check_settings(path: Path, settings: dict[str, Any], mixed: bool = True) -> None:
@@ -222,10 +242,11 @@ def check_settings(path: Path, settings: dict[str, Any], mixed: bool = True) -> 
         return
     existing = read_meta(path)
     for key in _SETTINGS:
-        a, b = existing.get(key), settings.get(key)
+        a, b = (existing.get(key, _SETTING_DEFAULTS.get(key)), settings.get(key, _SETTING_DEFAULTS.get(key)))
         if a != b:
+            name = f"{_OPTION[key]} {_short(a)}" if key in _OPTION else f"{key}={_short(a)}"
             raise IncompatibleStoreError(
-                f"{path} was written with {key}={_short(a)}, this run asks for {_short(b)}; re-run with the "
+                f"{path} was written with {name}, this run asks for {_short(b)}; re-run with the "
                 "store's setting or write to a new --output")
     if mixed and "writer" in settings:
         check_mixed(path, None, {k: v for k, v in settings.items() if k != "teacher"}, quiet=True)

@@ -62,7 +62,8 @@ class Part:
             seq_tables = [(int(f.stem), pq.read_table(f)) for f in commits]
         seqs = {seq for seq, _ in seq_tables}
         tables = [t for _, t in seq_tables]
-        self.samples = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()
+        # Commits of an older writer lack the newer columns (nulls here): a resumed store may have both kinds.
+        self.samples = pa.concat_tables(tables, promote_options="default") if tables else SAMPLE_SCHEMA.empty_table()
         # Per commit number its record; per sample the commit that added it (--retry-rejects appends older rows).
         self.commits = {seq: json.loads((t.schema.metadata or {}).get(b"genrecal_commit", b"{}"))
                         for seq, t in seq_tables}
@@ -138,6 +139,15 @@ class Part:
     def __len__(self) -> int:
         return self.samples.num_rows
 
+    @property
+    def has_question_features(self) -> np.ndarray:
+        """(N,) bool: which samples' question features the part keeps (--question-features-fraction)."""
+        if not self.meta["question_features"]:
+            return np.zeros(len(self), bool)
+        if "has_question_features" not in self.samples.column_names:
+            return np.ones(len(self), bool)
+        return self.samples.column("has_question_features").fill_null(True).to_numpy(zero_copy_only=False)
+
     def array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
             try:
@@ -172,7 +182,7 @@ class Part:
                                  f"({type(e).__name__}: {e}); the store is damaged, run `inspect-cache --verify`"
                                  ) from e
         rows = self.samples.slice(start, stop - start).to_pylist()
-        fd, out = self.meta["feature_dtype"], []
+        fd, out, has_question = self.meta["feature_dtype"], [], self.has_question_features
         for i, row in enumerate(rows):
             j = start + i
 
@@ -192,8 +202,7 @@ class Part:
                 targets=torch.from_numpy(cut("targets").astype(np.int64)),
                 topk_ids=torch.from_numpy(cut("topk_ids").astype(np.int64)) if topk else None,
                 topk_logprobs=torch.from_numpy(cut("topk_logprobs")) if topk else None,
-                question_features=from_storage(cut("question_features"), fd) if self.meta["question_features"]
-                else None,
+                question_features=from_storage(cut("question_features"), fd) if has_question[j] else None,
                 layers={k: from_storage(cut(f"layers/{k}"), fd) for k in self.meta.get("layers", [])},
                 answers_generated=row["answers_generated"],
                 answer_truncated=bool(row.get("answer_truncated")),

@@ -11,7 +11,7 @@ import torch
 
 from genrecal_cache.core.errors import RejectError
 
-from .format import to_storage
+from .format import carries_question_features, question_fraction, to_storage
 
 
 @dataclass
@@ -29,10 +29,14 @@ class SampleRecord:
     segments: list[dict]
     topk_ids: torch.Tensor | None = None  # (A, K)
     topk_logprobs: torch.Tensor | None = None  # (A, K)
-    question_features: torch.Tensor | None = None  # (P, D) at every other position
+    question_features: torch.Tensor | None = None  # (P, D) at every other position (kept for `carries_question`)
     layers: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (A, D)
     answers_generated: bool = False
     answer_truncated: bool = False
+
+    def carries_question(self, meta: dict[str, Any]) -> bool:
+        """Whether the store keeps this sample's question features."""
+        return bool(meta["question_features"]) and carries_question_features(self.sample_id, question_fraction(meta))
 
     def rows(self, meta: dict[str, Any]) -> dict[str, np.ndarray]:
         fd = meta["feature_dtype"]
@@ -45,8 +49,9 @@ class SampleRecord:
         if meta["topk"]:
             out["topk_ids"] = self.topk_ids.to(torch.int32).numpy()
             out["topk_logprobs"] = self.topk_logprobs.to(torch.float32).numpy()
-        if meta["question_features"]:
-            out["question_features"] = to_storage(self.question_features, fd)
+        if meta["question_features"]:  # none (0 rows) for a sample outside --question-features-fraction's subset
+            kept = self.question_features if self.carries_question(meta) else self.question_features[:0]
+            out["question_features"] = to_storage(kept, fd)
         for layer in meta.get("layers", []):
             out[f"layers/{layer}"] = to_storage(self.layers[layer], fd)
         return out

@@ -13,7 +13,7 @@ import torch
 
 from genrecal_cache.core.errors import StoreServerError
 
-from .format import parse_part_name, to_storage
+from .format import carries_question_features, parse_part_name, question_fraction, to_storage
 from .head import TeacherHead
 from .reader import Part, TeacherStore
 
@@ -200,6 +200,10 @@ def _verify_sample(p: Part, j: int, smp: Any, head: TeacherHead, k: int, atol: f
         return bad("features", f"{n_bad} NaN/inf values")
     if smp.question_features is not None and len(smp.question_features) != len(smp.token_ids) - len(pos):
         return bad("question_features", "question features do not cover every non-label position")
+    if p.meta["question_features"] and (smp.question_features is not None) != carries_question_features(
+            smp.sample_id, question_fraction(p.meta)):
+        return bad("question_features", f"{'has' if smp.question_features is not None else 'lacks'} question "
+                   f"features, against --question-features-fraction {question_fraction(p.meta):g}'s choice by id")
     rep.label_tokens_checked += len(pos)
     if k:
         ids, lps = head.topk(feats, min(k + 1, head.weight.shape[0]))  # one more, to see ties at the edge

@@ -266,6 +266,7 @@ class PartWriter:
             "segments": json.dumps(rec.segments),
             "answers_generated": rec.answers_generated,
             "answer_truncated": rec.answer_truncated,
+            "has_question_features": rec.carries_question(self.meta),
         })
         lens["tokens"] += n_tok
         lens["labels"] += n_lab

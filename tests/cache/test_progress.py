@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import run_command
 
 # Each command: one thread, and no kill point but the one a call gives.
@@ -28,8 +30,11 @@ def test_progress_of_a_job_stopped_half_way(zoo, demo_manifest, tmp_path):
     assert part["part"] == "shard-00000-of-00001" and part["commits"] == 3
     assert part["rows_end"] == 12 and part["rows_total"] == total and 0 < part["samples"] <= 12
     assert part["rows_per_s"] > 0 and part["eta_s"] is not None and part["last_commit_age_s"] >= 0
+    projected = part["projected_bytes"]  # from the 12 rows' token counts, compression and table bytes
     text = _progress(out).stdout
-    assert f"12/{total} (" in text and "shard-00000-of-00001" in text
+    assert f"12/{total} (" in text and "shard-00000-of-00001" in text and "projected" in text
     assert run_command("cache-teacher", *job, env=ENV, drop_env=DROP, timeout=600).returncode == 0  # resumed
     (part,) = json.loads(_progress(out, "--json").stdout)
     assert part["rows_end"] == total and "done" in _progress(out).stdout
+    assert part["projected_bytes"] == pytest.approx(part["bytes"], rel=1e-3)  # a finished part: its own size
+    assert projected == pytest.approx(part["bytes"], rel=0.3), (projected, part["bytes"])

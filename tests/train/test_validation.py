@@ -22,6 +22,7 @@ from genrecal_train import checkpoint
 from genrecal_train.config import BestMetric, Method, TrainConfig
 from genrecal_train.data import is_heldout, pairs
 from genrecal_train.evaluate import EvalConfig, evaluate, normalise
+from genrecal_train.forward import Counts
 from genrecal_train.stages import StagePlan
 from genrecal_train.trainer import Trainer, train
 from genrecal_train.validation import SCORES, metrics_of
@@ -176,7 +177,9 @@ def test_every_stage_validates_its_own_losses_and_only_student_stages_answer(kno
         t.student.eval()
         t.recal.eval()
         with torch.no_grad():
-            parts = {f"val_{k}": float(v) for k, v in t.forward(samples, n_teacher, n_student).items()}
+            # every sample keeps its question features: the regularizer is divided by every label token too
+            parts = {f"val_{k}": float(v) for k, v in t.forward(samples, Counts(n_teacher, n_student, n_teacher)
+                                                                 ).items()}
     assert len(samples) == logged["val_samples"] == 6 and parts.keys() == _val_keys(logged) - {
         "val_loss", "val_samples", "val_answers", *SCORES}
     for k, v in parts.items():
