@@ -57,3 +57,31 @@ def test_primary_needs_all_three_conditions(gains, why):
     _, comps, verdict = analyse(_rows({"sft-answers": gains, "sft-answers-sched": [g + 0.01 for g in gains]}))
     assert verdict["baseline"] == "sft-answers"
     assert not verdict["primary_met"], why
+
+
+def _fraction_rows(diffs: dict[str, list[float]], base: float = 0.6) -> list[dict]:
+    """tools/fraction_experiment.py's rows: F=1 at `base`, each other arm `base + diff` per seed pair."""
+    from fraction_experiment import ARMS as FRACTION_ARMS
+
+    return [{"arm": arm, "teacher_seed": t, "student_seed": s,
+             "test_accuracy": base + (diffs.get(arm, [0.0] * 10)[i] if arm != "F=1" else 0.0)}
+            for arm in FRACTION_ARMS for i, (t, s) in enumerate(PAIRS)]
+
+
+@pytest.mark.parametrize("diffs, says", [
+    ({"no-regularizer": [-0.03, -0.04, -0.02, -0.05, -0.03, -0.01, -0.04, -0.03, -0.02, -0.06],
+      "F=0.1": [0.01, -0.01] * 5, "F=0.25": [0.0] * 10}, "F=0.1: within the registered margin"),
+    ({"no-regularizer": [-0.03, -0.04, -0.02, -0.05, -0.03, -0.01, -0.04, -0.03, -0.02, -0.06],
+      "F=0.1": [-0.04, -0.05] * 5, "F=0.25": [0.0, -0.01] * 5}, "F=0.25: within the registered margin"),
+    ({"no-regularizer": [-0.03, -0.04, -0.02, -0.05, -0.03, -0.01, -0.04, -0.03, -0.02, -0.06],
+      "F=0.1": [-0.04, -0.05] * 5, "F=0.25": [-0.02, -0.03] * 5}, "F=1: the smaller fractions lose more"),
+    ({"no-regularizer": [0.02, -0.02] * 5}, "the regularizer showed no measurable effect"),
+])
+def test_the_fraction_experiments_registered_rule(diffs, says):
+    from fraction_experiment import analyse as fraction_analyse
+    from fraction_experiment import recommendation
+
+    arms, comps = fraction_analyse(_fraction_rows(diffs))
+    assert [c["comparison"] for c in comps] == ["F=0.25 - F=1", "F=0.1 - F=1", "no-regularizer - F=1"]
+    assert all(c["p_holm"] >= c["p"] for c in comps) and len(arms) == 4
+    assert recommendation(comps).startswith(says), recommendation(comps)

@@ -91,15 +91,16 @@ def make_teacher(work: Path, data: dict[str, Path], kind: str = "trained", seed:
 
 
 def make_store(work: Path, name: str, teacher: Path, manifest: Path, answers: str, rows: int | None = None,
-               backend: str = "hf", render_workers: int | None = None) -> Path:
+               backend: str = "hf", render_workers: int | None = None, **options: Any) -> Path:
     """A teacher store of the first `rows` rows of `manifest` (with question features for the regularizer);
-    `render_workers=0` where the caller is itself a pool's worker (which may not start processes)."""
+    `render_workers=0` where the caller is itself a pool's worker (which may not start processes); `options`:
+    other cache-teacher options."""
     out = work / "stores" / name
     if not (out / "DONE").exists():
         shutil.rmtree(out, ignore_errors=True)
         cfg = config_from(CacheConfig, EXAMPLES / "cache-teacher.yaml", teacher=str(teacher), manifest=manifest,
                           output=out, max_samples=rows, answers=answers, backend=backend, progress=False,
-                          render_workers=render_workers, command=["demo"])
+                          render_workers=render_workers, command=["demo"], **options)
         _show("cache-teacher", cfg)
         res = run_cache(cfg)
         if res.rejects:

@@ -11,6 +11,8 @@ a random teacher); an exact repeat of the default arm (run-to-run noise); and th
 Run: python tools/experiment.py exp-out --seeds 5 --sizes 300 1400 --jobs 2
 The pre-registered transfer experiment (a teacher that never saw the students' images; docs/experiment.md):
      python tools/experiment.py --preset transfer exp-transfer   (tools/transfer_experiment.py)
+Its --question-features-fraction follow-up, in the same work folder (tools/fraction_experiment.py):
+     python tools/experiment.py --preset question-fraction exp-transfer
 """
 
 from __future__ import annotations
@@ -126,13 +128,19 @@ def main() -> None:
     ap.add_argument("--rotate", type=float, default=0.0, help="random rotation of the images, in degrees")
     ap.add_argument("--csv", type=Path, default=Path("tools/results/experiment.csv"),
                     help="rows (--preset transfer: its CSVs go to this file's folder)")
-    ap.add_argument("--preset", choices=["transfer"], default=None,
-                    help="transfer: the pre-registered transfer experiment, all of it (its own seeds and arms)")
+    ap.add_argument("--preset", choices=["transfer", "question-fraction"], default=None,
+                    help="transfer: the pre-registered transfer experiment, all of it (its own seeds and arms); "
+                         "question-fraction: the registered --question-features-fraction arms in its setting (OUT: "
+                         "the transfer experiment's work folder, reused)")
     args = ap.parse_args()
     if args.preset == "transfer":
         import transfer_experiment
 
         return transfer_experiment.run(args.out, args.jobs, args.csv.parent)
+    if args.preset == "question-fraction":
+        import fraction_experiment
+
+        return fraction_experiment.run(args.out, args.jobs, args.csv.parent)
     work = args.out
     data = make_data(work, args.gold, noise=args.noise, rotate=args.rotate)
     teacher, acc = make_teacher(work, data)

@@ -168,7 +168,8 @@ def untrained_teacher(path: Path, seed: int) -> Path:
 def store_job(job: dict) -> str:
     _one_thread()
     return str(make_store(Path(job["work"]), job["name"], Path(job["teacher"]), Path(job["manifest"]),
-                          job["answers"], render_workers=0))  # a pool's worker starts no processes
+                          job["answers"], render_workers=0,  # a pool's worker starts no processes
+                          **job.get("options", {})))
 
 
 # ---------------------------------------------------------------------------------------------------------- phases

@@ -1,0 +1,147 @@
+"""The question-features fraction experiment (docs/experiment.md#the-question-features-fraction-pre-registration):
+GenRecal with the regularizer over question features of every sample, of a quarter and of a tenth of them, and
+without the regularizer, in the transfer experiment's setting (its teachers, stores, seeds and GenRecal's LR).
+
+Phases, each resumable (stores keep DONE, students their result.json):
+  reuse     the transfer experiment's gate, teachers and stores in the same work folder (made if missing)
+  stores    the teacher-answered student set again with --question-features-fraction 0.25 and 0.1
+  seeds     the four arms over the 10 registered seed pairs, scored on the test set
+  report    per-arm mean, sample SD and 95% t-interval; paired differences to F=1 with Holm's correction; bytes
+Run: python tools/experiment.py --preset question-fraction OUT
+"""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+from transfer_experiment import (
+    STUDENT_SEEDS,
+    TEACHER_SEEDS,
+    _interval,
+    _store_job,
+    _student,
+    _students,
+    _write_csv,
+    gate,
+    holm,
+    make_stores,
+    store_job,
+)
+
+FRACTIONS = (0.25, 0.1)
+ARMS = ("F=1", "F=0.25", "F=0.1", "no-regularizer")
+BASE = "F=1"
+
+
+def genrecal_lr(results: Path) -> float:
+    """The LR the transfer experiment chose for GenRecal on validation (its tuning CSV)."""
+    rows = list(csv.DictReader((results / "transfer-tuning.csv").open()))
+    return float(next(r["lr"] for r in rows if r["arm"] == "genrecal" and r["chosen"] == "True"))
+
+
+def run(out: Path, jobs: int, results: Path) -> None:
+    """The registered arms into `out` (the transfer experiment's work folder) and `results` (CSVs)."""
+    t0, lr = time.perf_counter(), genrecal_lr(results)
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        chosen = gate(out, pool, out / "gate-check")  # reuses the transfer experiment's teachers
+        if chosen is None:
+            print("No candidate task passes the gate: nothing to run (see the transfer experiment).")
+            return
+        task, data, epochs = chosen
+        stores = {(BASE, t): s for (kind, t), s in make_stores(pool, task, data, epochs).items() if kind == "answers"}
+        jobs_ = [(f"F={f:g}", t, {**_store_job(task, f"answers-e{epochs}-t{t}-qf{f:g}", task / "teachers" /
+                                               f"e{epochs}-t{t}", data["student"], "generate"),
+                                  "options": {"question_features_fraction": f}})
+                 for f in FRACTIONS for t in TEACHER_SEEDS]
+        for (arm, t, _), path in zip(jobs_, pool.map(store_job, [j for *_, j in jobs_])):
+            stores[(arm, t)] = Path(path)
+        print(f"stores ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+        pairs = [(arm, t, s) for arm in ARMS for t in TEACHER_SEEDS for s in STUDENT_SEEDS]
+        runs = [_student(task, f"qf-{arm.replace('=', '')}-lr{lr:g}-t{t}-s{s}",
+                         stores[(BASE if arm == "no-regularizer" else arm, t)], "genrecal", s,
+                         {"lr": lr, "lr_end": lr / 10, **({"regularizer": False} if arm == "no-regularizer" else {})},
+                         {"test": data["test"]}) for arm, t, s in pairs]
+        done = _students(pool, runs)
+    rows = [{"arm": arm, "lr": lr, "teacher_seed": t, "student_seed": s, "test_accuracy": r["test"],
+             "seconds": r["seconds"]} for (arm, t, s), r in zip(pairs, done)]
+    _write_csv(results / "fraction.csv", rows)
+    report(rows, stores, results, _transfer_genrecal(results))
+    print(f"({time.perf_counter() - t0:.0f} s)")
+
+
+def _transfer_genrecal(results: Path) -> dict[tuple[int, int], float]:
+    rows = csv.DictReader((results / "transfer.csv").open())
+    return {(int(r["teacher_seed"]), int(r["student_seed"])): float(r["test_accuracy"]) for r in rows
+            if r["arm"] == "genrecal"}
+
+
+def store_sizes(path: Path) -> dict[str, float]:
+    """A store's bytes on disk, its question features' bytes, and the share of samples that have them."""
+    from genrecal_cache.inspection import summary
+    from genrecal_cache.store.reader import TeacherStore
+
+    s = summary(TeacherStore(path))
+    qf = sum(p["arrays"]["question_features"]["bytes_on_disk"] for p in s["parts"])
+    return {"bytes_on_disk": s["bytes_on_disk"], "question_feature_bytes": qf,
+            "samples_with_question_features": s["samples_with_question_features"] / s["samples"]}
+
+
+def analyse(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Per-arm statistics and each arm's paired difference to F=1 (two-sided, Holm over the three)."""
+    from scipy import stats
+
+    acc: dict[str, dict[tuple[int, int], float]] = {}
+    for r in rows:
+        acc.setdefault(r["arm"], {})[(int(r["teacher_seed"]), int(r["student_seed"]))] = float(r["test_accuracy"])
+    arms = [dict(zip(("arm", "n", "mean", "sd", "ci_low", "ci_high"), (a, len(by), *_interval(list(by.values())))))
+            for a, by in acc.items()]
+    keys, comps = sorted(acc[BASE]), []
+    for other in ARMS[1:]:
+        diffs = [acc[other][k] - acc[BASE][k] for k in keys]
+        m, sd, lo, hi = _interval(diffs)
+        p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else float(m == 0)
+        comps.append({"comparison": f"{other} - {BASE}", "mean_diff": m, "sd_diff": sd, "ci_low": lo, "ci_high": hi,
+                      "wins": sum(d > 0 for d in diffs), "n": len(diffs), "p": p,
+                      "per_pair": " ".join(f"{d:+.4f}" for d in diffs)})
+    for c, adj in zip(comps, holm([c["p"] for c in comps])):
+        c["p_holm"] = adj
+    return arms, comps
+
+
+def recommendation(comps: list[dict]) -> str:
+    """The registered decision rule, applied."""
+    by = {c["comparison"].split(" - ")[0]: c for c in comps}
+    reg = by["no-regularizer"]  # no-regularizer - F=1: the regularizer's effect is its negative
+    if not (reg["p_holm"] < 0.05 and reg["mean_diff"] < 0):
+        return "the regularizer showed no measurable effect here: choose F by the bytes you can afford"
+    for f in ("F=0.1", "F=0.25"):
+        if by[f]["mean_diff"] >= -0.01 and by[f]["ci_low"] >= -0.03:
+            return f"{f}: within the registered margin of F=1 at {f[2:]} of the question features' bytes"
+    return "F=1: the smaller fractions lose more than the registered margin"
+
+
+def report(rows: list[dict], stores: dict, results: Path, transfer: dict[tuple[int, int], float]) -> None:
+    arms, comps = analyse(rows)
+    sizes = {arm: store_sizes(stores[(BASE if arm == "no-regularizer" else arm, 0)]) for arm in ARMS}
+    for a in arms:
+        a.update(sizes[a["arm"]])
+    _write_csv(results / "fraction-summary.csv", arms)
+    _write_csv(results / "fraction-paired.csv", comps)
+    print("\n| arm | accuracy: mean | sample SD | 95% t-interval | store (teacher seed 0) | question features |"
+          "\n|---|---|---|---|---|---|")
+    for a in arms:
+        print(f"| {a['arm']} | {100 * a['mean']:.1f} | {100 * a['sd']:.1f} | [{100 * a['ci_low']:.1f}, "
+              f"{100 * a['ci_high']:.1f}] | {a['bytes_on_disk'] / 2**20:.1f} MiB | "
+              f"{a['question_feature_bytes'] / 2**20:.1f} MiB ({a['samples_with_question_features']:.0%} of samples) |")
+    print("\n| arm − F=1 | mean Δ [95% t-interval] | wins | p | p (Holm) |\n|---|---|---|---|---|")
+    for c in comps:
+        print(f"| {c['comparison'].split(' - ')[0]} | {100 * c['mean_diff']:+.1f} [{100 * c['ci_low']:+.1f}, "
+              f"{100 * c['ci_high']:+.1f}] | {c['wins']}/{c['n']} | {c['p']:.3g} | {c['p_holm']:.3g} |")
+    again = {(int(r["teacher_seed"]), int(r["student_seed"])): float(r["test_accuracy"]) for r in rows
+             if r["arm"] == BASE}
+    same = sum(again[k] == transfer.get(k) for k in again)
+    print(f"\nF=1 against the transfer experiment's genrecal runs: {same}/{len(again)} equal")
+    print(f"recommendation (registered rule): {recommendation(comps)}")
