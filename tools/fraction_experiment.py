@@ -46,6 +46,7 @@ def run(out: Path, jobs: int, results: Path) -> None:
     """The registered arms into `out` (the transfer experiment's work folder) and `results` (CSVs)."""
     t0, lr = time.perf_counter(), genrecal_lr(results)
     with mp.get_context("spawn").Pool(jobs) as pool:
+        (out / "gate-check").mkdir(parents=True, exist_ok=True)  # its CSV again, beside tools/results' one
         chosen = gate(out, pool, out / "gate-check")  # reuses the transfer experiment's teachers
         if chosen is None:
             print("No candidate task passes the gate: nothing to run (see the transfer experiment).")
