@@ -1,6 +1,6 @@
 """The demo's comparison over seeds, training-set sizes, arms and controls (issue: the miniature of the paper's
 experiment). Each (size, arm, seed) trains one student and scores it on the held-out images; rows go to a CSV
-as they finish (re-running skips the done ones), then a summary: mean ± std per arm and the per-seed delta
+as they finish (re-running skips the done ones), then a summary: mean ± sample SD per arm and the per-seed delta
 against the fair baseline (SFT on the same teacher answers).
 
 Arms: SFT on the gold labels; SFT on the teacher's answers; GenRecal with the paper's defaults (answer inputs
@@ -66,14 +66,19 @@ def _job(args: tuple) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _sd(xs: list[float]) -> float:
+    """The sample standard deviation (n - 1; 0 for a single value)."""
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
 def _paired(accs: dict[int, float], base: dict[int, float]) -> dict:
     deltas = [accs[s] - base[s] for s in sorted(accs) if s in base]
-    return {"mean": statistics.mean(deltas) if deltas else None, "std": statistics.pstdev(deltas) if deltas else None,
+    return {"mean": statistics.mean(deltas) if deltas else None, "std": _sd(deltas) if deltas else None,
             "better": sum(d > 0 for d in deltas), "n": len(deltas), "per_seed": " ".join(f"{d:+.3f}" for d in deltas)}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean ± std per (size, arm), and the per-seed deltas against SFT on the teacher's answers (the fair
+    """Mean ± sample SD per (size, arm), and the per-seed deltas against SFT on the teacher's answers (the fair
     baseline) and against GenRecal's defaults."""
     out = []
     for size in sorted({int(r["size"]) for r in rows}):
@@ -87,7 +92,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             rel = [r for r in rows if int(r["size"]) == size and r["arm"] == arm and r.get("s1_own") not in ("", None)]
             out.append({
                 "size": size, "arm": arm, "seeds": len(accs),
-                "mean": statistics.mean(accs.values()), "std": statistics.pstdev(accs.values()),
+                "mean": statistics.mean(accs.values()), "std": _sd(list(accs.values())),
                 "delta_vs_sft_teacher": vs_sft["mean"], "delta_std": vs_sft["std"],
                 "seeds_better": vs_sft["better"], "per_seed_delta": vs_sft["per_seed"],
                 "delta_vs_genrecal": vs_genrecal["mean"], "delta_vs_genrecal_std": vs_genrecal["std"],
@@ -132,6 +137,8 @@ def main() -> None:
                     help="transfer: the pre-registered transfer experiment, all of it (its own seeds and arms); "
                          "question-fraction: the registered --question-features-fraction arms in its setting (OUT: "
                          "the transfer experiment's work folder, reused)")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="only write --csv's summary again from its rows (nothing is trained)")
     args = ap.parse_args()
     if args.preset == "transfer":
         import transfer_experiment
@@ -141,6 +148,8 @@ def main() -> None:
         import fraction_experiment
 
         return fraction_experiment.run(args.out, args.jobs, args.csv.parent)
+    if args.summary_only:
+        return write_summary(args.csv)
     work = args.out
     data = make_data(work, args.gold, noise=args.noise, rotate=args.rotate)
     teacher, acc = make_teacher(work, data)
@@ -169,14 +178,19 @@ def main() -> None:
             w.writerow(row)
             f.flush()
             print(row, flush=True)
-    summary = summarise(list(csv.DictReader(args.csv.open())))
-    path = args.csv.with_name(args.csv.stem + "-summary.csv")
+    write_summary(args.csv)
+
+
+def write_summary(rows_csv: Path) -> None:
+    """`summarise` the rows of `rows_csv` into `<stem>-summary.csv` beside it, and print the table."""
+    summary = summarise(list(csv.DictReader(rows_csv.open())))
+    path = rows_csv.with_name(rows_csv.stem + "-summary.csv")
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(summary[0]))
         w.writeheader()
         w.writerows(summary)
     print("\n" + table(summary))
-    print(f"wrote {args.csv} and {path}")
+    print(f"wrote {rows_csv} and {path}")
 
 
 if __name__ == "__main__":
