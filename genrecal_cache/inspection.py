@@ -16,7 +16,7 @@ import numpy as np
 
 from genrecal_cache.core.errors import reason_kind
 from genrecal_cache.store.files import object_sizes
-from genrecal_cache.store.format import mixable_values, part_runs, question_fraction
+from genrecal_cache.store.format import FP8, mixable_values, part_runs, question_fraction
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.store.size import StoreShape, human, store_bytes
 
@@ -105,8 +105,8 @@ def _question_bytes_saved(store: TeacherStore, parts: list[dict[str, Any]]) -> i
                               [~p.has_question_features])) for p in store.parts)
     arrays = [p["arrays"]["question_features"] for p in parts]
     rows, stored = sum(a["shape"][0] for a in arrays), sum(a["bytes_on_disk"] for a in arrays)
-    per_row = stored / rows if rows else store.meta["teacher"]["hidden_size"] * (
-        4 if store.meta["feature_dtype"] == "float32" else 2)
+    per_row = stored / rows if rows else store_bytes(StoreShape(1, 0, 1, store.meta["teacher"]["hidden_size"],
+                                                                 store.meta["feature_dtype"], 0))["question_features"]
     return round(left_out * per_row)
 
 
@@ -165,6 +165,10 @@ def _generation(g: dict[str, Any]) -> str:
     return f"{how}, at most {g['max_new_tokens']} tokens"
 
 
+def _dtype_line(dtype: str) -> str:
+    return "fp8 (float8_e4m3fn, a float32 scale per row)" if dtype == FP8 else dtype
+
+
 def _question_line(s: dict[str, Any]) -> str:
     f = s["question_features_fraction"]
     if not s["question_features"] or f >= 1:
@@ -180,7 +184,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"store            {s['path']}",
         f"teacher          {t['name_or_path']} ({t['architecture']}, hidden {t['hidden_size']}, vocab {t['vocab_size']})",
-        f"features         {s['feature_dtype']}, top-k {s['topk']}, question features {_question_line(s)}",
+        f"features         {_dtype_line(s['feature_dtype'])}, top-k {s['topk']}, question features "
+        f"{_question_line(s)}",
         f"layers           {', '.join(map(str, s['layers'])) or 'none (final features only)'}",
         "answers          " + ("from the dataset" if s["answers"] == "dataset" else
                                 f"written by the teacher ({_generation(s['generation'])})"),

@@ -25,8 +25,7 @@ from genrecal_cache.store.format import (
     FORMAT_VERSION,
     check_mixed,
     check_settings,
-    from_storage,
-    to_storage,
+    stored_features,
 )
 from genrecal_cache.store.reader import Part
 from genrecal_cache.store.record import NonFiniteError, SampleRecord
@@ -97,7 +96,7 @@ class CacheJob:
         cfg = self.cfg
         return {
             "dtype": cfg.dtype,
-            "feature_dtype": cfg.dtype,
+            "feature_dtype": cfg.feature_dtype,
             "topk": cfg.topk,
             "question_features": cfg.question_features,
             "question_features_fraction": cfg.question_features_fraction,
@@ -272,8 +271,7 @@ class CacheJob:
                 self._reject(sample, out.reason, res)
                 continue
             # Round to the stored dtype first, so the top-k is exactly what head(stored features) gives.
-            feats = from_storage(to_storage(out.features, self.meta["feature_dtype"]),
-                                 self.meta["feature_dtype"])  # (A, D)
+            feats = stored_features(out.features, self.meta["feature_dtype"])  # (A, D)
             rec = SampleRecord(
                 sample_id=sample.sample_id, source_row=sample.source_row, messages=sample.messages,
                 images=sample.images, token_ids=r.input_ids, label_mask=r.label_mask, features=feats,
@@ -298,7 +296,7 @@ class CacheJob:
 
     def _non_finite(self, sample: Sample, e: NonFiniteError, res: CacheResult) -> None:
         """NaN/inf teacher values: in float16 the dtype overflows (an error with the fix), else the sample's reject."""
-        if self.meta["feature_dtype"] != "float16":
+        if "float16" not in (self.meta["dtype"], self.meta["feature_dtype"]):
             self._reject(sample, e.reason, res, retryable=True)
             return
         raise _Stop(lambda rows_end, res: ConfigError(

@@ -17,7 +17,7 @@ from genrecal_cache.data.images import MAX_BYTES, TIMEOUT_S
 from genrecal_cache.data.render import GenerationSettings, Truncated
 from genrecal_cache.data.render_pool import default_workers
 from genrecal_cache.data.rows import Columns
-from genrecal_cache.store.format import FEATURE_DTYPES, part_name
+from genrecal_cache.store.format import FEATURE_DTYPES, FP8, STORED_FEATURE_DTYPES, part_name
 from genrecal_cache.teacher.base import Backend
 from genrecal_cache.teacher.load import TeacherSpec
 
@@ -113,6 +113,10 @@ class CacheConfig:
     max_length: int = _flag("Reject conversations longer than this many teacher tokens (0: no limit).", 4096)
     batch_tokens: int = _flag("Token budget of one forward batch (padded tokens).", 16384)
     dtype: str = _flag("Teacher compute and storage dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.", "auto")
+    feature_dtype: str = _flag("How features (question features and --layers too) are stored: auto (as --dtype), "
+                               "bfloat16, float16, float32, or fp8: float8 e4m3 with one float32 scale per token row "
+                               "(amax-scaled; half of bf16's bytes; readers get float32 back). Fixed at creation.",
+                               "auto")
     device: str = _flag("Device for the teacher: auto, cpu, cuda, cuda:1, ...", "auto")
     device_map: str | None = _flag("transformers device_map, e.g. 'auto' to spread a large teacher over all GPUs.", None)
     render_workers: int | None = _flag("Processes that read images and render samples while the teacher runs, in "
@@ -203,6 +207,11 @@ class CacheConfig:
         self.dtype = resolve_dtype(self.dtype, self.device)
         if self.dtype not in FEATURE_DTYPES:
             raise ConfigError(f"--dtype must be one of auto, {', '.join(FEATURE_DTYPES)}; got {self.dtype!r}")
+        aliases = {"auto": self.dtype, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": FP8}
+        self.feature_dtype = aliases.get(self.feature_dtype, self.feature_dtype)
+        if self.feature_dtype not in STORED_FEATURE_DTYPES:
+            raise ConfigError(f"--feature-dtype must be one of auto, bfloat16, float16, float32, fp8; got "
+                              f"{self.feature_dtype!r}")
 
     @property
     def generation(self) -> GenerationSettings | None:

@@ -26,7 +26,11 @@ FORMAT_VERSION = 1  # of the store layout; a store of another version is refused
 ATTR = "genrecal"
 CHUNK_BYTES = 1 << 20  # chunks of at least 1 MiB (docs/DESIGN.md)
 CHUNKS_PER_SHARD = 16
-FEATURE_DTYPES = ("bfloat16", "float16", "float32")
+FEATURE_DTYPES = ("bfloat16", "float16", "float32")  # compute dtypes (--dtype)
+FP8 = "float8_e4m3fn"  # --feature-dtype fp8: e4m3 bits, each row scaled by its amax into e4m3's range
+STORED_FEATURE_DTYPES = (*FEATURE_DTYPES, FP8)
+FP8_MAX = 448.0  # e4m3fn's largest finite value
+SCALE = "_scale"  # suffix of the per-row scale array beside an fp8 feature array
 SAMPLES_DIR, REJECTS_DIR = "samples", "rejects"
 TOKENIZER_DIR = "teacher_tokenizer"  # the teacher tokenizer, so a store decodes its own tokens
 
@@ -94,7 +98,33 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 def np_dtype(dtype: str) -> str:
-    return "uint16" if dtype == "bfloat16" else dtype
+    return {"bfloat16": "uint16", FP8: "uint8"}.get(dtype, dtype)
+
+
+def encode_features(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Feature rows (R, D) as the store keeps them: `to_storage`'s array and None, or for fp8 the e4m3 bits (R, D)
+    uint8 of each row divided by its scale, and the scales (R,) float32: amax / 448, so every row spans e4m3's
+    range (1 for an all-zero row). A NaN or infinite value gives a non-finite scale."""
+    if dtype != FP8:
+        return to_storage(x, dtype), None
+    x = x.detach().to("cpu", torch.float32)
+    amax = x.abs().amax(dim=-1, keepdim=True) if x.numel() else x.new_ones(len(x), 1)  # (R, 1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    bits = (x / scale).to(torch.float8_e4m3fn).view(torch.uint8)
+    return bits.numpy(), scale.squeeze(-1).numpy()
+
+
+def decode_features(a: np.ndarray, scale: np.ndarray | None, dtype: str) -> torch.Tensor:
+    """The inverse of `encode_features`: bf16, fp16 or fp32 rows as stored; fp8 rows dequantised to float32."""
+    if dtype != FP8:
+        return from_storage(a, dtype)
+    bits = torch.from_numpy(np.ascontiguousarray(a)).view(torch.float8_e4m3fn)
+    return bits.float() * torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32)).unsqueeze(-1)
+
+
+def stored_features(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Features exactly as a reader will get them back (the values the store's top-k are computed from)."""
+    return decode_features(*encode_features(x, dtype), dtype)
 
 
 # --- array layout -------------------------------------------------------------------------------------------
@@ -138,6 +168,8 @@ def part_arrays(meta: dict[str, Any]) -> list[ArraySpec]:
     if meta["question_features"]:
         specs.append(ArraySpec("question_features", "question", d, fd))
     specs += [ArraySpec(f"layers/{layer}", "labels", d, fd) for layer in meta.get("layers", [])]
+    if meta["feature_dtype"] == FP8:  # each feature array's per-row scales beside it
+        specs += [ArraySpec(s.name + SCALE, s.unit, None, "float32") for s in specs if s.dtype == fd and s.width]
     return specs
 
 
@@ -231,7 +263,8 @@ _SETTINGS = ("dtype", "feature_dtype", "topk", "question_features", "question_fe
              "max_length", "num_shards", "answers", "generation", "source", "split", "columns", "duplicate_ids",
              "processor_kwargs")
 _SETTING_DEFAULTS = {"question_features_fraction": 1.0}  # what a store written before the setting existed used
-_OPTION = {"question_features_fraction": "--question-features-fraction"}  # settings that are one option
+_OPTION = {"question_features_fraction": "--question-features-fraction",  # settings that are one option
+           "feature_dtype": "--feature-dtype"}
 
 
 def check_settings(path: Path, settings: dict[str, Any], mixed: bool = True) -> None:
@@ -244,10 +277,13 @@ def check_settings(path: Path, settings: dict[str, Any], mixed: bool = True) -> 
     for key in _SETTINGS:
         a, b = (existing.get(key, _SETTING_DEFAULTS.get(key)), settings.get(key, _SETTING_DEFAULTS.get(key)))
         if a != b:
-            name = f"{_OPTION[key]} {_short(a)}" if key in _OPTION else f"{key}={_short(a)}"
+            if key in _OPTION:  # as the user writes the option
+                name, b = f"{_OPTION[key]} {'fp8' if a == FP8 else a}", "fp8" if b == FP8 else b
+            else:
+                name, b = f"{key}={_short(a)}", _short(b)
             raise IncompatibleStoreError(
-                f"{path} was written with {name}, this run asks for {_short(b)}; re-run with the "
-                "store's setting or write to a new --output")
+                f"{path} was written with {name}, this run asks for {b}; re-run with the store's setting or write "
+                "to a new --output")
     if mixed and "writer" in settings:
         check_mixed(path, None, {k: v for k, v in settings.items() if k != "teacher"}, quiet=True)
 

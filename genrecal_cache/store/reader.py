@@ -20,13 +20,16 @@ from genrecal_cache.core.locations import Location
 from .files import local_copy, names_under, object_sizes, read_many, server_failure
 from .format import (
     COMMIT_FILE,
+    FP8,
     REJECT_SCHEMA,
     REJECTS_DIR,
     SAMPLE_SCHEMA,
     SAMPLES_DIR,
+    SCALE,
     TOKENIZER_DIR,
     WRITER_FILE,
     commit_files,
+    decode_features,
     from_storage,
     parse_part_name,
     part_arrays,
@@ -191,6 +194,9 @@ class Part:
                 lo = self.starts[unit][j] - self.span(unit, start, stop)[0]
                 return blocks[name][lo : lo + self.counts[unit][j]]
 
+            def feat(name: str, cut=cut) -> torch.Tensor:  # fp8: dequantised with its rows' scales
+                return decode_features(cut(name), cut(name + SCALE) if fd == FP8 else None, fd)
+
             topk = self.meta["topk"]
             out.append(TeacherSample(
                 sample_id=row["sample_id"], source_row=row["source_row"], part=self.name,
@@ -198,12 +204,12 @@ class Part:
                 segments=json.loads(row["segments"]),
                 token_ids=torch.from_numpy(cut("token_ids").astype(np.int64)),
                 label_mask=torch.from_numpy(cut("label_mask").astype(bool)),
-                features=from_storage(cut("features"), fd),
+                features=feat("features"),
                 targets=torch.from_numpy(cut("targets").astype(np.int64)),
                 topk_ids=torch.from_numpy(cut("topk_ids").astype(np.int64)) if topk else None,
                 topk_logprobs=torch.from_numpy(cut("topk_logprobs")) if topk else None,
-                question_features=from_storage(cut("question_features"), fd) if has_question[j] else None,
-                layers={k: from_storage(cut(f"layers/{k}"), fd) for k in self.meta.get("layers", [])},
+                question_features=feat("question_features") if has_question[j] else None,
+                layers={k: feat(f"layers/{k}") for k in self.meta.get("layers", [])},
                 answers_generated=row["answers_generated"],
                 answer_truncated=bool(row.get("answer_truncated")),
                 image_digests=row.get("image_digests") or [],
@@ -282,7 +288,8 @@ class TeacherStore:
 
     @property
     def feature_dtype(self) -> torch.dtype:
-        return getattr(torch, self.meta["feature_dtype"])
+        """The dtype of the features a reader gets (fp8 stores: dequantised to float32)."""
+        return torch.float32 if self.meta["feature_dtype"] == FP8 else getattr(torch, self.meta["feature_dtype"])
 
     def locate(self, index: int) -> tuple[Part, int]:
         """The part and local index of global sample `index` (parts in name order)."""

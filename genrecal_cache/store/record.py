@@ -11,7 +11,7 @@ import torch
 
 from genrecal_cache.core.errors import RejectError
 
-from .format import carries_question_features, question_fraction, to_storage
+from .format import SCALE, carries_question_features, encode_features, question_fraction
 
 
 @dataclass
@@ -43,17 +43,23 @@ class SampleRecord:
         out = {
             "token_ids": np.asarray(self.token_ids, dtype=np.int32),
             "label_mask": np.asarray(self.label_mask, dtype=np.uint8),
-            "features": to_storage(self.features, fd),
             "targets": np.asarray(self.targets, dtype=np.int32),
         }
+
+        def put(name: str, x: torch.Tensor) -> None:  # fp8: the e4m3 bits and each row's scale beside them
+            out[name], scale = encode_features(x, fd)
+            if scale is not None:
+                out[name + SCALE] = scale
+
+        put("features", self.features)
         if meta["topk"]:
             out["topk_ids"] = self.topk_ids.to(torch.int32).numpy()
             out["topk_logprobs"] = self.topk_logprobs.to(torch.float32).numpy()
         if meta["question_features"]:  # none (0 rows) for a sample outside --question-features-fraction's subset
-            kept = self.question_features if self.carries_question(meta) else self.question_features[:0]
-            out["question_features"] = to_storage(kept, fd)
+            put("question_features", self.question_features if self.carries_question(meta) else
+                self.question_features[:0])
         for layer in meta.get("layers", []):
-            out[f"layers/{layer}"] = to_storage(self.layers[layer], fd)
+            put(f"layers/{layer}", self.layers[layer])
         return out
 
 
@@ -69,13 +75,15 @@ def non_finite(rows: dict[str, np.ndarray]) -> str | None:
     finite."""
     found = []
     for name, a in rows.items():
-        if name not in _CHECKED and not name.startswith("layers/"):
+        if name.removesuffix(SCALE) not in _CHECKED and not name.startswith("layers/"):
             continue
-        # bf16 is kept as its bits: NaN and inf are the ones whose exponent bits are all set. No float copy.
-        bad = (a & 0x7F80) == 0x7F80 if a.dtype == np.uint16 else ~np.isfinite(a)
+        # bf16 is kept as its bits: NaN and inf are the ones whose exponent bits are all set; fp8 (e4m3fn) has no
+        # inf, its NaN is S.1111.111. No float copy.
+        bad = ((a & 0x7F80) == 0x7F80 if a.dtype == np.uint16 else (a & 0x7F) == 0x7F if a.dtype == np.uint8
+               else ~np.isfinite(a))
         if bad.any():
             where = np.flatnonzero(bad.reshape(len(a), -1).any(1)).tolist()
             at = ", ".join(map(str, where[:8])) + (", ..." if len(where) > 8 else "")
-            unit = "question" if name == "question_features" else "label"
+            unit = "question" if name.startswith("question_features") else "label"
             found.append(f"{name}: {int(bad.sum())} NaN/inf values at {unit} positions [{at}] of {len(a)}")
     return "; ".join(found) or None

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .format import FP8
+
 # Bytes per stored feature value; fp8 (e4m3) rows also keep one float32 scale each.
-VALUE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
-ROW_SCALE_BYTES = {"fp8": 4}
+VALUE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, FP8: 1}
+ROW_SCALE_BYTES = {FP8: 4}
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def human(n: float) -> str:
 
 
 def sizing_table(samples: int, answer_tokens: float, question_tokens: float, fractions: tuple[float, ...],
-                 widths: tuple[int, ...] = (3584, 8192), dtypes: tuple[str, ...] = ("bfloat16", "fp8")) -> str:
+                 widths: tuple[int, ...] = (3584, 8192), dtypes: tuple[str, ...] = ("bfloat16", FP8)) -> str:
     """docs/store.md's table: the store's bytes (uncompressed, images by reference) for each width, dtype and
     fraction, and without question features."""
     cols = ["no question features", *(f"F = {f:g}" for f in fractions)]
@@ -63,5 +65,5 @@ def sizing_table(samples: int, answer_tokens: float, question_tokens: float, fra
         for dt in dtypes:
             cells = [human(store_bytes(StoreShape(samples, answer_tokens, question_tokens, d, dt,
                                                   question_fraction=f))["total"]) for f in (0.0, *fractions)]
-            lines.append(f"| {d} | {dt} | " + " | ".join(cells) + " |")
+            lines.append(f"| {d} | {'fp8' if dt == FP8 else dt} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import torch
 
 from genrecal_cache.core.errors import StoreServerError
 
-from .format import carries_question_features, parse_part_name, question_fraction, to_storage
+from .format import FP8, carries_question_features, parse_part_name, question_fraction, to_storage
 from .head import TeacherHead
 from .reader import Part, TeacherStore
 
@@ -69,7 +69,7 @@ def verify(store: TeacherStore, block: int = 64, atol: float | None = None, full
     if digest != meta["teacher"].get("head_digest"):
         rep.fail("head", "head/weight", None, "the stored head is not the head of the teacher the attributes "
                  f"name ({meta['teacher'].get('name_or_path')}): the attributes or the head were changed", [])
-    atol = atol if atol is not None else {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}[meta["feature_dtype"]]
+    atol = atol if atol is not None else {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2, FP8: 5e-2}[meta["feature_dtype"]]
     problems, notes = store.completeness()
     for part, why in problems:  # a store with a part missing or unfinished is not whole, however intact
         if allow_partial:
