@@ -60,8 +60,8 @@ def test_primary_needs_all_three_conditions(gains, why):
 
 
 def _fraction_rows(diffs: dict[str, list[float]], base: float = 0.6) -> list[dict]:
-    """tools/fraction_experiment.py's rows: F=1 at `base`, each other arm `base + diff` per seed pair."""
-    from fraction_experiment import ARMS as FRACTION_ARMS
+    """tools/variant_experiment.py's rows: F=1 at `base`, each other arm `base + diff` per seed pair."""
+    from variant_experiment import ARMS as FRACTION_ARMS
 
     return [{"arm": arm, "teacher_seed": t, "student_seed": s,
              "test_accuracy": base + (diffs.get(arm, [0.0] * 10)[i] if arm != "F=1" else 0.0)}
@@ -77,9 +77,9 @@ def _fraction_rows(diffs: dict[str, list[float]], base: float = 0.6) -> list[dic
       "F=0.1": [-0.04, -0.05] * 5, "F=0.25": [-0.02, -0.03] * 5}, "F=1: the smaller fractions lose more"),
     ({"no-regularizer": [0.02, -0.02] * 5}, "the regularizer showed no measurable effect"),
 ])
-def test_the_fraction_experiments_registered_rule(diffs, says):
-    from fraction_experiment import analyse as fraction_analyse
-    from fraction_experiment import recommendation
+def test_the_question_fraction_experiments_registered_rule(diffs, says):
+    from variant_experiment import analyse as fraction_analyse
+    from variant_experiment import recommendation
 
     arms, comps = fraction_analyse(_fraction_rows(diffs))
     assert [c["comparison"] for c in comps] == ["F=0.25 - F=1", "F=0.1 - F=1", "no-regularizer - F=1"]

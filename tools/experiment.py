@@ -11,8 +11,8 @@ a random teacher); an exact repeat of the default arm (run-to-run noise); and th
 Run: python tools/experiment.py exp-out --seeds 5 --sizes 300 1400 --jobs 2
 The pre-registered transfer experiment (a teacher that never saw the students' images; docs/experiment.md):
      python tools/experiment.py --preset transfer exp-transfer   (tools/transfer_experiment.py)
-Its --question-features-fraction follow-up, in the same work folder (tools/fraction_experiment.py):
-     python tools/experiment.py --preset question-fraction exp-transfer
+Its --question-features-fraction and fp8 follow-ups, in the same work folder (tools/variant_experiment.py):
+     python tools/experiment.py --preset question-fraction exp-transfer   (or --preset fp8)
 """
 
 from __future__ import annotations
@@ -133,10 +133,11 @@ def main() -> None:
     ap.add_argument("--rotate", type=float, default=0.0, help="random rotation of the images, in degrees")
     ap.add_argument("--csv", type=Path, default=Path("tools/results/experiment.csv"),
                     help="rows (--preset transfer: its CSVs go to this file's folder)")
-    ap.add_argument("--preset", choices=["transfer", "question-fraction"], default=None,
+    ap.add_argument("--preset", choices=["transfer", "question-fraction", "fp8"], default=None,
                     help="transfer: the pre-registered transfer experiment, all of it (its own seeds and arms); "
-                         "question-fraction: the registered --question-features-fraction arms in its setting (OUT: "
-                         "the transfer experiment's work folder, reused)")
+                         "question-fraction: the registered --question-features-fraction arms in its setting; fp8: "
+                         "GenRecal from a bf16 and an fp8 store there (for both, OUT: the transfer experiment's work "
+                         "folder, reused)")
     ap.add_argument("--summary-only", action="store_true",
                     help="only write --csv's summary again from its rows (nothing is trained)")
     args = ap.parse_args()
@@ -144,10 +145,10 @@ def main() -> None:
         import transfer_experiment
 
         return transfer_experiment.run(args.out, args.jobs, args.csv.parent)
-    if args.preset == "question-fraction":
-        import fraction_experiment
+    if args.preset in ("question-fraction", "fp8"):
+        import variant_experiment
 
-        return fraction_experiment.run(args.out, args.jobs, args.csv.parent)
+        return variant_experiment.run(args.out, args.jobs, args.csv.parent, args.preset)
     if args.summary_only:
         return write_summary(args.csv)
     work = args.out
