@@ -44,7 +44,8 @@ def _config_class() -> type:
 
 @dataclass
 class InspectConfig:
-    """Look inside a teacher store: a summary by default, `--verify` for integrity, `--sample ID` for one sample."""
+    """Look inside a teacher store: a summary by default, `--verify` for integrity, `--sample ID` for one sample,
+    `--spot-check N --teacher PATH` to check it against the teacher."""
 
     store: str = flag("Teacher store written by cache-teacher: a folder, or an fsspec URL (s3://bucket/prefix) of a "
                       "copy on an object store.")
@@ -64,6 +65,15 @@ class InspectConfig:
                                           "stage folder (run/stage1/init, run/stage1/final) or its recalibrator/ "
                                           "subfolder.", None)
     plot_samples: int = flag("--plot: at most this many samples.", 300)
+    spot_check: int | None = flag("Run --teacher again on this many stored samples drawn at random (--seed) as the "
+                                  "job ran (its options recorded in the store) and compare token ids, label "
+                                  "positions, features, top-k and generated answers with the store, within "
+                                  "tolerances set by the feature dtype; exits 1 naming the samples on a failure.",
+                                  None)
+    teacher: str | None = flag("--spot-check: the teacher checkpoint (the store's own, to check it).", None)
+    backend: str | None = flag("--spot-check: 'hf' or 'vllm' (default: the backend that wrote the store).", None)
+    device: str | None = flag("--spot-check: the teacher's device (default: as the store's job ran).", None)
+    seed: int = flag("--spot-check: the seed the samples are drawn with.", 0)
     storage_options: str | None = flag(STORAGE_OPTIONS_HELP, None)
 
     def __post_init__(self) -> None:
@@ -88,6 +98,20 @@ def _plot(cfg: InspectConfig, store: Any) -> None:
     print(f"inspect-cache: wrote {draw(store, cfg.student, cfg.recalibrator, cfg.plot, cfg.plot_samples)}")
 
 
+def _spot_check(cfg: InspectConfig, store: Any) -> None:
+    from genrecal_cache.spot_check import format_spot_check, spot_check
+
+    if not cfg.teacher:
+        raise typer.BadParameter("--spot-check needs --teacher PATH (the checkpoint the store should match)",
+                                 param_hint="--teacher")
+    if cfg.spot_check < 1:
+        raise typer.BadParameter(f"must be >= 1, got {cfg.spot_check}", param_hint="--spot-check")
+    report = spot_check(store, cfg.spot_check, cfg.teacher, cfg.backend, cfg.device, cfg.seed)
+    print(json.dumps(report.to_dict(), indent=2) if cfg.json else format_spot_check(report))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def _inspect(cfg: InspectConfig) -> None:
     from genrecal_cache.inspection import format_sample, format_summary, sample_view, summary
     from genrecal_cache.store.reader import TeacherStore
@@ -107,6 +131,9 @@ def _inspect(cfg: InspectConfig) -> None:
     store = TeacherStore(cfg.store, storage_options=cfg.storage_options_map)
     if cfg.plot is not None:
         _plot(cfg, store)
+        return
+    if cfg.spot_check is not None:
+        _spot_check(cfg, store)
         return
     out: dict[str, Any] = {}
     if cfg.sample is not None:

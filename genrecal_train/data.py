@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset
 from genrecal_cache.core.errors import RejectError, StoreError
 from genrecal_cache.core.process import die_with_parent
 from genrecal_cache.data.render import Rendered, Renderer
-from genrecal_cache.data.rows import Row, Sample, parse_row
+from genrecal_cache.data.rows import Sample
 from genrecal_cache.store.reader import TeacherSample, TeacherStore
 
 from .sequence import answer_spans
@@ -104,7 +104,7 @@ def load_block(store: TeacherStore, renderer: Renderer, keep: Callable[[str], bo
 def as_sample(t: TeacherSample, root: Path) -> Sample:
     """A stored sample's conversation and images as a `Sample`, for the student's renderer; RejectError (or
     ValueError/OSError) if its images cannot be read."""
-    return parse_row(Row(t.source_row, {"id": t.sample_id, "messages": t.messages, "images": t.image_data()}), root)
+    return t.conversation(root)
 
 
 def pair(t: TeacherSample, renderer: Renderer, root: Path) -> TrainSample:

@@ -55,3 +55,22 @@ def start_command(command: str, *args: object, env: Mapping[str, str] | None = N
     `start_new_session=`) go to `Popen`, whose output is not captured unless asked."""
     return subprocess.Popen(command_line(command, *args), env=command_env(env, drop_env, inherit_env),
                             cwd=cwd or ROOT, **kwargs)
+
+
+def perturbed_copy(src: Path, dst: Path, delta: float = 0.05) -> Path:
+    """A copy of a teacher with one MLP layer of its body changed by `delta`: same config, tokenizer, template and
+    head (another checkpoint of the same model)."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    with safe_open(weights, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(weights)
+    key = next(k for k in sorted(tensors) if ".layers.1.mlp." in k and k.endswith("weight"))
+    tensors[key] = tensors[key] + delta
+    save_file(tensors, weights, metadata=meta)
+    return dst

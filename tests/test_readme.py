@@ -72,7 +72,7 @@ def test_quick_start_runs_as_written(clone, quick_start):
     assert (out / "zoo" / "llava" / "config.json").exists() and (out / "zoo" / "idefics3" / "config.json").exists()
     assert (out / "data" / "manifest.jsonl").exists()
     assert "12 samples committed, 4 rejected" in res.stderr + res.stdout
-    assert "verify: OK" in res.stdout
+    assert "verify: OK" in res.stdout and "spot-check: OK" in res.stdout
     for k in (1, 2, 3):
         assert (out / "run" / f"stage{k}" / "final" / "student" / "config.json").exists()
     assert (out / "run" / "stage1" / "final" / "recalibrator" / "recalibrator.safetensors").exists()

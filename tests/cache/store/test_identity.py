@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from genrecal_cache.core.digests import cached_digest, file_digest
 from genrecal_cache.core.errors import IncompatibleStoreError
@@ -22,27 +20,14 @@ from genrecal_cache.store.format import part_runs
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.store.verify import verify
 from genrecal_cache.teacher.hf import HFTeacher
-from tests.helpers import run_command
+from tests.helpers import perturbed_copy, run_command
 
 PART = "shard-00000-of-00001"
 
 
-def _perturbed(src: Path, dst: Path) -> Path:
-    """A copy of the teacher with one MLP layer of its body changed: same config, tokenizer, template and head."""
-    shutil.copytree(src, dst)
-    weights = dst / "model.safetensors"
-    with safe_open(weights, "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(weights)
-    key = next(k for k in sorted(tensors) if ".layers.1.mlp." in k and k.endswith("weight"))
-    tensors[key] = tensors[key] + 0.05
-    save_file(tensors, weights, metadata=meta)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def teacher_b(zoo, tmp_path_factory) -> Path:
-    return _perturbed(zoo["llava"], tmp_path_factory.mktemp("b") / "llava-b")
+    return perturbed_copy(zoo["llava"], tmp_path_factory.mktemp("b") / "llava-b")
 
 
 def _cfg(teacher: Path, manifest: Path, out: Path, **kw) -> CacheConfig:

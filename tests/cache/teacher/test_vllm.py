@@ -49,6 +49,10 @@ def test_vllm_store_equals_transformers_store(name, zoo, engine, clean_manifest,
     run_cache(_cfg(zoo[name], manifest, tmp_path / "hf", "hf", layers="0,1"))
     assert_close_stores(tmp_path / "hf", tmp_path / "vllm")
     check_layers(tmp_path / "vllm", HFTeacher(str(zoo[name])), manifest, LAYERS)
+    if name == "llava":  # the vLLM store spot-checked by transformers, as users check it where vLLM is missing
+        done = run_command("inspect-cache", "--store", tmp_path / "vllm", "--spot-check", "3", "--teacher", zoo[name],
+                           "--backend", "hf", env={"OMP_NUM_THREADS": "1"}, timeout=600)
+        assert done.returncode == 0 and "spot-check: OK" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
     if name == "qwen2vl":  # an engine that tokenises a sample differently: rejected with the reason
         s = parse_row(Row(0, json.loads(clean_manifest.read_text().splitlines()[0])), clean_manifest.parent)
         r = teacher.renderer(None).render(s)
