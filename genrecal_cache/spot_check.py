@@ -24,7 +24,6 @@ from genrecal_cache.store.sample import TeacherSample
 # distributions (nats); a stored top-k log-probability's |Δ|.
 TOLERANCES = {"float32": (1e-3, 1e-5, 1e-3), "float16": (4e-3, 1e-4, 2e-2), "bfloat16": (1.6e-2, 1e-3, 5e-2),
               FP8: (0.14, 2e-3, 0.1)}
-EXACT = ("token_ids", "label_mask", "targets", "answer")
 
 
 @dataclass
@@ -105,34 +104,24 @@ def spot_check(store: TeacherStore, n: int, teacher: str, backend: str | None = 
     if cfg.generation is not None:
         checks["answer"] = Check("answer", None)
     checks["distribution"] = Check("distribution", kl_tol)
-    head, kls = store.teacher_head(), []
+    head, kls, worst = store.teacher_head(), [], {}  # worst: each compared sample's largest token KL
     t = load_teacher(cfg.teacher_spec)
     try:
         renderer = t.renderer(cfg.max_length or None)
         for smp in samples:
-            kls += _check_one(t, renderer, cfg, smp, store, head, fd, checks)
+            if one := _check_one(t, renderer, cfg, smp, store, head, fd, checks):
+                kls += one
+                worst[smp.sample_id] = max(one)
     finally:
         t.close()
-    kl = torch.tensor(kls or [0.0], dtype=torch.float64)
+    kl = torch.tensor(kls or [float("inf")], dtype=torch.float64)
     dist = checks["distribution"]
     dist.max_abs = dist.max_rel = float(kl.mean())
-    if kl.mean() > kl_tol:  # name the samples whose largest KL is the largest
-        dist.failed, dist.note = [samples[i].sample_id for i in _worst(kls, samples)], "the teacher's distributions differ"
+    if not kls:
+        dist.failed, dist.note = [s.sample_id for s in samples], "no token could be compared"
+    elif kl.mean() > kl_tol:  # name the samples whose largest KL is the largest
+        dist.failed, dist.note = sorted(worst, key=worst.__getitem__, reverse=True)[:3], "the teacher's distributions differ"
     return SpotReport(seed, [s.sample_id for s in samples], fd, checks, float(kl.mean()), float(kl.max()))
-
-
-def _worst(kls: list[float], samples: list[TeacherSample]) -> list[int]:
-    """Indices of the samples whose largest token KL is among the largest (kls are per token, samples in order)."""
-    per = [max(kls[a:b] or [0.0]) for a, b in _spans(samples)]
-    return sorted(range(len(per)), key=per.__getitem__, reverse=True)[:3]
-
-
-def _spans(samples: list[TeacherSample]) -> list[tuple[int, int]]:
-    out, a = [], 0
-    for s in samples:
-        out.append((a, a + len(s.targets)))
-        a += len(s.targets)
-    return out
 
 
 def _check_one(t: Any, renderer: Renderer, cfg: Any, smp: TeacherSample, store: TeacherStore, head: TeacherHead,
@@ -149,18 +138,20 @@ def _check_one(t: Any, renderer: Renderer, cfg: Any, smp: TeacherSample, store: 
             checks[name].add(sid, 0.0, 0.0, True, f"the teacher cannot render it now: {e.reason}")
         return []
     ids = torch.as_tensor(r.input_ids, dtype=torch.long)
-    same_ids = len(ids) == len(smp.token_ids) and torch.equal(ids, smp.token_ids)
-    checks["token_ids"].add(sid, 0.0, 0.0, not same_ids, f"{len(ids)} tokens now, {len(smp.token_ids)} stored: "
-                            "another chat template, tokenizer or processor setting")
     mask = torch.as_tensor(r.label_mask, dtype=torch.bool)
-    same_mask = same_ids and torch.equal(mask, smp.label_mask)
-    checks["label_mask"].add(sid, 0.0, 0.0, not same_mask, "other label positions")
     targets = torch.as_tensor(r.targets, dtype=torch.long)
-    checks["targets"].add(sid, 0.0, 0.0, not (same_mask and torch.equal(targets, smp.targets)), "other targets")
-    if not same_mask:  # the arrays are not comparable position by position
-        for name in checks:
-            if name not in EXACT and name != "distribution":
-                checks[name].add(sid, float("inf"), float("inf"), True, "not comparable: the tokens differ")
+    differs = next(((name, why) for name, now, stored, why in (
+        ("token_ids", ids, smp.token_ids, f"{len(ids)} tokens now, {len(smp.token_ids)} stored, not all equal: "
+                                          "another chat template, tokenizer or processor setting"),
+        ("label_mask", mask, smp.label_mask, "other label positions"),
+        ("targets", targets, smp.targets, "other targets")) if now.shape != stored.shape or not torch.equal(now, stored)),
+        None)
+    if differs:  # the first that differs is named; the arrays after it are not comparable position by position
+        name, why = differs
+        checks[name].add(sid, 0.0, 0.0, True, why)
+        for other in checks:
+            if other not in (name, "answer", "distribution") and checks[other].tolerance is not None:
+                checks[other].add(sid, float("inf"), float("inf"), True, f"not comparable: {name} differ")
         return []
     images = [[im.load() for im in sample.images]] if t.takes_images else [[]]
     out = t.forward(renderer, [r], smp.question_features is not None, images, cfg.layer_ids)[0]
