@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from genrecal_cache.core.errors import reason_kind
+from genrecal_cache.store.dtypes import FP8
 from genrecal_cache.store.files import object_sizes
-from genrecal_cache.store.format import FP8, mixable_values, part_runs, question_fraction
+from genrecal_cache.store.format import mixable_values, part_runs, question_fraction
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.store.size import StoreShape, human, store_bytes
 

@@ -14,7 +14,8 @@ import torch
 from genrecal_cache.core.config import config_from
 from genrecal_cache.core.errors import ConfigError, RejectError
 from genrecal_cache.data.render import Renderer
-from genrecal_cache.store.format import FP8, stored_features
+from genrecal_cache.data.rows import stored_sample
+from genrecal_cache.store.dtypes import FP8, stored_features
 from genrecal_cache.store.head import TeacherHead
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.store.sample import TeacherSample
@@ -129,7 +130,7 @@ def _check_one(t: Any, renderer: Renderer, cfg: Any, smp: TeacherSample, store: 
     """Compare one sample; returns its per-token KL(stored || now)."""
     sid = smp.sample_id
     try:
-        sample = smp.conversation(store.path)
+        sample = stored_sample(smp, store.path)
         if "answer" in checks and smp.answers_generated:
             _check_answer(t, renderer, cfg, smp, sample, checks["answer"])
         r = renderer.render(sample)

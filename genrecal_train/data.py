@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset
 from genrecal_cache.core.errors import RejectError, StoreError
 from genrecal_cache.core.process import die_with_parent
 from genrecal_cache.data.render import Rendered, Renderer
-from genrecal_cache.data.rows import Sample
+from genrecal_cache.data.rows import stored_sample
 from genrecal_cache.store.reader import TeacherSample, TeacherStore
 
 from .sequence import answer_spans
@@ -101,16 +101,10 @@ def load_block(store: TeacherStore, renderer: Renderer, keep: Callable[[str], bo
     return block
 
 
-def as_sample(t: TeacherSample, root: Path) -> Sample:
-    """A stored sample's conversation and images as a `Sample`, for the student's renderer; RejectError (or
-    ValueError/OSError) if its images cannot be read."""
-    return t.conversation(root)
-
-
 def pair(t: TeacherSample, renderer: Renderer, root: Path) -> TrainSample:
     """The student's rendering of a stored sample; RejectError (or ValueError/OSError) if it cannot take it (an
     image kept by path that changed since is one)."""
-    rendered = renderer.render(as_sample(t, root))
+    rendered = renderer.render(stored_sample(t, root))
     if len(answer_spans(rendered.segments)) != len(answer_spans(t.segments)):
         raise RejectError("the student and the teacher split the conversation into different turns")
     return TrainSample(t, rendered)

@@ -16,11 +16,12 @@ import torch
 from tqdm import tqdm
 
 from genrecal_cache.core.errors import ConfigError, RejectError
+from genrecal_cache.data.rows import stored_sample
 from genrecal_cache.store.reader import TeacherSample
 
 from . import checkpoint, dist, saving
 from .config import TrainConfig
-from .data import TrainSample, as_sample, is_heldout, located_pairs, pair
+from .data import TrainSample, is_heldout, located_pairs, pair
 from .evaluate import greedy_answer, prompt_and_gold, score
 from .forward import Counts
 from .stages import StagePlan
@@ -172,7 +173,7 @@ class Validation:
         scores = []
         for k, i, *_ in found:
             try:
-                prompt, gold = prompt_and_gold(as_sample(self._teacher(k, i), t.store.path), renderer)
+                prompt, gold = prompt_and_gold(stored_sample(self._teacher(k, i), t.store.path), renderer)
             except (RejectError, ValueError, OSError):
                 continue
             with t.forward.autocast():

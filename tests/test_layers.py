@@ -13,7 +13,7 @@ from tests.helpers import ROOT
 PACKAGES = {"genrecal_cache": ROOT / "genrecal_cache", "genrecal_train": ROOT / "genrecal_train",
             "genrecal_kernels": ROOT / "kernels"}
 # genrecal_cache's layers, bottom up: a module imports its own sub-package or a strictly lower layer.
-CACHE_LAYERS = {"core": 0, "data": 1, "store": 1, "teacher": 2, "job": 3, "inspection": 4, "cli": 5, "__main__": 6}
+CACHE_LAYERS = {"core": 0, "data": 1, "store": 1, "teacher": 2, "job": 3, "inspection": 4, "spot_check": 4, "cli": 5, "__main__": 6}
 SHARED = ("core", "data", "store")  # what genrecal_train may import of genrecal_cache
 
 

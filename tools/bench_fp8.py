@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-from genrecal_cache.store.format import FP8, stored_features  # noqa: E402
+from genrecal_cache.store.dtypes import FP8, stored_features  # noqa: E402
 from genrecal_cache.store.head import TeacherHead  # noqa: E402
 
 DECIDED = 0.01  # a top-1 that leads its second by at least this much probability
@@ -115,7 +115,7 @@ def synthetic_row(d: int = 3584, vocab: int = 32000, n: int = 2048, outliers: in
     targets = torch.multinomial(torch.softmax(head.logits(ref[:n]), -1), 1, generator=g).squeeze(1)
     zstd = numcodecs.Zstd(level=3)
     bf16 = len(zstd.encode(ref.bfloat16().view(torch.uint16).numpy().tobytes()))
-    from genrecal_cache.store.format import encode_features
+    from genrecal_cache.store.dtypes import encode_features
 
     bits, scale = encode_features(ref, FP8)
     fp8 = len(zstd.encode(bits.tobytes())) + len(zstd.encode(scale.tobytes()))

@@ -72,7 +72,8 @@ from genrecal_cache.core.durable import fsync
 from genrecal_cache.data.rows import ImageRef
 from genrecal_cache.store import format as store_format
 from genrecal_cache.store import writer as store_writer
-from genrecal_cache.store.format import FORMAT_VERSION, to_storage
+from genrecal_cache.store.dtypes import to_storage
+from genrecal_cache.store.format import FORMAT_VERSION
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.store.record import SampleRecord
 from genrecal_cache.store.shards import StageClock

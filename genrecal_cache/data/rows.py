@@ -309,3 +309,9 @@ def _check_turns(messages: list[dict], need_answer: bool = True) -> None:
                 raise RejectError(f"assistant turn {turn} contains an image; only user turns may")
             if not "".join(p["text"] for p in m["content"]).strip():
                 raise RejectError(f"assistant turn {turn} is empty")
+
+
+def stored_sample(t: Any, root: Path) -> Sample:
+    """A stored sample (a `TeacherSample`: its source_row, sample_id, messages and image_data()) as the `Sample` a
+    renderer takes; RejectError (or ValueError/OSError) if its images cannot be read."""
+    return parse_row(Row(t.source_row, {"id": t.sample_id, "messages": t.messages, "images": t.image_data()}), root)

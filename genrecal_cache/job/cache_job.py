@@ -21,12 +21,8 @@ from genrecal_cache.data.render import Rendered, Truncated, compatible_runs, pro
 from genrecal_cache.data.render_pool import Preparer, RenderPool, RenderWorkerError, Task
 from genrecal_cache.data.rows import Sample, row_sample_id, unicode_safe
 from genrecal_cache.data.sources import Source, open_source
-from genrecal_cache.store.format import (
-    FORMAT_VERSION,
-    check_mixed,
-    check_settings,
-    stored_features,
-)
+from genrecal_cache.store.dtypes import stored_features
+from genrecal_cache.store.format import FORMAT_VERSION, check_mixed, check_settings
 from genrecal_cache.store.reader import Part
 from genrecal_cache.store.record import NonFiniteError, SampleRecord
 from genrecal_cache.store.writer import PartWriter, open_or_create

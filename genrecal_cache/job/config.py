@@ -17,7 +17,8 @@ from genrecal_cache.data.images import MAX_BYTES, TIMEOUT_S
 from genrecal_cache.data.render import GenerationSettings, Truncated
 from genrecal_cache.data.render_pool import default_workers
 from genrecal_cache.data.rows import Columns
-from genrecal_cache.store.format import FEATURE_DTYPES, FP8, STORED_FEATURE_DTYPES, part_name
+from genrecal_cache.store.dtypes import FEATURE_DTYPES, FP8, STORED_FEATURE_DTYPES
+from genrecal_cache.store.format import part_name
 from genrecal_cache.teacher.base import Backend
 from genrecal_cache.teacher.load import TeacherSpec
 

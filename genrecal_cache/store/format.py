@@ -16,21 +16,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from genrecal_cache.core.errors import IncompatibleStoreError, StoreError, StoreNotFoundError
 from genrecal_cache.core.locations import Location
 
+from .dtypes import FP8, SCALE, np_dtype
+
 FORMAT_VERSION = 1  # of the store layout; a store of another version is refused
 ATTR = "genrecal"
 CHUNK_BYTES = 1 << 20  # chunks of at least 1 MiB (docs/DESIGN.md)
 CHUNKS_PER_SHARD = 16
-FEATURE_DTYPES = ("bfloat16", "float16", "float32")  # compute dtypes (--dtype)
-FP8 = "float8_e4m3fn"  # --feature-dtype fp8: e4m3 bits, each row scaled by its amax into e4m3's range
-STORED_FEATURE_DTYPES = (*FEATURE_DTYPES, FP8)
-FP8_MAX = 448.0  # e4m3fn's largest finite value
-SCALE = "_scale"  # suffix of the per-row scale array beside an fp8 feature array
 SAMPLES_DIR, REJECTS_DIR = "samples", "rejects"
 TOKENIZER_DIR = "teacher_tokenizer"  # the teacher tokenizer, so a store decodes its own tokens
 
@@ -80,51 +76,6 @@ def carries_question_features(sample_id: str, fraction: float) -> bool:
 def question_fraction(meta: dict[str, Any]) -> float:
     """The store's --question-features-fraction (0 without question features; 1 in stores written before it)."""
     return float(meta.get("question_features_fraction", 1.0)) if meta["question_features"] else 0.0
-
-
-# --- dtypes -------------------------------------------------------------------------------------------------
-
-def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
-    """A tensor as the numpy array the store keeps: bf16 as its uint16 bits (Zarr has no bfloat16)."""
-    x = x.detach().to("cpu", getattr(torch, dtype)).contiguous()
-    return x.view(torch.uint16).numpy() if dtype == "bfloat16" else x.numpy()
-
-
-def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
-    """The inverse of `to_storage` (no copy for bf16)."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
-
-
-
-def np_dtype(dtype: str) -> str:
-    return {"bfloat16": "uint16", FP8: "uint8"}.get(dtype, dtype)
-
-
-def encode_features(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Feature rows (R, D) as the store keeps them: `to_storage`'s array and None, or for fp8 the e4m3 bits (R, D)
-    uint8 of each row divided by its scale, and the scales (R,) float32: amax / 448, so every row spans e4m3's
-    range (1 for an all-zero row). A NaN or infinite value gives a non-finite scale."""
-    if dtype != FP8:
-        return to_storage(x, dtype), None
-    x = x.detach().to("cpu", torch.float32)
-    amax = x.abs().amax(dim=-1, keepdim=True) if x.numel() else x.new_ones(len(x), 1)  # (R, 1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    bits = (x / scale).to(torch.float8_e4m3fn).view(torch.uint8)
-    return bits.numpy(), scale.squeeze(-1).numpy()
-
-
-def decode_features(a: np.ndarray, scale: np.ndarray | None, dtype: str) -> torch.Tensor:
-    """The inverse of `encode_features`: bf16, fp16 or fp32 rows as stored; fp8 rows dequantised to float32."""
-    if dtype != FP8:
-        return from_storage(a, dtype)
-    bits = torch.from_numpy(np.ascontiguousarray(a)).view(torch.float8_e4m3fn)
-    return bits.float() * torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32)).unsqueeze(-1)
-
-
-def stored_features(x: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Features exactly as a reader will get them back (the values the store's top-k are computed from)."""
-    return decode_features(*encode_features(x, dtype), dtype)
 
 
 # --- array layout -------------------------------------------------------------------------------------------

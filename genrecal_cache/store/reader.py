@@ -17,20 +17,17 @@ import zarr
 from genrecal_cache.core.errors import StoreError, StoreServerError
 from genrecal_cache.core.locations import Location
 
+from .dtypes import FP8, SCALE, decode_features, from_storage
 from .files import local_copy, names_under, object_sizes, read_many, server_failure
 from .format import (
     COMMIT_FILE,
-    FP8,
     REJECT_SCHEMA,
     REJECTS_DIR,
     SAMPLE_SCHEMA,
     SAMPLES_DIR,
-    SCALE,
     TOKENIZER_DIR,
     WRITER_FILE,
     commit_files,
-    decode_features,
-    from_storage,
     parse_part_name,
     part_arrays,
     part_name,

@@ -11,7 +11,8 @@ import torch
 
 from genrecal_cache.core.errors import RejectError
 
-from .format import SCALE, carries_question_features, encode_features, question_fraction
+from .dtypes import SCALE, encode_features
+from .format import carries_question_features, question_fraction
 
 
 @dataclass

@@ -44,14 +44,6 @@ class TeacherSample:
     def label_positions(self) -> torch.Tensor:  # (A,)
         return self.label_mask.nonzero().squeeze(1)
 
-    def conversation(self, root: Path) -> Any:
-        """Its conversation and images as the `Sample` a renderer takes; RejectError (or ValueError/OSError) if its
-        images cannot be read."""
-        from genrecal_cache.data.rows import Row, parse_row
-
-        return parse_row(Row(self.source_row, {"id": self.sample_id, "messages": self.messages,
-                                               "images": self.image_data()}), root)
-
     def image_data(self) -> list[bytes]:
         """Each image's encoded bytes: as stored, or read from its stored path (`--image-refs`), which must be a
         regular file still holding the image cached (its sha256 the stored digest); else a RejectError saying

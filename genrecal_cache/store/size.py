@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .format import FP8
+from .dtypes import FP8
 
 # Bytes per stored feature value; fp8 (e4m3) rows also keep one float32 scale each.
 VALUE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, FP8: 1}

@@ -13,7 +13,8 @@ import torch
 
 from genrecal_cache.core.errors import StoreServerError
 
-from .format import FP8, carries_question_features, parse_part_name, question_fraction, to_storage
+from .dtypes import FP8, to_storage
+from .format import carries_question_features, parse_part_name, question_fraction
 from .head import TeacherHead
 from .reader import Part, TeacherStore
 

@@ -29,6 +29,7 @@ from genrecal_cache.core.durable import fsync, fsync_tree
 from genrecal_cache.core.errors import StoreError
 from genrecal_cache.core.faults import fault_point
 
+from .dtypes import to_storage
 from .format import (
     ARRAY_CONFIG,
     ATTR,
@@ -48,7 +49,6 @@ from .format import (
     read_commit,
     read_meta,
     shard_file,
-    to_storage,
 )
 from .record import NonFiniteError, SampleRecord, non_finite
 from .shards import Rows, ShardEncoder, StageClock, sync_folders, write_shard

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genrecal_cache.store.format import to_storage
+from genrecal_cache.store.dtypes import to_storage
 from genrecal_kernels.fused_linear_ce_kl import HAS_TRITON
 from genrecal_kernels.recal_proj import proj_post_ln, proj_pre
 

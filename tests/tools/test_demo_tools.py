@@ -62,7 +62,8 @@ def test_experiment_summary_pairs_seeds_with_the_fair_baseline():
     out = {r["arm"]: r for r in summarise(rows)}
     assert out["uld"]["delta_vs_genrecal"] == pytest.approx((0.01 - 0.01) / 2)
     assert out["uld"]["seeds_better_than_genrecal"] == 1 and out["uld"]["seeds_better"] == 1
-    assert "| 300 | uld | 2 | 56.5 ± 0.5 | +1.5 ± 4.5 (1/2) | +0.0 ± 1.0 (1/2) |  |" in table(summarise(rows))
+    # ± is the sample SD (n - 1): 0.56, 0.57 -> 0.71 points; the deltas +6.0, -3.0 -> 6.36
+    assert "| 300 | uld | 2 | 56.5 ± 0.7 | +1.5 ± 6.4 (1/2) | +0.0 ± 1.4 (1/2) |  |" in table(summarise(rows))
     assert out["genrecal"]["delta_vs_sft_teacher"] == pytest.approx((0.05 - 0.02) / 2)
     assert out["genrecal"]["seeds_better"] == 1 and out["genrecal"]["per_seed_delta"] == "+0.050 -0.020"
     assert out["sft-teacher"]["mean"] == pytest.approx(0.55)

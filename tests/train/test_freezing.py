@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from genrecal_train.forward import Counts
 from genrecal_train.models import parameter_groups, vision_parameter_names
 from genrecal_train.stages import freeze
 
@@ -36,7 +37,7 @@ def test_a_frozen_recalibrator_skips_the_regularizer(zoo, tmp_path):
 
     with Trainer(_cfg(store, zoo, tmp_path / "run", stage="2", freeze_recalibrator=True), 2) as t:
         assert not t.use_regularizer
-        parts = t.forward(t.next_micro_batches()[0], 10, 10)
+        parts = t.forward(t.next_micro_batches()[0], Counts(10, 10, 10))
     assert "reg" not in parts and "recal" in parts
 
 

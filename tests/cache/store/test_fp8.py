@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from genrecal_cache.store.format import FP8, decode_features, encode_features, stored_features
+from genrecal_cache.store.dtypes import FP8, decode_features, encode_features, stored_features
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.store.record import non_finite
 from tests.helpers import run_command

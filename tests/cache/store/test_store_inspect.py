@@ -13,7 +13,8 @@ import zarr
 from genrecal_cache.inspection import sample_view, summary
 from genrecal_cache.job.config import CacheConfig
 from genrecal_cache.job.launch import run_cache
-from genrecal_cache.store.format import CHUNK_BYTES, from_storage, to_storage
+from genrecal_cache.store.dtypes import from_storage, to_storage
+from genrecal_cache.store.format import CHUNK_BYTES
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.store.verify import verify
 from genrecal_cache.teacher.hf import HFTeacher
