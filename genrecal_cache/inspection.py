@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from genrecal_cache.core.errors import reason_kind
+from genrecal_cache.core.errors import StoreError, reason_kind
 from genrecal_cache.store.dtypes import FP8
 from genrecal_cache.store.files import object_sizes
 from genrecal_cache.store.format import mixable_values, part_runs, question_fraction
@@ -238,11 +238,14 @@ def progress(root: Path) -> list[dict[str, Any]]:
     from genrecal_cache.store.format import SAMPLES_DIR, commit_files, read_commit, read_meta
 
     out = []
-    meta = read_meta(Path(root))
+    try:
+        meta = read_meta(Path(root))
+    except StoreError:  # the store is being created: no attributes yet, so no projection
+        meta = None
     for part in sorted(p for p in (Path(root) / "parts").iterdir() if p.is_dir()):
         files = commit_files(part / SAMPLES_DIR)
         commits = [{"time": f.stat().st_mtime, **read_commit(f)} for f in files]  # older stores record no time
-        counts = _sample_counts(files, meta)
+        counts = _sample_counts(files, meta or {"question_features": False})
         row: dict[str, Any] = {"part": part.name, "commits": len(commits), "rows_end": 0, "rows_total": None,
                                "samples": counts["samples"], "rows_per_s": None, "eta_s": None,
                                "last_commit_age_s": None, "bytes": _du(part), "projected_bytes": None}
@@ -250,7 +253,7 @@ def progress(root: Path) -> list[dict[str, Any]]:
             first, last = commits[0], commits[-1]
             row.update(rows_end=last["rows_end"], rows_total=last.get("rows_total"),
                        last_commit_age_s=round(time.time() - last["time"], 1))
-            if row["rows_total"] and counts["samples"] and last["rows_end"]:
+            if meta and row["rows_total"] and counts["samples"] and last["rows_end"]:
                 row["projected_bytes"] = round(projected_bytes(
                     meta, counts, row["bytes"] - _du(part / SAMPLES_DIR), _du(part / SAMPLES_DIR),
                     row["rows_total"] / last["rows_end"]))
