@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from genrecal_cache.core.config import config_from
 from genrecal_cache.core.errors import ConfigError, RejectError
@@ -92,6 +93,8 @@ def spot_check(store: TeacherStore, n: int, teacher: str, backend: str | None = 
     from genrecal_cache.teacher.load import load_teacher
 
     cfg = job_config(store, teacher, backend, device)
+    if not len(store):
+        raise ConfigError(f"{store.path} has no committed samples to spot-check: run cache-teacher first")
     picked = sorted(random.Random(seed).sample(range(len(store)), min(n, len(store))))
     samples = [store[i] for i in picked]
     fd = store.meta["feature_dtype"]
@@ -109,7 +112,7 @@ def spot_check(store: TeacherStore, n: int, teacher: str, backend: str | None = 
     t = load_teacher(cfg.teacher_spec)
     try:
         renderer = t.renderer(cfg.max_length or None)
-        for smp in samples:
+        for smp in tqdm(samples, desc="inspect-cache --spot-check", unit="sample", dynamic_ncols=True):
             if one := _check_one(t, renderer, cfg, smp, store, head, fd, checks):
                 kls += one
                 worst[smp.sample_id] = max(one)
