@@ -38,11 +38,9 @@ def head_figures(head: TeacherHead, ref: torch.Tensor, test: torch.Tensor, targe
     tokens whose reference top-1 leads its second by at least `DECIDED` of probability: a near-tie at the top, as
     a flat distribution has, flips at any precision) and mean |Δ log p(target)|, with the log-softmax in float64."""
     kls, dlogp, same, decided = [], [], [], []
-    for i in range(0, len(ref), chunk):
-        a = torch.log_softmax(head.logits(ref[i:i + chunk]).double(), -1)  # (n, V)
-        b = torch.log_softmax(head.logits(test[i:i + chunk]).double(), -1)
+    for (rows, a), (_, b) in zip(head.log_probs(ref, chunk), head.log_probs(test, chunk)):  # (n, V) each
         kls.append((a.exp() * (a - b)).sum(-1))
-        t = targets[i:i + chunk, None]
+        t = targets[rows, None]
         dlogp.append((a.gather(1, t) - b.gather(1, t)).abs().squeeze(1))
         same.append(a.argmax(-1) == b.argmax(-1))
         top2 = a.exp().topk(min(2, a.shape[1]), -1).values  # (n, 2)

@@ -5,6 +5,7 @@ Works in row chunks so that no (N, V) tensor larger than `chunk` rows ever exist
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,3 +47,8 @@ class TeacherHead:
         if not ids:
             return torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
         return torch.cat(ids), torch.cat(lps)
+
+    def log_probs(self, z: torch.Tensor, chunk: int = 256) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Float64 log-probabilities under the full-vocabulary softmax, `chunk` rows at a time: (rows, (n, V))."""
+        for s in range(0, z.shape[0], chunk):
+            yield slice(s, s + chunk), torch.log_softmax(self.logits(z[s : s + chunk]).double(), dim=-1)

@@ -4,6 +4,7 @@ committed samples of every writer's part, read in contiguous blocks. Writing liv
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ class Part:
     def __len__(self) -> int:
         return self.samples.num_rows
 
-    @property
+    @functools.cached_property
     def has_question_features(self) -> np.ndarray:
         """(N,) bool: which samples' question features the part keeps (--question-features-fraction)."""
         if not self.meta["question_features"]:
