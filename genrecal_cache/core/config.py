@@ -145,8 +145,9 @@ def read_config(path: Path, cls: type) -> dict[str, Any]:
     return out
 
 
-def write_config(cfg: Any, path: Path) -> None:
-    """The resolved options of `cfg` as YAML (atomically): `--config` of it repeats the run."""
+def write_config(cfg: Any, path: Path | Any) -> None:
+    """The resolved options of `cfg` as YAML (atomically), at a path or a `Location`: `--config` of it repeats the
+    run."""
     import yaml
 
     values = {}
@@ -157,10 +158,10 @@ def write_config(cfg: Any, path: Path) -> None:
             from .locations import redact_storage_options
 
             values[name] = redact_storage_options(v)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"# {' '.join(getattr(cfg, 'command', None) or [])}\n" + yaml.safe_dump(values, sort_keys=False))
-    os.replace(tmp, path)
+    from .locations import Location
+
+    text = f"# {' '.join(getattr(cfg, 'command', None) or [])}\n" + yaml.safe_dump(values, sort_keys=False)
+    Location.of(path).write_bytes(text.encode())  # whole: a temporary file renamed locally, one PUT remotely
 
 
 def command_from(cls: type, run: Callable[[Any], None], skip: tuple[str, ...] = ("command",)) -> Callable[..., None]:

@@ -2,8 +2,9 @@
 reaches that point (a crash, an OOM kill); GENRECAL_ENOSPC_AT="<point>" raises ENOSPC there (a full disk);
 GENRECAL_CUDA_ERROR_AT="<point>" raises a CUDA error there (a failing device); GENRECAL_ENOSYS_AT="<point>" raises
 ENOSYS there (a file system without the call, e.g. flock on Lustre); GENRECAL_HOLD_AT="<point>" blocks the thread
-that reaches it for good (a commit still being written when the process dies). Unset (always, outside tests) they
-do nothing."""
+that reaches it for good (a commit still being written when the process dies); GENRECAL_WAIT_AT="<point>=<file>"
+creates `<file>.reached` there and waits until `<file>` exists (a test does something in between: stops a server).
+Unset (always, outside tests) they do nothing."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import errno
 import os
 import signal
 import threading
+import time
+from pathlib import Path
 
 
 def fault_point(point: str) -> None:
@@ -24,3 +27,9 @@ def fault_point(point: str) -> None:
         raise RuntimeError(f"CUDA error: an illegal memory access was encountered (injected at {point})")
     if os.environ.get("GENRECAL_HOLD_AT") == point:
         threading.Event().wait()
+    wait = os.environ.get("GENRECAL_WAIT_AT", "")
+    if wait.partition("=")[0] == point:
+        go = Path(wait.partition("=")[2])
+        go.with_name(go.name + ".reached").touch()
+        while not go.exists():
+            time.sleep(0.05)

@@ -80,7 +80,8 @@ def server_error(url: str, exc: BaseException, doing: str, *, protocol: str, buc
 
 def obstore_s3(bucket: str, prefix: str, endpoint: str, region: str | None, options: dict[str, Any]):
     """obstore's S3Store for `bucket`/`prefix` at the endpoint and region botocore resolved for s3fs, signing with
-    `BotocoreCredentials(options)`; `anon` in the options: unsigned requests."""
+    `BotocoreCredentials(options)`; `anon` in the options: unsigned requests; botocore's retry limit, if given, its
+    own too."""
     from obstore.store import S3Store
 
     config: dict[str, Any] = {"region": region or "us-east-1"}
@@ -89,8 +90,11 @@ def obstore_s3(bucket: str, prefix: str, endpoint: str, region: str | None, opti
     anon = bool(options.get("anon"))
     if anon:
         config["skip_signature"] = True
+    # botocore's retry limit (config_kwargs: {retries: {max_attempts: n}}) holds for both clients
+    attempts = ((options.get("config_kwargs") or {}).get("retries") or {}).get("max_attempts")
+    retry = {"max_retries": max(int(attempts) - 1, 0)} if attempts is not None else None
     return S3Store(bucket, prefix=prefix or None, config=config,
-                   client_options={"allow_http": endpoint.startswith("http://")},
+                   client_options={"allow_http": endpoint.startswith("http://")}, retry_config=retry,
                    credential_provider=None if anon else BotocoreCredentials(options))
 
 

@@ -15,7 +15,8 @@ from typing import Any
 from tqdm import tqdm
 
 from genrecal_cache.core.config import write_config
-from genrecal_cache.core.errors import ConfigError, DatasetError, RejectError, StoreError
+from genrecal_cache.core.errors import ConfigError, DatasetError, RejectError, StoreError, StoreServerError
+from genrecal_cache.core.locations import Location
 from genrecal_cache.core.provenance import provenance
 from genrecal_cache.data.render import Rendered, Truncated, compatible_runs, prompt_turns
 from genrecal_cache.data.render_pool import Preparer, RenderPool, RenderWorkerError, Task
@@ -23,6 +24,7 @@ from genrecal_cache.data.rows import Sample, row_sample_id, unicode_safe
 from genrecal_cache.data.sources import Source, open_source
 from genrecal_cache.store.dtypes import stored_features
 from genrecal_cache.store.format import FORMAT_VERSION, check_mixed, check_settings
+from genrecal_cache.store.part_files import part_files
 from genrecal_cache.store.reader import Part
 from genrecal_cache.store.record import NonFiniteError, SampleRecord
 from genrecal_cache.store.writer import PartWriter, open_or_create
@@ -52,12 +54,13 @@ class CacheJob:
         self.image_root = cfg.image_root or self.source.root
         if not self.image_root.is_dir():
             raise ConfigError(f"--image-root {self.image_root}: no such folder")
-        check_output(cfg.output)
+        self.store = Location.of(cfg.output, cfg.storage_options_map)
+        check_output(self.store)
         self.cfg = cfg
         settings = self._settings()
         self.source_identity = settings["source"]
-        check_source(cfg.output, settings["source"])
-        check_settings(cfg.output, settings)  # before loading a teacher that may take minutes to load
+        check_source(self.store, settings["source"])
+        check_settings(self.store, settings)  # before loading a teacher that may take minutes to load
         self.teacher = teacher or load_teacher(cfg.teacher_spec)
         self.renderer = self.teacher.renderer(cfg.max_length or None)
         t = self.teacher
@@ -77,13 +80,15 @@ class CacheJob:
                      "logit_scale": t.head.logit_scale, "softcap": t.head.softcap},
             "provenance": prov,
         }
-        self.meta = open_or_create(cfg.output, meta, t.head_tensors(), self.renderer.tokenizer)
-        prov.update(check_mixed(cfg.output, cfg.part_name, meta))  # the part records how this run computes
-        self.writer = PartWriter(cfg.output, cfg.part_name, self.meta, prov)
-        write_config(cfg, cfg.output / "configs" / f"{cfg.part_name}.yaml")  # --config of it repeats this part
+        self.meta = open_or_create(self.store, meta, t.head_tensors(), self.renderer.tokenizer)
+        prov.update(check_mixed(self.store, cfg.part_name, meta))  # the part records how this run computes
+        files = part_files(self.store, cfg.part_name, cfg.lease_seconds, cfg.take_over_lease,
+                           cfg.allow_unconditional_writes)
+        self.writer = PartWriter(self.store, cfg.part_name, self.meta, prov, files)
+        write_config(cfg, self.store.join("configs", f"{cfg.part_name}.yaml"))  # --config of it repeats this part
         self._truncated: set[str] = set()  # generated answers kept although cut off (--truncated keep)
         # --retry-rejects: rows < rows_end whose standing reject is retryable, run again before the new rows
-        self.retry = Part(cfg.output, cfg.part_name, self.meta).retryable_rows() if cfg.retry_rejects else set()
+        self.retry = Part(self.store, cfg.part_name, self.meta).retryable_rows() if cfg.retry_rejects else set()
         self._undone: set[int] = set()  # rows of the flush under way with nothing recorded yet
         self._guards = (Guard(self._run_forward), Guard(self._run_generate, "generate"))
 
@@ -121,6 +126,10 @@ class CacheJob:
             raise StoreError(
                 f"out of disk space writing {self.cfg.output} ({e.strerror}); everything up to commit {seq} is "
                 f"kept (manifest rows < {rows_end}). Free space and re-run the same command to continue.") from None
+        except StoreServerError as e:
+            seq, rows_end = self.writer.durable
+            raise StoreServerError(f"{e}. Everything up to commit {seq} is kept (manifest rows < {rows_end}): re-run "
+                                   "the same command once the server answers") from None
         finally:
             self.writer.close()  # the part's lock: a re-run in this process (after an error) may take it
 

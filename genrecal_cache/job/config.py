@@ -11,6 +11,7 @@ from typing import Any
 from genrecal_cache.core.config import Choice, at_least, json_object, resolve_device, to_choice
 from genrecal_cache.core.config import flag as _flag
 from genrecal_cache.core.errors import ConfigError, reason_kind
+from genrecal_cache.core.locations import STORAGE_OPTIONS_HELP, parse_storage_options, store_path
 from genrecal_cache.core.models import resolve_dtype
 from genrecal_cache.core.provenance import versions
 from genrecal_cache.data.images import MAX_BYTES, TIMEOUT_S
@@ -19,6 +20,7 @@ from genrecal_cache.data.render_pool import default_workers
 from genrecal_cache.data.rows import Columns
 from genrecal_cache.store.dtypes import FEATURE_DTYPES, FP8, STORED_FEATURE_DTYPES
 from genrecal_cache.store.format import part_name
+from genrecal_cache.store.lease import LEASE_SECONDS
 from genrecal_cache.teacher.base import Backend
 from genrecal_cache.teacher.load import TeacherSpec
 
@@ -43,7 +45,18 @@ class CacheConfig:
                           "glob of such shards, a datasets.save_to_disk folder, or hub:ORG/NAME (a Hub dataset in the "
                           "local cache). Rows in the messages, conversations (LLaVA/ShareGPT) or flat "
                           "question/answer format.")
-    output: Path = _flag("Teacher store directory (a Zarr v3 group); created, or resumed when it exists.")
+    output: str = _flag("Teacher store (a Zarr v3 group): a directory, or an object store URL (s3://bucket/prefix; "
+                        "--storage-options); created, or resumed when it exists.")
+    storage_options: str | None = _flag(STORAGE_OPTIONS_HELP, None)
+    lease_seconds: float = _flag("--output on an object store: how long a part's lease lasts unrenewed (renewed "
+                                 "every quarter of it while the job runs). A job killed on another machine blocks "
+                                 "its part this long; on this machine its re-run takes the part over at once.",
+                                 LEASE_SECONDS)
+    take_over_lease: bool = _flag("--output on an object store: take the part over from the writer holding its "
+                                  "lease now, without waiting for it to expire (only when that job is dead).", False)
+    allow_unconditional_writes: bool = _flag("--output on an object store whose server ignores conditional writes "
+                                             "(If-None-Match, If-Match): write anyway; then nothing keeps two jobs "
+                                             "off one part but you.", False)
     split: str | None = _flag("The split to read from a folder, save_to_disk folder or hub dataset holding several "
                               "(train, test, ...); hub:ORG/NAME defaults to train.", None)
     image_root: Path | None = _flag("Where relative image paths resolve (default: the manifest's folder); images may "
@@ -148,7 +161,8 @@ class CacheConfig:
     command: list[str] = field(default_factory=lambda: list(sys.argv))
 
     def __post_init__(self) -> None:
-        self.manifest, self.output = str(self.manifest), Path(self.output)
+        self.manifest, self.output = str(self.manifest), store_path(self.output)  # a URL stays text
+        self.storage_options_map = parse_storage_options(self.storage_options)
         for name in ("result_json", "image_root"):
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))
@@ -181,6 +195,7 @@ class CacheConfig:
         at_least(self, 1, "batch_tokens", "commit_every", "tensor_parallel_size", "pipeline_parallel_size",
                  "data_parallel_size")
         at_least(self, 0, "ray_retries")
+        at_least(self, 4, "lease_seconds")
         at_least(self, 1, "remote_image_max_bytes")
         if not self.remote_image_timeout > 0:
             raise ConfigError(f"--remote-image-timeout must be > 0 seconds, got {self.remote_image_timeout}")
@@ -242,7 +257,8 @@ class CacheConfig:
             self.teacher, self.backend, self.dtype, self.device, self.device_map, self.trust_remote_code,
             self.processor_kwargs_map, self.layer_ids, tensor_parallel_size=self.tensor_parallel_size,
             pipeline_parallel_size=self.pipeline_parallel_size, gpu_memory_utilization=self.gpu_memory_utilization,
-            engines=2 if self.generation else 1, enforce_eager=self.enforce_eager, beside=self.output,
+            engines=2 if self.generation else 1, enforce_eager=self.enforce_eager,
+            beside=self.output if isinstance(self.output, Path) else None,
             max_model_len=self.max_model_len, max_length=self.max_length)
 
 

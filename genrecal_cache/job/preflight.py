@@ -10,14 +10,24 @@ from pathlib import Path
 from typing import Any
 
 from genrecal_cache.core.errors import ConfigError, IncompatibleStoreError
+from genrecal_cache.core.locations import Location
 from genrecal_cache.data.sources import changed_file
+from genrecal_cache.store.files import names_under
 from genrecal_cache.store.format import finished, read_meta
 
 from .config import DuplicateIds
 
 
-def check_output(path: Path) -> None:
-    """--output is a folder this user can write: new, empty, or a teacher store."""
+def check_output(store: Location) -> None:
+    """--output is a folder this user can write (new, empty, or a teacher store), or a prefix on an object store the
+    server lets us reach (empty, or a teacher store)."""
+    if not store.is_local:
+        store.check_reachable()  # one line naming the URL: credentials, bucket, server
+        if not store.join("zarr.json").exists() and names_under(store):
+            raise ConfigError(f"--output {store} holds objects but no teacher store (no zarr.json); pass a new or "
+                              "empty prefix")
+        return
+    path = Path(store.path)
     parent = path if path.exists() else path.parent
     while not parent.exists():
         parent = parent.parent
@@ -54,7 +64,7 @@ def plan_ids(ids: Iterable[Any], mode: DuplicateIds) -> tuple[int, dict[int, str
     return len(sids), renamed, rejected
 
 
-def check_source(path: Path, source: dict[str, Any]) -> None:
+def check_source(path: Path | Location, source: dict[str, Any]) -> None:
     """A store resumed on other data is refused, naming the file that differs."""
     if not finished(path):
         return

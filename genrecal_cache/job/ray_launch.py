@@ -117,7 +117,7 @@ def _absolute(cfg: CacheConfig) -> CacheConfig:
 
     teacher = os.path.abspath(cfg.teacher) if os.path.exists(cfg.teacher) else cfg.teacher  # else a hub id
     manifest = cfg.manifest if cfg.manifest.startswith(HUB_PREFIX) else os.path.abspath(cfg.manifest)
-    return replace(cfg, teacher=teacher, manifest=manifest, output=cfg.output.absolute(),
+    return replace(cfg, teacher=teacher, manifest=manifest, output=cfg.output.absolute() if isinstance(cfg.output, Path) else cfg.output,
                    image_root=cfg.image_root and cfg.image_root.absolute())
 
 

@@ -176,11 +176,11 @@ def stray_files(folder: Path) -> list[Path]:
 
 # --- attributes -------------------------------------------------------------------------------------------------
 
-def finished(path: Path) -> bool:
-    """Whether a store's creation completed (its attributes are written last)."""
+def finished(path: Path | Location) -> bool:
+    """Whether a store's creation completed (its attributes are written last); `path` a folder or a `Location`."""
     try:
-        return ATTR in json.loads((path / "zarr.json").read_text()).get("attributes", {})
-    except (FileNotFoundError, json.JSONDecodeError):
+        return ATTR in json.loads(Location.of(path).join("zarr.json").read_bytes()).get("attributes", {})
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
         return False
 
 
@@ -218,7 +218,7 @@ _OPTION = {"question_features_fraction": "--question-features-fraction",  # sett
            "feature_dtype": "--feature-dtype"}
 
 
-def check_settings(path: Path, settings: dict[str, Any], mixed: bool = True) -> None:
+def check_settings(path: Path | Location, settings: dict[str, Any], mixed: bool = True) -> None:
     """Raise if a finished store at `path` was written with other settings (no-op when there is none), or, without
     --allow-mixed-store, computed otherwise (`check_mixed`: backend and versions; the teacher's digests once the
     teacher is loaded)."""
@@ -239,7 +239,7 @@ def check_settings(path: Path, settings: dict[str, Any], mixed: bool = True) -> 
         check_mixed(path, None, {k: v for k, v in settings.items() if k != "teacher"}, quiet=True)
 
 
-def check_compatible(existing: dict, meta: dict, path: Path) -> None:
+def check_compatible(existing: dict, meta: dict, path: Path | Location) -> None:
     # Settings first: another --dtype also changes the head's digest, and the setting is the real cause.
     check_settings(path, meta, mixed=False)  # the teacher's digests after its architecture and head (check_mixed)
     for key in _IDENTITY:
@@ -319,7 +319,7 @@ def part_runs(root: Path | Location) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def check_mixed(path: Path, part: str | None, meta: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
+def check_mixed(path: Path | Location, part: str | None, meta: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
     """Refuse a job (`meta`: its settings, with `writer`, and its `teacher` identity once loaded) that computes the
     numbers otherwise than the store at `path` does (MIXABLE keys; also against every earlier run of its `part`),
     unless its `writer` allows it (--allow-mixed-store). Returns what the part's provenance records of this run:

@@ -1,19 +1,14 @@
 """The write side of a teacher store: create it (attributes, head, tokenizer) and append to one part, committing
-atomically (array data written and fsynced, then the commit's Parquet file renamed into place) on a writer thread.
+atomically (array data written and made durable, then the commit's Parquet file put into place last) on a writer
+thread, in a local folder or on an object store (`part_files.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import json
-import os
 import queue
-import re
 import threading
 import time
-from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +16,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import zarr
 
 from genrecal_cache.core.durable import fsync, fsync_tree
 from genrecal_cache.core.errors import StoreError
 from genrecal_cache.core.faults import fault_point
+from genrecal_cache.core.locations import Location
 
 from .dtypes import to_storage
+from .files import server_failure
 from .format import (
     ARRAY_CONFIG,
     ATTR,
@@ -39,49 +35,18 @@ from .format import (
     SAMPLE_SCHEMA,
     SAMPLES_DIR,
     TOKENIZER_DIR,
-    WRITER_FILE,
     ArraySpec,
     check_compatible,
     codecs,
-    commit_files,
     finished,
     part_arrays,
-    read_commit,
     read_meta,
-    shard_file,
 )
+from .part_files import LocalPartFiles, ObjectPartFiles, creation_lock, local_folder, part_files, upload_folder
 from .record import NonFiniteError, SampleRecord, non_finite
-from .shards import Rows, ShardEncoder, StageClock, sync_folders, write_shard
-
-_ZARR_PARTIAL = re.compile(r".*\.[0-9a-f]{32}\.partial")  # zarr's LocalStore temp files (zarr 3.x)
+from .shards import Rows, ShardEncoder, StageClock
 
 # --- the store's root -----------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on the store's root, so concurrent writers create and check it one at a time."""
-    path.mkdir(parents=True, exist_ok=True)
-    with open(path / ".lock", "a") as f:
-        _flock(f, fcntl.LOCK_EX, path)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _flock(f: Any, flags: int, root: Path) -> None:
-    """`flock`, or an error saying what to do where the file system has no locks (Lustre mounted without `flock`):
-    the one-writer-per-part guarantee rests on it, so a store is never written without it."""
-    try:
-        fault_point("flock")
-        fcntl.flock(f, flags)
-    except OSError as e:
-        if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
-            raise
-        raise StoreError(f"the file system of {root} does not support file locks ({e.strerror}), which keep two "
-                         "cache-teacher jobs from writing one part: write the store on a file system that does "
-                         "(local disk, NFS v4, Lustre mounted with -o flock)") from None
-
 
 def _write_matrix(group: zarr.Group, name: str, value: torch.Tensor, dtype: str) -> None:
     data = to_storage(value, dtype)
@@ -91,31 +56,38 @@ def _write_matrix(group: zarr.Group, name: str, value: torch.Tensor, dtype: str)
     arr[...] = data
 
 
-def open_or_create(path: Path, meta: dict[str, Any], head: dict[str, torch.Tensor], tokenizer: Any = None
-                   ) -> dict[str, Any]:
+def open_or_create(path: Path | Location, meta: dict[str, Any], head: dict[str, torch.Tensor],
+                   tokenizer: Any = None) -> dict[str, Any]:
     """Create the store (attributes, teacher head and tokenizer) or check that the existing one is compatible
-    with `meta`. Returns the store's attributes. `head` holds "weight" (V, D), optionally "embed" (V, D) and
-    "bias" (V,)."""
-    with _locked(path):
-        if finished(path):
-            existing = read_meta(path)
-            check_compatible(existing, meta, path)
+    with `meta`. Returns the store's attributes. `path` a local folder or a `Location`; `head` holds "weight"
+    (V, D), optionally "embed" (V, D) and "bias" (V,)."""
+    loc = Location.of(path)
+    with creation_lock(loc):
+        if finished(loc):
+            existing = read_meta(loc)
+            check_compatible(existing, meta, loc)
             return existing
         # A new store, or one whose creation was killed before its attributes were written: (re)create the
         # head in place. mode="a" never clears the directory (the lock file lives there).
-        root = zarr.open_group(str(path), mode="a", zarr_format=3)
+        root = zarr.open_group(store=loc.zarr_store(), mode="a", zarr_format=3)
         hg = root.require_group("head")
         hd = meta["head"]["dtype"]
         for name, value in head.items():
             _write_matrix(hg, name, value, hd)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(path / TOKENIZER_DIR))
-        for folder in (path / "head", path / TOKENIZER_DIR):
-            if folder.exists():
-                fsync_tree(folder)  # before the attributes that declare them complete
+        if tokenizer is not None and loc.is_local:
+            tokenizer.save_pretrained(str(Path(loc.path, TOKENIZER_DIR)))
+        elif tokenizer is not None:
+            with local_folder() as d:
+                tokenizer.save_pretrained(str(d))
+                upload_folder(d, loc.join(TOKENIZER_DIR))
+        if loc.is_local:
+            for folder in (Path(loc.path, "head"), Path(loc.path, TOKENIZER_DIR)):
+                if folder.exists():
+                    fsync_tree(folder)  # before the attributes that declare them complete
         root.attrs[ATTR] = meta  # last, and durable: attributes present means the head is complete
-        fsync(path / "zarr.json")
-        fsync(path)
+        if loc.is_local:
+            fsync(Path(loc.path, "zarr.json"))
+            fsync(Path(loc.path))
         return meta
 
 
@@ -146,17 +118,23 @@ class PartWriter:
     QUEUE = 1  # commits waiting behind the one being written; `commit()` blocks beyond that (bounded memory)
     SHARD_THREADS = 4  # a commit's shards encoded and written at once (overlapping compression and the disk)
 
-    def __init__(self, root: Path, part: str, meta: dict[str, Any], provenance: dict[str, Any]):
-        self.root, self.meta, self.dir = root, meta, root / "parts" / part
+    def __init__(self, root: Path | Location, part: str, meta: dict[str, Any], provenance: dict[str, Any],
+                 files: LocalPartFiles | ObjectPartFiles | None = None):
+        """`files`: where the part's files go (`part_files.part_files`, with the lease's options on an object
+        store); by default as `root` says."""
+        loc = Location.of(root)
+        self.root, self.meta = loc, meta
+        self.files = files or part_files(loc, part)
         self.specs = part_arrays(meta)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.dir / ".lock", "a")  # held while this writer lives
+        self.files.acquire()  # held while this writer lives: the part's flock, or its lease
         try:
-            _flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB, root)
-        except BlockingIOError:
-            raise StoreError(f"another cache-teacher is writing part {part} of {root}; wait for it, or give "
-                             "this job another --shard") from None
-        group = zarr.open_group(str(root), mode="a", zarr_format=3)
+            self._open(loc, part, provenance)
+        except BaseException:
+            self.files.release()
+            raise
+
+    def _open(self, loc: Location, part: str, provenance: dict[str, Any]) -> None:
+        group = zarr.open_group(store=loc.zarr_store(), mode="a", zarr_format=3)
         pg = group.require_group(f"parts/{part}")
         pg.attrs["provenance"] = [*pg.attrs.get("provenance", []), provenance]
         self.arrays: dict[str, zarr.Array] = {}
@@ -168,8 +146,7 @@ class PartWriter:
                     spec.name, shape=spec.shape(0), chunks=spec.shape(spec.chunk_rows),
                     shards=spec.shape(spec.shard_rows), dtype=spec.dtype, compressors=codecs(), fill_value=0,
                     config=ARRAY_CONFIG)
-        for sub in (SAMPLES_DIR, REJECTS_DIR):
-            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self.files.prepare((SAMPLES_DIR, REJECTS_DIR))
         self.seq, self.rows_end, self.lengths = self._recover()
         self.rows_total: int | None = None  # the manifest's rows (of every shard), recorded with each commit
         # In-memory tail of each array from its last shard boundary, rewritten whole at every commit.
@@ -200,7 +177,7 @@ class PartWriter:
             self._queue.put(None)
             self._thread.join()
             self._shards.shutdown()
-        self._lock.close()
+        self.files.release()
 
     def wait(self) -> None:
         """Block until every commit handed over is durable; raises the error of one that failed."""
@@ -212,23 +189,15 @@ class PartWriter:
             raise self._error
 
     def _recover(self) -> tuple[int, int, dict[str, int]]:
-        commits = commit_files(self.dir / SAMPLES_DIR)
         seq, rows_end, lengths = 0, 0, {"tokens": 0, "labels": 0, "question": 0}
-        if commits:
-            last = read_commit(commits[-1])
+        last = self.files.last_commit(SAMPLES_DIR)
+        if last is not None:
             seq, rows_end, lengths = last["seq"] + 1, last["rows_end"], last["lengths"]
-        for sub in (SAMPLES_DIR, REJECTS_DIR):  # the tail of a crashed commit: only names this writer makes
-            for f in (self.dir / sub).iterdir():
-                m = WRITER_FILE.fullmatch(f.name)
-                if m and (m.group(2) == "tmp" or int(m.group(1)) >= seq):
-                    f.unlink()
-        for f in self.dir.rglob("*.partial"):  # zarr writes <file>.<uuid hex>.partial, then renames it: a kill
-            if _ZARR_PARTIAL.fullmatch(f.name):  # in between leaves it, and nothing else ever removes it
-                f.unlink()
+        self.files.clean((SAMPLES_DIR, REJECTS_DIR), seq)  # the tail of a crashed commit
         for spec in self.specs:
             arr = self.arrays[spec.name]
             if arr.shape[0] < lengths[spec.unit]:
-                raise StoreError(f"{self.dir / spec.name} has {arr.shape[0]} rows but the last commit says "
+                raise StoreError(f"{self.files.dir}/{spec.name} has {arr.shape[0]} rows but the last commit says "
                                  f"{lengths[spec.unit]}: the store is damaged; run `inspect-cache --verify`")
             if arr.shape[0] > lengths[spec.unit]:  # the uncommitted tail of a crashed commit
                 arr.resize(spec.shape(lengths[spec.unit]))
@@ -301,14 +270,15 @@ class PartWriter:
         self._pending, self._pending_rejects = [], []
         self._pending_rows = {s.name: [] for s in self.specs}
 
-    def _put_shard(self, encoder: ShardEncoder, file: Path, rows: Rows, start: int, end: int, point: str) -> None:
-        """Rows start..end encoded as one shard and written (a pool thread: zstd and the file calls release the
-        GIL)."""
+    def _put_shard(self, encoder: ShardEncoder, spec: ArraySpec, rows: Rows, start: int, end: int,
+                   point: str) -> None:
+        """Rows start..end encoded as one shard and written (a pool thread: zstd, the file calls and the PUTs
+        release the GIL)."""
         fault_point(point)
         with self.clock("encode"):
             blob = encoder.encode(rows.take(start, end))
         with self.clock("write"):
-            write_shard(file, blob)
+            self.files.put_shard(spec.name, start // spec.shard_rows, spec.width is not None, blob)
 
     def _write_commits(self) -> None:
         """The writer thread: write each commit in order; after a failure only drain the queue."""
@@ -320,15 +290,15 @@ class PartWriter:
                 if self._error is None:
                     self._write(c)
             except BaseException as e:  # noqa: BLE001 - handed to the job's thread, raised there
-                self._error = e
+                self._error = server_failure(self.root, e, f"writing commit {c.seq}") or e
             finally:
                 self._queue.task_done()
 
     def _write(self, c: _Commit) -> None:
         """Make one commit durable: whole shards of each array written and synced, then its rejects table, then
-        its samples table (the commit record, renamed into place last)."""
+        its samples table (the commit record, put into place last)."""
         shards: list[futures.Future] = []
-        synced: list[tuple[list[Path], Path]] = []  # each array's shard files, their folders synced once
+        synced: list[tuple[ArraySpec, list[int]]] = []  # each array's shards, made durable once
         for spec in self.specs:
             old_n, new_n = self._written[spec.unit], c.lengths[spec.unit]
             if new_n == old_n:
@@ -338,21 +308,20 @@ class PartWriter:
             assert rows.start % spec.shard_rows == 0 and rows.end == new_n
             with self.clock("zarr"):
                 arr.resize(spec.shape(new_n))
-            encoder, files = self.encoders[spec.name], []
+            encoder, written = self.encoders[spec.name], []
             for s in range(rows.start, new_n, spec.shard_rows):  # whole shards, never two writes into one
                 e = min(s + spec.shard_rows, new_n)
-                file = shard_file(self.dir / spec.name, s // spec.shard_rows, spec.width is not None)
-                files.append(file)
+                written.append(s // spec.shard_rows)
                 if encoder is not None:  # encoded and written by the pool, all shards of the commit at once
-                    shards.append(self._shards.submit(self._put_shard, encoder, file, rows, s, e,
+                    shards.append(self._shards.submit(self._put_shard, encoder, spec, rows, s, e,
                                                       f"array-write:{c.seq}:{spec.name}"))
                     continue
                 fault_point(f"array-write:{c.seq}:{spec.name}")  # codecs not encoded here: zarr writes the shard
                 with self.clock("zarr"):
                     arr[s:e] = rows.take(s, e)
                 with self.clock("fsync"):
-                    fsync(file)
-            synced.append((files, self.dir / spec.name))
+                    self.files.sync_shard(spec.name, s // spec.shard_rows, spec.width is not None)
+            synced.append((spec, written))
             with self.clock("copy"):  # a copy, not a view: it would keep the commit's rows
                 self.tail[spec.name] = np.array(rows.take(new_n - new_n % spec.shard_rows, new_n))
         with self.clock("shards"):  # the pool's shards, each written and fsynced; the first error is raised
@@ -360,33 +329,24 @@ class PartWriter:
             for f in shards:
                 f.result()
         with self.clock("fsync"):
-            for files, array_dir in synced:
-                sync_folders(files, array_dir)
-                fsync(array_dir / "zarr.json")
-                fsync(array_dir)
+            for spec, written in synced:
+                self.files.sync(spec.name, written, spec.width is not None)
         name = f"{c.seq:08d}.parquet"
         commit = {"seq": c.seq, "rows_end": c.rows_end, "lengths": dict(c.lengths), "time": round(time.time(), 3),
                   "rows_total": self.rows_total}  # time and rows_total: for inspect-cache --progress
         fault_point(f"arrays-written:{c.seq}")
         kinds = {REJECT_KINDS: json.dumps({"retryable": [r["retryable"] for r in c.rejects]})}
-        _write_table(self.dir / REJECTS_DIR / name, c.rejects, REJECT_SCHEMA, commit, self.clock, kinds)
+        with self.clock("table"):
+            self.files.put_table(REJECTS_DIR, name, _table(c.rejects, REJECT_SCHEMA, commit, kinds), False)
         fault_point(f"rejects-written:{c.seq}")
-        _write_table(self.dir / SAMPLES_DIR / name, c.samples, SAMPLE_SCHEMA, commit, self.clock)  # the commit
+        with self.clock("table"):  # the commit point
+            self.files.put_table(SAMPLES_DIR, name, _table(c.samples, SAMPLE_SCHEMA, commit), True)
         fault_point(f"committed:{c.seq}")
         self._written = dict(c.lengths)
         self.durable = (c.seq, c.rows_end)
 
 
-def _write_table(path: Path, rows: list[dict], schema: pa.Schema, commit: dict, clock: StageClock,
-                 metadata: dict[str, str] | None = None) -> None:
-    """Write a Parquet file atomically: temp file, fsync, rename, fsync the directory."""
-    with clock("table"):
-        table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
-            {"genrecal_commit": json.dumps(commit), **(metadata or {})})
-        tmp = path.with_suffix(".tmp")
-        pq.write_table(table, tmp, compression="zstd")
-        with clock("fsync"):
-            fsync(tmp)
-        os.replace(tmp, path)
-        with clock("fsync"):
-            fsync(path.parent)
+def _table(rows: list[dict], schema: pa.Schema, commit: dict, metadata: dict[str, str] | None = None) -> pa.Table:
+    """A commit's table, the commit record in its schema metadata."""
+    return pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
+        {"genrecal_commit": json.dumps(commit), **(metadata or {})})

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import uuid
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from genrecal_cache.store.reader import TeacherStore  # noqa: E402
 from genrecal_cache.store.verify import verify  # noqa: E402
 from genrecal_cache.teacher.hf import HFTeacher  # noqa: E402
 from tests.cache.job.test_answers_layers import check_generated, check_layers, generate_reference  # noqa: E402
+from tests.cache.store.test_s3_write import same_store  # noqa: E402
 from tests.helpers import run_command, start_command  # noqa: E402
 
 LAYERS = (0, 1)
@@ -42,13 +44,18 @@ def engine(vllm_engine):
 
 
 @pytest.mark.parametrize("name", ["textlm", "qwen2vl", "llava"])
-def test_vllm_store_equals_transformers_store(name, zoo, engine, clean_manifest, text_manifest, tmp_path):
+def test_vllm_store_equals_transformers_store(name, zoo, engine, clean_manifest, text_manifest, tmp_path, s3_server):
     manifest = text_manifest if name == "textlm" else clean_manifest
     teacher = engine(name)
     run_cache(_cfg(zoo[name], manifest, tmp_path / "vllm", "vllm", layers="0,1"), teacher)
     run_cache(_cfg(zoo[name], manifest, tmp_path / "hf", "hf", layers="0,1"))
     assert_close_stores(tmp_path / "hf", tmp_path / "vllm")
     check_layers(tmp_path / "vllm", HFTeacher(str(zoo[name])), manifest, LAYERS)
+    if name == "llava":  # the same engine writing to S3 (issue 23): the same store object for object
+        url = s3_server.url(f"vllm-{uuid.uuid4().hex[:8]}", "store")
+        run_cache(_cfg(zoo[name], manifest, url, "vllm", layers="0,1",
+                       storage_options=json.dumps(s3_server.storage_options())), teacher)
+        same_store(tmp_path / "vllm", url, s3_server)
     if name == "llava":  # the vLLM store spot-checked by transformers, as users check it where vLLM is missing
         done = run_command("inspect-cache", "--store", tmp_path / "vllm", "--spot-check", "3", "--teacher", zoo[name],
                            "--backend", "hf", env={"OMP_NUM_THREADS": "1"}, timeout=600)
