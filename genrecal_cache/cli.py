@@ -149,7 +149,7 @@ def _inspect(cfg: InspectConfig) -> None:
                 raise
             typer.secho(f"summary unavailable ({e}); verifying", fg=typer.colors.YELLOW, err=True)
     if cfg.verify:
-        out["verify"] = verify(store)
+        out["verify"] = verify(store, progress=True)  # the bar on stderr
     if cfg.json:
         print(json.dumps({k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in out.items()}, indent=2,
                          default=str))

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch.utils.data import IterableDataset
 
+from genrecal_cache.core.ahead import ahead
 from genrecal_cache.core.errors import RejectError, StoreError
 from genrecal_cache.core.process import die_with_parent
 from genrecal_cache.data.render import Rendered, Renderer
@@ -27,6 +28,8 @@ from genrecal_cache.data.rows import stored_sample
 from genrecal_cache.store.reader import TeacherSample, TeacherStore
 
 from .sequence import answer_spans
+
+READ_AHEAD = 2  # blocks read ahead from an object store (without --num-workers): the next reads wait on the network
 
 
 def is_heldout(sample_id: str, fraction: float) -> bool:
@@ -144,8 +147,10 @@ class StoreStream:
     def blocks(self, epochs: int) -> Iterator[Block]:
         """The planned blocks, loaded, in plan order."""
         plan = self.plan(epochs)
-        if self.num_workers == 0:
-            return (load_block(self.store, self.renderer, self.keep, i, *p) for i, p in enumerate(plan))
+        if self.num_workers == 0:  # from an object store, READ_AHEAD blocks read (and rendered) ahead of use
+            window = READ_AHEAD if self.store.remote else 0
+            return ahead(lambda ip: load_block(self.store, self.renderer, self.keep, ip[0], *ip[1]), enumerate(plan),
+                         window)
         from torch.utils.data import DataLoader
 
         # Workers hand back pickled bytes, not objects holding tensors: tensors would travel as shared-memory

@@ -20,6 +20,12 @@ Sections:
   encoder  at each --d, the same shards written by zarr one shard per setitem (as PartWriter does), by zarr in
            one setitem, and by the bare codecs (numcodecs zstd + crc32c) assembling the shard files directly:
            how much of the writer's cost is zarr's write path rather than compression or the disk.
+  object   with --url: at each --d, the same samples written by the real PartWriter to a local folder and to
+           the object store (`--url s3://bucket/prefix`, or `--url auto`: a SeaweedFS started for the run on
+           127.0.0.1, tools/s3server.py), then read back by the real reader (TeacherStore + Part.read, the
+           trainer's block order), in one run, alternating which goes first: MB/s of each and object/local
+           (in the CSV the local store's figures are the plain_* columns of these rows); and the server's own
+           rate, random 16 MiB objects PUT from 4 threads with no store around them (`object_put_mbs`).
   per-core a child process pinned to one core (1 torch/OpenMP thread): store write and read MB/s, and the
            trainer's read path, `StoreStream.batches()` (store read + the student's rendering of each sample),
            in label tokens/s, with and without question features.
@@ -57,6 +63,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +94,7 @@ FIELDS = ["section", "d", "question_features", "codecs", "chunk_kib", "cores", "
           "question_tokens", "feature_mib", "compression", "compression_all", "plain_write_mbs", "store_write_mbs",
           "write_vs_plain", "plain_write_cpu_mbs", "store_write_cpu_mbs",
           *(f"write_{step}_pct" for step in StageClock.STEPS),  # the writer's time per step (StageClock)
-          "codec_encode_cpu_mbs", "plain_read_mbs", "store_read_mbs", "read_vs_plain", "plain_read_cpu_mbs",
+          "codec_encode_cpu_mbs", "object_put_mbs", "plain_read_mbs", "store_read_mbs", "read_vs_plain", "plain_read_cpu_mbs",
           "store_read_cpu_mbs", "plain_read_warm_mbs", "store_read_warm_mbs", "read_label_tok_s",
           "read_label_tok_cpu_s", "stream_label_tok_s", "stream_label_tok_cpu_s", "stream_mbs", "stream_cpu_mbs",
           "repeats"]
@@ -319,7 +326,7 @@ def blocks(n: int, block: int, seed: int) -> list[tuple[int, int]]:
     return out
 
 
-def read_store(path: Path, order: list[tuple[int, int]]) -> tuple[float, float, int]:
+def read_store(path: Path | str, order: list[tuple[int, int]]) -> tuple[float, float, int]:
     store = TeacherStore(path)
     part = store.parts[0]
     t, labels = clock(), 0
@@ -652,6 +659,64 @@ def profile(args: argparse.Namespace, work: Path, recs: list[SampleRecord], d: i
     shutil.rmtree(path)
 
 
+def object_store(url: str, recs: list[SampleRecord], d: int, args: argparse.Namespace, work: Path) -> dict:
+    """The `object` section at one width: medians of --repeats of writing and reading the same samples locally and
+    at `url` (a fresh prefix per repeat), MB/s of the feature bytes."""
+    from genrecal_cache.core.locations import Location
+
+    meta, order, mb = meta_for(d, args.question_features, args.topk), blocks(len(recs), args.block_size, 0), \
+        feature_bytes(recs) / MB
+    rates: dict[str, list[float]] = {}
+    for r in range(args.repeats):
+        here, there = work / f"object-{d}-{r}", f"{url.rstrip('/')}/bench-{d}-{r}-{os.getpid()}"
+        for kind in (("local", "object") if r % 2 == 0 else ("object", "local")):
+            where = here if kind == "local" else there
+            rates.setdefault(f"{kind}_write", []).append(mb / write_store(where, recs, meta, args.commit_every)[0])
+        drop_cache(here)
+        for kind in (("local", "object") if r % 2 == 0 else ("object", "local")):
+            where = here if kind == "local" else there
+            rates.setdefault(f"{kind}_read", []).append(mb / read_store(where, order)[0])
+        shutil.rmtree(here)
+        loc = Location.of(there)
+        loc.fs.rm(loc.path, recursive=True)
+        rates.setdefault("put", []).append(mb / raw_puts(Location.of(f"{there}-raw"), feature_bytes(recs)))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"section": "object", "d": d, "question_features": args.question_features, "samples": len(recs),
+            "codecs": url.split("://")[0], "store_write_mbs": round(med["object_write"], 1),
+            "plain_write_mbs": round(med["local_write"], 1), "store_read_mbs": round(med["object_read"], 1),
+            "plain_read_mbs": round(med["local_read"], 1),
+            "write_vs_plain": round(med["object_write"] / med["local_write"], 3),
+            "read_vs_plain": round(med["object_read"] / med["local_read"], 3),
+            "object_put_mbs": round(med["put"], 1)}
+
+
+def raw_puts(loc, nbytes: int, size: int = 16 << 20, threads: int = 4) -> float:
+    """Seconds to PUT `nbytes` of random bytes to `loc` as `size`-byte objects from `threads` threads (the store
+    writer's shard size and pool), through obstore: what the server takes in with no store around it."""
+    import obstore
+
+    store, blob = loc.obstore(), os.urandom(size)
+    t = time.perf_counter()
+    with futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda i: obstore.put(store, f"raw-{i}", blob), range(max(1, nbytes // size))))
+    dt = time.perf_counter() - t
+    loc.fs.rm(loc.path, recursive=True)
+    return dt * nbytes / (max(1, nbytes // size) * size)
+
+
+@contextlib.contextmanager
+def object_url(url: str | None, work: Path) -> Iterator[str | None]:
+    """--url as given, or with `auto` a SeaweedFS on 127.0.0.1 for the run (its credentials in the environment)."""
+    if url != "auto":
+        yield url
+        return
+    from s3server import S3Server
+
+    with S3Server(work / "s3server") as server:
+        os.environ.update(server.env())
+        yield server.url()
+
+
 def summary(row: dict) -> str:
     return (f"write {row['store_write_mbs']:6.1f} MB/s (plain {row['plain_write_mbs']:6.1f}, "
             f"{row['write_vs_plain']:.2f}x; {row['store_write_cpu_mbs']:6.1f} per CPU-s, the codecs alone "
@@ -683,8 +748,12 @@ def main() -> None:
                         "shuffle+lz4, none, default")
     p.add_argument("--chunk-kib", type=int, nargs="*", default=[256, 1024, 4096],
                    help="minimum chunk sizes for the sweep (store_format.CHUNK_BYTES; 16 chunks per shard)")
-    p.add_argument("--sections", nargs="+", choices=["main", "sweep", "encoder", "per-core"],
-                   default=["main", "sweep", "encoder", "per-core"])
+    p.add_argument("--sections", nargs="+", choices=["main", "sweep", "encoder", "per-core", "object"],
+                   default=["main", "sweep", "encoder", "per-core"], help="what to run (default: all but object, "
+                   "which --url adds)")
+    p.add_argument("--url", default=None, help="the object section's store: s3://bucket/prefix (credentials and "
+                   "endpoint as for cache-teacher: AWS_* variables, profiles), or 'auto' for a SeaweedFS started "
+                   "here for the run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--data", choices=["hidden", "normal"], default="hidden", help="synthetic features (above)")
     p.add_argument("--conversations", type=int, default=32, help="distinct rendered conversations, cycled")
@@ -696,6 +765,10 @@ def main() -> None:
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_model", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.url and "object" not in args.sections:
+        args.sections.append("object")
+    if "object" in args.sections and not args.url:
+        p.error("--sections object needs --url s3://bucket/prefix (or --url auto)")
     for spec in args.codecs:
         try:
             parse_codecs(spec)
@@ -757,6 +830,18 @@ def main() -> None:
                     rows.append(row)
                     print(f"encoder d={d} {row['codecs']:60s} {row['store_write_mbs']:6.1f} MB/s, "
                           f"{row['store_write_cpu_mbs']:6.1f} per CPU-s", flush=True)
+        if "object" in args.sections:
+            with object_url(args.url, work) as url:
+                for d in args.d:
+                    recs = records(convs, feature_pool(d, args.data, args.seed), args.tokens, qf, args.topk,
+                                   args.seed)
+                    rows.append(object_store(url, recs, d, args, work))
+                    row = rows[-1]
+                    print(f"object d={d} {url}: write {row['store_write_mbs']:6.1f} MB/s (local "
+                          f"{row['plain_write_mbs']:6.1f}, {row['write_vs_plain']:.2f}x)  read "
+                          f"{row['store_read_mbs']:6.1f} (local {row['plain_read_mbs']:6.1f}, "
+                          f"{row['read_vs_plain']:.2f}x)  the server's own rate, 16 MiB PUTs from 4 threads: "
+                          f"{row['object_put_mbs']:6.1f}", flush=True)
         if "per-core" in args.sections:
             out = work / "per-core.json"
             cpu = max(os.sched_getaffinity(0))

@@ -4,6 +4,8 @@ student forward / Recalibrator / loss / backward, tokens/s, and peak memory, wit
 of a full fine-tune, LoRA and gradient checkpointing, each measured from the tensors themselves.
 
 Each configuration runs in a fresh subprocess over the same store and stage-1 Recalibrator. Writes CSV.
+`--url s3://bucket/prefix` (or `auto`: a SeaweedFS started here, tools/s3server.py): the same store also uploaded to
+the object store, and the fused configuration trained from it too (the `store` column): the data wait there.
 Example: python tools/bench_train.py --scale 4 --student-scale 2 --rows 96 --steps 8 --out bench-train.csv
          python tools/bench_train.py --memory --student-scale 4 --out bench-train-memory.csv
 """
@@ -27,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
+from bench_store import object_url  # noqa: E402
 from demo_data import write_demo_manifest  # noqa: E402
 from tiny_zoo import build_model  # noqa: E402
 
@@ -41,19 +44,28 @@ MEMORY_MODES = {"full": {}, "full+checkpointing": {"gradient_checkpointing": Tru
                 "lora+checkpointing": {"lora_rank": 16, "gradient_checkpointing": True}}
 
 
-def setup(work: Path, teacher: str, student: str, scale: int, student_scale: int, rows: int) -> dict:
-    """Zoo models, a store with question features, and a stage-1 Recalibrator (one step) to start stage 2."""
+def setup(work: Path, teacher: str, student: str, scale: int, student_scale: int, rows: int,
+          url: str | None = None) -> dict:
+    """Zoo models, a store with question features (also at `url`), and a stage-1 Recalibrator (one step) to start
+    stage 2."""
     t = build_model(teacher, work / f"{teacher}-x{scale}", seed=0, scale=scale)
     s = build_model(student, work / f"{student}-x{student_scale}", seed=1, scale=student_scale)
     manifest = write_demo_manifest(work / "data", n=rows, seed=0, bad_rows=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     run_cache(CacheConfig(teacher=str(t), manifest=manifest, output=work / "store", question_features=True,
                           device=device, progress=False, command=["bench_train"]))
-    return {"store": str(work / "store"), "student": str(s), "output": str(work / "out"), "device": device}
+    remote = f"{url}/bench-train-{os.getpid()}" if url else None
+    if remote:  # the same store, uploaded whole (as `aws s3 cp --recursive` would)
+        from genrecal_cache.core.locations import Location
+
+        loc = Location.of(remote)
+        loc.fs.put(str(work / "store") + "/", loc.path + "/", recursive=True)
+    return {"store": str(work / "store"), "student": str(s), "output": str(work / "out"), "device": device,
+            "url": remote}
 
 
 def config(spec: dict, **kw) -> TrainConfig:
-    return TrainConfig(store=Path(spec["store"]), student=spec["student"], output=Path(spec["output"]),
+    return TrainConfig(store=spec["store"], student=spec["student"], output=Path(spec["output"]),
                        batch_size=spec["batch_size"], heldout_fraction=0.0, reliance_every=0, progress=False,
                        device=spec["device"], command=["bench_train"], **kw)
 
@@ -85,7 +97,8 @@ def _measure(spec: dict, t: Trainer) -> dict:
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    row = {"impl": spec["impl"], "device": spec["device"], "steps": spec["steps"],
+    row = {"impl": spec["impl"], "store": spec["store"].split("://")[0] if "://" in spec["store"] else "local",
+           "device": spec["device"], "steps": spec["steps"],
            "step_ms": round(1000 * total / spec["steps"], 1), "teacher_tokens_per_s": round(tokens / total, 1),
            "peak_mib": round(max(peak - base, 0) / 2**20, 1) if cuda else round(peak / 2**20, 1)}
     for p in PHASES:
@@ -174,6 +187,8 @@ def main() -> None:
     ap.add_argument("--impls", nargs="+", default=None, help="default: auto naive")
     ap.add_argument("--memory", action="store_true", help="peak memory per component of full / LoRA / gradient "
                     "checkpointing instead of the loss implementations' time")
+    ap.add_argument("--url", default=None, help="also train from the store cached to this object store prefix "
+                    "(s3://bucket/prefix; AWS_* variables as for cache-teacher), or 'auto' (a SeaweedFS started here)")
     ap.add_argument("--out", type=Path, default=Path("bench-train.csv"))
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -182,13 +197,14 @@ def main() -> None:
         print(json.dumps(measure_memory(spec) if "mode" in spec else measure(spec)))
         return
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = setup(Path(tmp), args.teacher, args.student, args.scale, args.student_scale, args.rows)
+    with tempfile.TemporaryDirectory() as tmp, object_url(args.url, Path(tmp)) as url:
+        spec = setup(Path(tmp), args.teacher, args.student, args.scale, args.student_scale, args.rows, url)
         spec.update(batch_size=args.batch_size, steps=args.steps)
         Trainer(config(spec, stage="1", max_steps=1), 1).run()
         env = dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
         runs = ([{"mode": m} for m in MEMORY_MODES] if args.memory else
-                [{"impl": i} for i in args.impls or ["auto", "naive"]])
+                [{"impl": i} for i in args.impls or ["auto", "naive"]]
+                + ([{"impl": "auto", "store": spec["url"]}] if url else []))
         for run in runs:
             p = subprocess.run([sys.executable, __file__, "--one", json.dumps({**spec, **run})], env=env,
                                capture_output=True, text=True, timeout=1800)
@@ -199,7 +215,7 @@ def main() -> None:
             print(row, flush=True)
     columns = (["mode", "teacher", "student", "device", "student_params_m", "trainable_params_m",
                 *(f"{c}" for c in COMPONENTS), "peak_mib", "error"] if args.memory else
-               ["impl", "teacher", "student", "device", "steps", "step_ms", "teacher_tokens_per_s", "peak_mib",
+               ["impl", "store", "teacher", "student", "device", "steps", "step_ms", "teacher_tokens_per_s", "peak_mib",
                 *(f"{p}_pct" for p in PHASES), "error"])
     with args.out.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)

@@ -342,8 +342,14 @@ class Location:
         if self.is_local:
             return LocalStore(self.path, read_only=read_only)
         if self.is_s3:
-            meta = self.fs.s3.meta  # the endpoint and region botocore resolved (AWS_ENDPOINT_URL, profiles, ...)
-            bucket, _, prefix = self.path.partition("/")
-            return ObjectStore(obstore_s3(bucket, prefix, str(meta.endpoint_url), meta.region_name,
-                                          self.storage_options), read_only=read_only)
+            return ObjectStore(self.obstore(), read_only=read_only)
         return FsspecStore.from_url(self.url, storage_options=self.storage_options, read_only=read_only)
+
+    def obstore(self):
+        """obstore's S3Store rooted here (s3:// only), with the endpoint and region botocore resolved for s3fs
+        (AWS_ENDPOINT_URL, profiles, ...) and the same credentials: Rust's client, which releases the GIL, for
+        the writer's shard PUTs and zarr's array I/O."""
+        self._need_s3("obstore")
+        meta = self.fs.s3.meta
+        bucket, _, prefix = self.path.partition("/")
+        return obstore_s3(bucket, prefix, str(meta.endpoint_url), meta.region_name, self.storage_options)

@@ -1,5 +1,6 @@
-"""Is a teacher store intact? `verify` reads every chunk through its checksum, checks every sample's
-bookkeeping and recomputes the top-k from features x head; `full=False` is the cheap gate train-student runs.
+"""Is a teacher store intact? `verify` reads every chunk through its checksum (each once, blocks of samples read
+concurrently ahead of the checks), checks every sample's bookkeeping and recomputes the top-k from features x
+head; `full=False` is the cheap gate train-student runs.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from genrecal_cache.core.ahead import ahead
 from genrecal_cache.core.errors import StoreServerError
 
 from .dtypes import FP8, to_storage
@@ -51,9 +54,16 @@ def _samples_for_rows(p: Part, unit: str, lo: int, hi: int) -> tuple[int, int] |
     return (int(hit[0]), int(hit[-1])) if len(hit) else None
 
 
+READERS = 4  # blocks of samples read at once, ahead of the checks
+
+
 def verify(store: TeacherStore, block: int = 64, atol: float | None = None, full: bool = True,
-           allow_partial: bool = False) -> VerifyReport:
+           allow_partial: bool = False, progress: bool = False) -> VerifyReport:
     """Read every chunk through its checksum, check every sample's bookkeeping, and recompute the top-k.
+
+    The samples are read block by block, `READERS` blocks at once ahead of the checks (so each chunk is read once;
+    on an object store the reads overlap); a block that fails to read is read again shard by shard to name the
+    array and rows. `progress`: a bar over the samples on stderr.
 
     `full=False` does only what costs no array reads (the check train-student runs before it starts): the head
     against the teacher identity in the attributes, the store complete (every part declared present and finished;
@@ -79,6 +89,8 @@ def verify(store: TeacherStore, block: int = 64, atol: float | None = None, full
             rep.fail(part, "part", None, why, [])
     rep.warnings += notes
     seen: dict[str, str] = {}
+    bar = tqdm(total=sum(len(p) for p in store.parts) if full else 0, unit="sample", desc="verify",
+               disable=not (progress and full), dynamic_ncols=True)
     for p in store.parts:
         ids = p.samples.column("sample_id").to_pylist()
         for sid in ids:
@@ -90,21 +102,48 @@ def verify(store: TeacherStore, block: int = 64, atol: float | None = None, full
         for name in p.strays:  # e.g. a macOS copy's ._00000000.parquet: readers and writers pass it over
             rep.warnings.append(f"part {p.name}: {name} is not a file cache-teacher writes; it is ignored (delete "
                                 "it to silence this)")
-        damaged = _verify_chunks(p, rep, ids, read=full)
-        for s in range(0, len(p) if full else 0, block):
-            e = min(s + block, len(p))
+        damaged = _verify_chunks(p, rep, ids, read=False)  # shards present, lengths: no array read
+        if not full:
+            continue
+        rep.chunks_read += _chunks(p)
+        todo = [(s, min(s + block, len(p))) for s in range(0, len(p), block)]
+        for (s, e), samples in zip(todo, ahead(lambda se, p=p: _read(p, *se), todo, READERS)):
+            bar.update(e - s)
             if any(lo <= e - 1 and s <= hi for lo, hi in damaged):
                 continue
-            try:
-                samples = p.read(s, e)
-            except StoreServerError:  # the server or the credentials, not the store: no verdict on it
-                raise
-            except Exception as err:
-                rep.fail(p.name, "read", (s, e - 1), str(err), ids[s:e])
+            if isinstance(samples, Exception):  # find the array and rows that fail, shard by shard
+                found = _verify_chunks(p, rep, ids, read=True, samples=(s, e))
+                damaged += found
+                if not found:
+                    rep.fail(p.name, "read", (s, e - 1), str(samples), ids[s:e])
                 continue
             for i, smp in enumerate(samples):
                 _verify_sample(p, s + i, smp, head, meta["topk"], atol, rep)
+    bar.close()
     return rep
+
+
+def _read(p: Part, start: int, stop: int) -> list | Exception:
+    """Samples start..stop of `p`, or the exception reading them raised (a server failure is raised: it says
+    nothing of the store)."""
+    try:
+        return p.read(start, stop)
+    except StoreServerError:
+        raise
+    except Exception as e:
+        if (err := p.server_failure(e, f"reading part {p.name}")) is not None:
+            raise err from None
+        return e
+
+
+def _chunks(p: Part) -> int:
+    """The chunks holding the part's committed rows."""
+    n = 0
+    for spec in p.specs.values():
+        rows = p.commit["lengths"].get(spec.unit, 0) if len(p) else 0
+        n += sum(-(-(min(lo + spec.shard_rows, rows) - lo) // spec.chunk_rows)
+                 for lo in range(0, rows, spec.shard_rows))
+    return n
 
 
 def _coverage_problems(p: Part) -> list[str]:
@@ -145,12 +184,19 @@ def _coverage_problems(p: Part) -> list[str]:
     return problems
 
 
-def _verify_chunks(p: Part, rep: VerifyReport, ids: list[str], read: bool = True) -> list[tuple[int, int]]:
+def _verify_chunks(p: Part, rep: VerifyReport, ids: list[str], read: bool = True,
+                   samples: tuple[int, int] | None = None) -> list[tuple[int, int]]:
     """Check each array shard by shard (its file present; with `read`, its chunks read through their
-    checksums); returns the sample ranges that failed."""
+    checksums), or only the shards holding `samples` (start, stop) with `read`; returns the sample ranges that
+    failed."""
     damaged = []
     for name, spec in p.specs.items():
         expected = p.commit["lengths"].get(spec.unit, 0) if len(p) else 0
+        first, end = 0, expected
+        if samples is not None:  # the rows of those samples, from the start of their first shard
+            s, e = samples
+            first = int(p.starts[spec.unit][s]) // spec.shard_rows * spec.shard_rows
+            end = int(p.starts[spec.unit][e - 1] + p.counts[spec.unit][e - 1])
         try:
             arr = p.array(name)
         except StoreServerError:
@@ -159,18 +205,17 @@ def _verify_chunks(p: Part, rep: VerifyReport, ids: list[str], read: bool = True
             rep.fail(p.name, name, (0, len(p) - 1) if len(p) else None, str(e), ids)
             damaged.append((0, len(p)))
             continue
-        if arr.shape[0] < expected:
+        if arr.shape[0] < expected and samples is None:
             rng = _samples_for_rows(p, spec.unit, arr.shape[0], expected)
             rep.fail(p.name, name, rng, f"array has {arr.shape[0]} rows, commit says {expected}", ids[rng[0]:] if rng else [])
             damaged.append(rng or (0, len(p)))
-        for lo in range(0, min(arr.shape[0], expected), spec.shard_rows):
+        for lo in range(first, min(arr.shape[0], end), spec.shard_rows):
             hi = min(lo + spec.shard_rows, expected)
             try:
                 if not p.shard_present(name, lo // spec.shard_rows):
                     raise FileNotFoundError(f"shard file {lo // spec.shard_rows} is missing")
                 if read:
                     arr[lo:hi]
-                    rep.chunks_read += -(-(hi - lo) // spec.chunk_rows)
             except StoreServerError:
                 raise
             except Exception as e:

@@ -80,6 +80,7 @@ def test_a_store_written_to_s3_is_the_local_store_verifies_and_trains(written, l
     env = _env(s3_server, tmp_path)
     done = run_command("inspect-cache", "--store", written, "--verify", env=env, timeout=600)
     assert done.returncode == 0 and "verify: OK" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "verify: 100%" in done.stderr  # the progress bar over the samples
     train = ("--student", zoo["qwen2vl"], "--stage", "1", "--max-steps", "2", "--batch-size", "2", "--block-size",
              "2", "--heldout-fraction", "0", "--reliance-every", "0", "--report-to", "none", "--device", "cpu",
              "--no-progress")
