@@ -82,8 +82,19 @@ class Location:
     """A local path or a remote URL. `Location.of(x)` for a str, Path, `file://` or any fsspec URL."""
 
     def __init__(self, url: str, fs: Any | None, path: str, protocol: str, storage_options: dict[str, Any]):
-        self.url, self.fs, self.path, self.protocol = url, fs, path, protocol
+        self.url, self._fs, self.path, self.protocol = url, fs, path, protocol
         self.storage_options = storage_options
+        self._pid = os.getpid()
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem (None for a local path); in a forked process (render workers) a new one: fsspec's
+        async filesystems are not fork-safe."""
+        if self._fs is not None and self._pid != os.getpid():
+            import fsspec
+
+            self._fs, self._pid = fsspec.filesystem(self.protocol, **self._fs.storage_options), os.getpid()
+        return self._fs
 
     @classmethod
     def of(cls, where: str | os.PathLike | Location, storage_options: dict[str, Any] | None = None) -> Location:

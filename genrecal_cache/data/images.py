@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import io
 import os
+import posixpath
 import re
 import socket
 import threading
@@ -23,6 +24,7 @@ from typing import Any
 from PIL import Image
 
 from genrecal_cache.core.errors import RejectError
+from genrecal_cache.core.locations import Location
 
 TIMEOUT_S = 60.0  # --remote-image-timeout: one image's whole fetch
 MAX_BYTES = 64 << 20  # --remote-image-max-bytes: 400 MB bodies exist; no image needs them
@@ -54,7 +56,7 @@ class ImageRef:
         return {**self.__dict__, "_rgb": None}  # bytes travel between processes, pixels are decoded again
 
 
-def load_image(src: Any, root: Path, i: int, allow_outside_root: bool = False,
+def load_image(src: Any, root: Path | Location, i: int, allow_outside_root: bool = False,
                remote: tuple[float, int] | None = None) -> ImageRef:
     """An image from a path (relative to the image root, absolute, or file://), raw bytes, a {bytes, path}
     struct (datasets' Image), base64, a data URI, or (with `remote`: its time and size limits) an http(s) URL."""
@@ -69,6 +71,11 @@ def load_image(src: Any, root: Path, i: int, allow_outside_root: bool = False,
         if remote is None:
             raise RejectError(f"image {i} is a remote URL ({src[:100]}); pass --allow-remote-images to fetch it")
         data = _fetch(src, i, *remote)
+    elif isinstance(src, str) and src and isinstance(root, Location):  # images on an object store
+        if len(src) >= 64 and _BASE64.fullmatch("".join(src.split())):  # no object name: "." is not base64
+            data = _b64(src, i)
+        else:
+            data, path = _remote_object(src, root, i, allow_outside_root)
     elif isinstance(src, str) and src:
         name = src.removeprefix("file://")
         p = Path(name) if Path(name).is_absolute() else root / name
@@ -93,6 +100,24 @@ def load_image(src: Any, root: Path, i: int, allow_outside_root: bool = False,
     except Exception as e:  # PIL raises many types for bad bytes
         raise RejectError(f"cannot decode image {i} ({type(e).__name__}: {str(e)[:120]})") from None
     return ref
+
+
+def _remote_object(src: str, root: Location, i: int, allow_outside_root: bool) -> tuple[bytes, str]:
+    """An image named relative to an image root on an object store (or by its own URL): its bytes and URL. A name
+    that leaves the root (`..`, another bucket or prefix) is refused unless `allow_outside_root`."""
+    if "://" in src:
+        where, inside = Location.of(src, root.storage_options), src.startswith(root.url.rstrip("/") + "/")
+    else:
+        name = posixpath.normpath(src)
+        where, inside = root.join(name), not (name == ".." or name.startswith(("../", "/")))
+    if not inside and not allow_outside_root:
+        raise RejectError(f"image {i} ({src}) is outside the image root {root}; pass --allow-outside-root if the "
+                          "manifest is trusted (or --image-root the prefix that holds the images)")
+    try:
+        return where.read_bytes(), where.url
+    except (FileNotFoundError, IsADirectoryError):
+        raise RejectError(f"image {i} is not an object under the image root ({where} does not exist; set "
+                          "--image-root to the prefix the paths are relative to)") from None
 
 
 def _inside(p: Path, root: Path) -> bool:

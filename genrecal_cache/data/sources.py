@@ -17,6 +17,7 @@ from typing import Any
 
 from genrecal_cache.core.digests import digest_files, kept_result
 from genrecal_cache.core.errors import DatasetError
+from genrecal_cache.core.locations import Location
 
 from .rows import MAX_NESTING, Row, nested_too_deep
 
@@ -27,11 +28,13 @@ _SPLITS = ("train", "validation", "valid", "val", "dev", "test")
 
 @dataclass
 class Source:
-    """The files of one dataset (split), in row order; `root` is where relative image paths resolve by default."""
+    """The files of one dataset (split), in row order; `root` is where relative image paths resolve by default (a
+    `Location` on an object store: then `files` are local copies of the objects and `names` their keys under it)."""
 
     spec: str  # what the user passed to --manifest
     files: list[Path]
-    root: Path
+    root: Path | Location
+    names: list[str] | None = None
 
     def rows(self) -> Iterator[Row]:
         """Every row of every file, numbered 0, 1, ... across the files."""
@@ -57,13 +60,15 @@ class Source:
         in the Hugging Face cache every file is a link into `blobs/`), size and sha256 (of what it links to), each
         digest computed once per version of the file and kept (`rehash`: computed again)."""
         digests = digest_files(self.files, "file(s) of the dataset", rehash)
-        return {"files": [{"name": _relative(f, self.root), "bytes": f.stat().st_size, "sha256": d}
-                          for f, d in zip(self.files, digests)]}
+        names = self.names or [_relative(f, self.root) for f in self.files]
+        return {"files": [{"name": n, "bytes": f.stat().st_size, "sha256": d}
+                          for n, f, d in zip(names, self.files, digests)]}
 
 
 def open_source(spec: str | Path, split: str | None = None) -> Source:
-    """The source `spec` names: a file, a folder of shards (or a save_to_disk folder), a glob, or hub:ORG/NAME."""
-    spec = str(spec)
+    """The source `spec` names: a file, a folder of shards (or a save_to_disk folder), a glob, or hub:ORG/NAME (on an
+    object store: `remote_sources.open_dataset`)."""
+    spec = str(spec).removeprefix("file://")
     if spec.startswith(HUB_PREFIX):
         return _hub(spec, split)
     if glob.has_magic(spec) and not _exists(Path(spec).expanduser()):  # `exp[1]/train.jsonl` is that file
@@ -167,7 +172,7 @@ def _hub(spec: str, split: str | None) -> Source:
     return _folder(spec, folder, split or "train")
 
 
-def _split_of(file: Path, base: Path | None) -> str | None:
+def split_of(file: Path, base: Path | None) -> str | None:
     """The split a shard belongs to by its name (`train-00000-of-00004.parquet`) or folder (`train/`)."""
     parts = file.relative_to(base).parts if base is not None else (file.name,)
     for part in parts:
@@ -179,7 +184,7 @@ def _split_of(file: Path, base: Path | None) -> str | None:
 
 
 def _only_split(files: list[Path], split: str | None, spec: str, base: Path | None = None) -> list[Path]:
-    splits = {f: _split_of(f, base) for f in files}
+    splits = {f: split_of(f, base) for f in files}
     if split is not None:
         chosen = [f for f in files if splits[f] == split]
         if not chosen:

@@ -10,6 +10,7 @@ import errno
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -18,10 +19,11 @@ from genrecal_cache.core.config import write_config
 from genrecal_cache.core.errors import ConfigError, DatasetError, RejectError, StoreError, StoreServerError
 from genrecal_cache.core.locations import Location
 from genrecal_cache.core.provenance import provenance
+from genrecal_cache.data.remote_sources import open_dataset
 from genrecal_cache.data.render import Rendered, Truncated, compatible_runs, prompt_turns
 from genrecal_cache.data.render_pool import Preparer, RenderPool, RenderWorkerError, Task
 from genrecal_cache.data.rows import Sample, row_sample_id, unicode_safe
-from genrecal_cache.data.sources import Source, open_source
+from genrecal_cache.data.sources import Source
 from genrecal_cache.store.dtypes import stored_features
 from genrecal_cache.store.format import FORMAT_VERSION, check_mixed, check_settings
 from genrecal_cache.store.part_files import part_files
@@ -50,9 +52,11 @@ class CacheJob:
     """One writer: `run()` processes this shard's rows from where the last run committed."""
 
     def __init__(self, cfg: CacheConfig, teacher: Teacher | None = None):
-        self.source: Source = open_source(cfg.manifest, cfg.split)
-        self.image_root = cfg.image_root or self.source.root
-        if not self.image_root.is_dir():
+        self.source: Source = open_dataset(cfg.manifest, cfg.split, cfg.storage_options_map)
+        self.image_root = self.source.root if cfg.image_root is None else cfg.image_root
+        if isinstance(self.image_root, str):  # an object store prefix: its objects are named, never listed
+            self.image_root = Location.of(self.image_root, cfg.storage_options_map)
+        elif isinstance(self.image_root, Path) and not self.image_root.is_dir():
             raise ConfigError(f"--image-root {self.image_root}: no such folder")
         self.store = Location.of(cfg.output, cfg.storage_options_map)
         check_output(self.store)

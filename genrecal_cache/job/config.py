@@ -43,7 +43,8 @@ class CacheConfig:
     teacher: str = _flag("Teacher model: a local directory (or a hub id where the hub is reachable).")
     manifest: str = _flag("The dataset: a .jsonl, .json (JSON array or lines), .parquet or .arrow file, a folder or "
                           "glob of such shards, a datasets.save_to_disk folder, or hub:ORG/NAME (a Hub dataset in the "
-                          "local cache). Rows in the messages, conversations (LLaVA/ShareGPT) or flat "
+                          "local cache); files, prefixes and globs also on an object store (s3://bucket/data/*.jsonl;"
+                          " --storage-options). Rows in the messages, conversations (LLaVA/ShareGPT) or flat "
                           "question/answer format.")
     output: str = _flag("Teacher store (a Zarr v3 group): a directory, or an object store URL (s3://bucket/prefix; "
                         "--storage-options); created, or resumed when it exists.")
@@ -59,8 +60,9 @@ class CacheConfig:
                                              "off one part but you.", False)
     split: str | None = _flag("The split to read from a folder, save_to_disk folder or hub dataset holding several "
                               "(train, test, ...); hub:ORG/NAME defaults to train.", None)
-    image_root: Path | None = _flag("Where relative image paths resolve (default: the manifest's folder); images may "
-                                    "not leave it unless --allow-outside-root.", None)
+    image_root: str | None = _flag("Where relative image paths resolve: a folder or an object store prefix (default: "
+                                   "the manifest's folder); images may not leave it unless --allow-outside-root.",
+                                   None)
     columns: str = _flag("Column mapping for flat tables, e.g. 'question=query,answer=label,image=img,id=qid' (fields: "
                          "question, answer, image, id, system); rows with messages/conversations ignore it.", "")
     duplicate_ids: DuplicateIds = _flag("A repeated row id: 'suffix' renames its k-th occurrence to id#k (the same in "
@@ -163,9 +165,10 @@ class CacheConfig:
     def __post_init__(self) -> None:
         self.manifest, self.output = str(self.manifest), store_path(self.output)  # a URL stays text
         self.storage_options_map = parse_storage_options(self.storage_options)
-        for name in ("result_json", "image_root"):
-            if getattr(self, name) is not None:
-                setattr(self, name, Path(getattr(self, name)))
+        if self.result_json is not None:
+            self.result_json = Path(self.result_json)
+        if self.image_root is not None:
+            self.image_root = store_path(self.image_root)  # a URL stays text
         self.duplicate_ids = to_choice(DuplicateIds, self.duplicate_ids, "--duplicate-ids")
         try:
             self.column_map = Columns.parse(self.columns)

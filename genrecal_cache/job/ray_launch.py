@@ -116,9 +116,10 @@ def _absolute(cfg: CacheConfig) -> CacheConfig:
     from genrecal_cache.data.sources import HUB_PREFIX
 
     teacher = os.path.abspath(cfg.teacher) if os.path.exists(cfg.teacher) else cfg.teacher  # else a hub id
-    manifest = cfg.manifest if cfg.manifest.startswith(HUB_PREFIX) else os.path.abspath(cfg.manifest)
-    return replace(cfg, teacher=teacher, manifest=manifest, output=cfg.output.absolute() if isinstance(cfg.output, Path) else cfg.output,
-                   image_root=cfg.image_root and cfg.image_root.absolute())
+    manifest = cfg.manifest if cfg.manifest.startswith(HUB_PREFIX) or "://" in cfg.manifest else \
+        os.path.abspath(cfg.manifest)
+    output, root = (x.absolute() if isinstance(x, Path) else x for x in (cfg.output, cfg.image_root))  # URLs as given
+    return replace(cfg, teacher=teacher, manifest=manifest, output=output, image_root=root)
 
 
 def _why(e: Exception) -> str:

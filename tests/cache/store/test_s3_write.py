@@ -216,3 +216,25 @@ def test_server_failures_are_one_line_and_the_job_resumes(local, zoo, demo_manif
         for name in ref.parts[0].specs:
             assert (store.parts[0].array(name)[...] == ref.parts[0].array(name)[...]).all(), name
 
+
+def test_a_manifest_and_its_images_on_s3_give_the_local_store(local, zoo, demo_manifest, s3_server, tmp_path):
+    """The demo manifest and its image folder uploaded: --manifest s3://.../manifest.jsonl (images by paths relative
+    to it) writes the store the local files write; the samples name their images by URL."""
+    data = Location.of(_url(s3_server, "data"), s3_server.storage_options())
+    data.fs.put(str(demo_manifest.parent) + "/", data.path + "/", recursive=True)
+    url = _url(s3_server, "from-s3")
+    done = _cache(zoo, f"{data.url}/manifest.jsonl", url, env=_env(s3_server, tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    same_store(local, url, s3_server, where_from_differs=True)
+    part = TeacherStore(url, storage_options=s3_server.storage_options()).parts[0]
+    paths = [p for ps in part.samples.column("image_paths").to_pylist() for p in ps if p]
+    assert paths and all(p.startswith(f"{data.url}/images/") for p in paths), paths[:3]
+    # A path that leaves the image root is refused, as locally
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "images": ["../../elsewhere/a.png"], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
+        {"role": "assistant", "content": "a"}]}) + "\n")
+    data.join("bad.jsonl").write_bytes(bad.read_bytes())
+    done = _cache(zoo, f"{data.url}/bad.jsonl", _url(s3_server, "bad"), env=_env(s3_server, tmp_path))
+    assert done.returncode == 2 and "outside the image root" in done.stdout + done.stderr, done.stderr[-2000:]
+
