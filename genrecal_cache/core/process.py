@@ -1,5 +1,5 @@
 """Processes that must not outlive the one that started them (render workers, trainer data workers, a part's
-job under Ray): Linux's PR_SET_PDEATHSIG, in one place.
+job under Ray): Linux's PR_SET_PDEATHSIG, in one place; and whether a pid still runs (`alive`).
 """
 
 from __future__ import annotations
@@ -22,3 +22,14 @@ def die_with_parent() -> None:
             pass
     if os.getppid() == 1:  # the parent died before the line above
         os._exit(1)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -21,6 +21,7 @@ from typing import Any
 
 from genrecal_cache.core.errors import StoreError
 from genrecal_cache.core.locations import Location
+from genrecal_cache.core.process import alive
 
 LEASE_FILE = "lease.json"
 LEASE_SECONDS = 120.0  # default lease time (`--lease-seconds`); renewed every quarter of it
@@ -33,13 +34,6 @@ def _boot_id() -> str:
         return ""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
     return True
 
 
@@ -99,7 +93,7 @@ class Lease:
                 held = {}
             left = float(held.get("expires", 0)) - time.time()
             dead = (held.get("host") == socket.gethostname() and held.get("boot_id") == _boot_id()
-                    and isinstance(held.get("pid"), int) and not _alive(held["pid"]))
+                    and isinstance(held.get("pid"), int) and not alive(held["pid"]))
             if left > 0 and not dead and not self.take_over:
                 raise LeaseHeldError(
                     f"another cache-teacher is writing {self.what} (pid {held.get('pid')} on {held.get('host')}; "

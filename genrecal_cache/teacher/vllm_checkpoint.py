@@ -17,6 +17,7 @@ from typing import Any
 
 from genrecal_cache.core.durable import fsync_tree
 from genrecal_cache.core.errors import ConfigError
+from genrecal_cache.core.process import alive
 
 # vLLM's LLaVA family and Gemma 3 build their CLIP / SigLIP towers as `vision_tower.vision_model.*`; transformers
 # 5 saves them as `vision_tower.*` (and `model.vision_tower.*`).
@@ -96,15 +97,8 @@ def _remove_stale(out: Path) -> None:
     host = socket.gethostname()
     for tmp in out.parent.glob(f"{out.name}.tmp-{host}-*"):
         pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
     return True
