@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from genrecal_cache.job.config import CacheConfig
+from genrecal_cache.job.launch import run_cache
 from tests.helpers import run_command
 
 # Each command: one thread, and no kill point but the one a call gives.
@@ -33,7 +35,8 @@ def test_progress_of_a_job_stopped_half_way(zoo, demo_manifest, tmp_path):
     projected = part["projected_bytes"]  # from the 12 rows' token counts, compression and table bytes
     text = _progress(out).stdout
     assert f"12/{total} (" in text and "shard-00000-of-00001" in text and "projected" in text
-    assert run_command("cache-teacher", *job, env=ENV, drop_env=DROP, timeout=600).returncode == 0  # resumed
+    run_cache(CacheConfig(teacher=str(zoo["llava"]), manifest=demo_manifest, output=out, commit_every=4,
+                          dtype="float32", device="cpu", progress=False, render_workers=0, command=["test"]))  # resumed
     (part,) = json.loads(_progress(out, "--json").stdout)
     assert part["rows_end"] == total and "done" in _progress(out).stdout
     assert part["projected_bytes"] == pytest.approx(part["bytes"], rel=1e-3)  # a finished part: its own size

@@ -7,6 +7,8 @@ import subprocess
 
 import pytest
 
+from genrecal_cache.job.config import CacheConfig
+from genrecal_cache.job.launch import run_cache
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.store.verify import verify
 from tests.cache.job.test_cache_teacher import assert_same_store
@@ -28,6 +30,14 @@ def _run(zoo, manifest, out, shard="0/1", **faults) -> subprocess.Popen:
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _run_here(zoo, manifest, out, shard="0/1") -> None:
+    """`_run`'s job uninterrupted, in this process: the reference stores (rendered here, which writes the same
+    store as render workers do: tests/cache/data/test_render_workers.py)."""
+    run_cache(CacheConfig(teacher=str(zoo["qwen2vl"]), manifest=manifest, output=out, commit_every=3,
+                          batch_tokens=200, dtype="float32", device="cpu", question_features=True, shard=shard,
+                          render_workers=0, progress=False, command=["test"]))
+
+
 def _done(p: subprocess.Popen) -> tuple[int, str]:
     _, err = p.communicate(timeout=600)
     return p.returncode, err
@@ -36,8 +46,7 @@ def _done(p: subprocess.Popen) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def reference(zoo, demo_manifest, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "s"
-    rc, err = _done(_run(zoo, demo_manifest, out))
-    assert rc == 0, err[-2000:]
+    _run_here(zoo, demo_manifest, out)
     return out
 
 
@@ -72,8 +81,7 @@ def test_sigkill_while_a_commit_is_written_and_the_next_is_queued(zoo, demo_mani
 def test_two_writers_one_killed_and_restarted(zoo, demo_manifest, tmp_path):
     ref = tmp_path / "ref"
     for shard in ("0/2", "1/2"):
-        rc, err = _done(_run(zoo, demo_manifest, ref, shard))
-        assert rc == 0, err[-2000:]
+        _run_here(zoo, demo_manifest, ref, shard)
     out = tmp_path / "s"
     a = _run(zoo, demo_manifest, out, "0/2")
     b = _run(zoo, demo_manifest, out, "1/2", GENRECAL_KILL_AT="array-write:1:features")

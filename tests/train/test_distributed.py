@@ -40,9 +40,17 @@ def store(zoo, clean_manifest, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def one(store, zoo, tmp_path_factory) -> Path:
-    """One process, batch 6. With blocks of one rank's batch (12 samples: four full blocks of 3), global step k
-    of two ranks with batch 3 holds blocks 2k and 2k+1, exactly the samples of this run's step k."""
-    return _run(store, zoo, tmp_path_factory.mktemp("one") / "out", 1, 6)
+    """One process (this one: `_run(..., nproc=1, batch=6)`'s run), batch 6. With blocks of one rank's batch (12
+    samples: four full blocks of 3), global step k of two ranks with batch 3 holds blocks 2k and 2k+1, exactly the
+    samples of this run's step k."""
+    from genrecal_train.config import TrainConfig
+    from genrecal_train.trainer import train
+
+    out = tmp_path_factory.mktemp("one") / "out"
+    train(TrainConfig(store=store, student=str(zoo["idefics3"]), output=out, stage="all", batch_size=6, block_size=3,
+                      epochs=1, lr=1e-3, heldout_fraction=0.0, log_every=1, reliance_every=0, device="cpu",
+                      progress=False, command=["test"]))
+    return out
 
 
 def assert_same_losses(one: Path, two: Path, stages: tuple[int, ...] = (1, 2, 3)) -> None:

@@ -25,6 +25,7 @@ from genrecal_cache.job.config import CacheConfig
 from genrecal_cache.job.launch import run_cache
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_train import checkpoint
+from genrecal_train.config import TrainConfig
 from genrecal_train.recalibrator import Recalibrator, RecalibratorConfig
 from genrecal_train.trainer import Trainer, train
 from tests.helpers import ROOT, command_env, run_command, start_command
@@ -168,10 +169,12 @@ def _stage3(store, student, out: Path, *extra: object) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def a_run(store, zoo, tmp_path_factory) -> Path:
-    """An output holding a 2-step stage-3 run (a checkpoint of step 2, final/, metrics); tests copy it."""
+    """An output holding a 2-step stage-3 run (a checkpoint of step 2, final/, metrics); tests copy it. The run of
+    `_stage3(..., "--max-steps", "2")`, in this process."""
     out = tmp_path_factory.mktemp("a_run") / "run"
-    done = _stage3(store, zoo["idefics3"], out, "--max-steps", "2")
-    assert done.returncode == 0, done.stderr[-2000:]
+    train(TrainConfig(store=store, student=str(zoo["idefics3"]), output=out, stage="3", batch_size=4, lr=1e-3,
+                      save_every=1, log_every=1, report_to="none", device="cpu", progress=False, max_steps=2,
+                      command=["test"]))
     return out
 
 

@@ -25,6 +25,7 @@ from genrecal_cache.core.errors import ConfigError, RejectError
 from genrecal_cache.data.rows import Row, parse_row
 from genrecal_cache.data.sources import changed_file, open_source
 from genrecal_cache.job.config import CacheConfig
+from genrecal_cache.job.launch import run_cache
 from genrecal_cache.store.reader import TeacherStore
 from tests.helpers import ROOT, run_command
 
@@ -53,6 +54,12 @@ def _write_jsonl(path: Path, lines: list[str]) -> Path:
 def _cache(zoo, manifest, out, *extra) -> subprocess.CompletedProcess:
     return run_command("cache-teacher", "--teacher", zoo["llava"], "--manifest", manifest, "--output", out,
                        "--dtype", "float32", "--device", "cpu", "--no-progress", *extra, env=ENV, timeout=600)
+
+
+def _cache_here(zoo, manifest, out, **options) -> None:
+    """`_cache` in this process, where the store is the test's data and the command is not what it checks."""
+    run_cache(CacheConfig(teacher=str(zoo["llava"]), manifest=manifest, output=out, dtype="float32", device="cpu",
+                          progress=False, render_workers=0, command=["test"], **options))
 
 
 def _rows(store: Path) -> tuple[list[str], dict[str, str]]:
@@ -257,7 +264,7 @@ def test_stray_files_in_a_part_are_ignored_and_named_by_verify(zoo, tmp_path):
     (tmp_path / "images" / "0.png").write_bytes(_png(1))
     manifest = _write_jsonl(tmp_path / "m.jsonl", [json.dumps(_row(f"r{i}", "images/0.png")) for i in range(3)])
     out = tmp_path / "s"
-    assert _cache(zoo, manifest, out, "--max-samples", "2").returncode == 0
+    _cache_here(zoo, manifest, out, max_samples=2)
     part = next(p for p in (out / "parts").iterdir() if p.is_dir())
     apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "
     for sub in ("samples", "rejects"):
@@ -272,8 +279,7 @@ def test_stray_files_in_a_part_are_ignored_and_named_by_verify(zoo, tmp_path):
     assert "rejects/._00000000.parquet" in r.stdout
     r = run_command("inspect-cache", "--store", out, "--progress", env=ENV, timeout=300)
     assert r.returncode == 0 and "rows done" in r.stdout, r.stderr[-2000:]
-    r = _cache(zoo, manifest, out)  # resumes: row 2
-    assert r.returncode == 0, r.stderr[-3000:]
+    _cache_here(zoo, manifest, out)  # resumes: row 2
     assert _rows(out)[0] == ["r0", "r1", "r2"]
     assert (part / "samples" / "._00000000.parquet").exists() and not partial.exists()
 
@@ -285,7 +291,7 @@ def test_stored_image_paths_are_read_back_only_when_they_hold_the_same_image(zoo
     for i in range(2):
         (tmp_path / "images" / f"{i}.png").write_bytes(_png(i))
     manifest = _write_jsonl(tmp_path / "m.jsonl", [json.dumps(_row(f"r{i}", f"images/{i}.png")) for i in range(2)])
-    assert _cache(zoo, manifest, tmp_path / "s", "--image-refs").returncode == 0
+    _cache_here(zoo, manifest, tmp_path / "s", image_refs=True)
     store = TeacherStore(tmp_path / "s")
     assert store[0].images == [None] and store[0].image_data() == [_png(0)]
     (tmp_path / "images" / "0.png").write_bytes(_png(5))

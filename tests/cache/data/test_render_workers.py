@@ -7,6 +7,8 @@ import subprocess
 
 import pytest
 
+from genrecal_cache.job.config import CacheConfig
+from genrecal_cache.job.launch import run_cache
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.store.verify import verify
 from tests.cache.job.test_cache_teacher import assert_same_store
@@ -23,9 +25,11 @@ def _cache(zoo, manifest, out, workers: int, *extra: str, **env_extra: str) -> s
 
 @pytest.fixture(scope="module")
 def in_process(zoo, demo_manifest, tmp_path_factory):
+    """The store of `_cache(..., workers=0)`, written in this process (rendering in the job's own process)."""
     out = tmp_path_factory.mktemp("w0") / "s"
-    p = _cache(zoo, demo_manifest, out, 0)
-    assert p.returncode == 0, p.stderr[-2000:]
+    run_cache(CacheConfig(teacher=str(zoo["qwen2vl"]), manifest=demo_manifest, output=out, render_workers=0,
+                          commit_every=3, batch_tokens=200, dtype="float32", device="cpu", progress=False,
+                          command=["test"]))
     return out
 
 

@@ -253,10 +253,11 @@ def test_a_float16_overflow_stops_with_the_fix_and_float32_works(overflowing_tea
     assert "non-finite teacher values: features:" in p.stderr and "overflows --dtype float16" in p.stderr
     assert "--dtype bfloat16 (or float32)" in p.stderr and "Traceback" not in p.stderr
     assert len(TeacherStore(tmp_path / "fp16")) == 0
-    p = run_command("cache-teacher", *common, "--output", tmp_path / "fp32", "--dtype", "float32", env=ENV,
-                    drop_env=DROP, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert len(TeacherStore(tmp_path / "fp32")) == N_ROWS
+    res = run_cache(CacheConfig(teacher=str(overflowing_teacher), manifest=manifest, output=tmp_path / "fp32",
+                                dtype="float32", device="cpu", progress=False, render_workers=0,
+                                command=["test"]))  # in this process
+    assert res.samples == N_ROWS and len(TeacherStore(tmp_path / "fp32")) == N_ROWS and verify(TeacherStore(
+        tmp_path / "fp32")).ok
 
 
 def test_engine_and_device_errors_are_known_by_name_and_message():

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from genrecal_cache.job.config import CacheConfig
+from genrecal_cache.job.launch import run_cache
 from genrecal_cache.store.dtypes import FP8, decode_features, encode_features, stored_features
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.store.record import non_finite
@@ -57,16 +59,16 @@ def test_zero_rows_empty_rows_and_non_finite_values():
 
 @pytest.fixture(scope="module")
 def stores(zoo, demo_manifest, tmp_path_factory) -> dict[str, Path]:
-    """The same job (float32 compute) stored as fp8, bf16 and fp32, with question features and a layer."""
+    """The same job (float32 compute) stored as fp8, bf16 and fp32, with question features and a layer: written in
+    this process (the stores are this file's data; the CLI's --feature-dtype is run by the tests below)."""
     root = tmp_path_factory.mktemp("fp8")
     out = {}
     for name, fd in (("fp8", "fp8"), ("bf16", "bfloat16"), ("fp32", "auto")):
         out[name] = root / name
-        done = run_command("cache-teacher", "--teacher", zoo["llava"], "--manifest", demo_manifest, "--output",
-                           out[name], "--feature-dtype", fd, "--question-features", "--layers", "1", "--dtype",
-                           "float32", "--device", "cpu", "--no-progress", "--render-workers", "0", env=ENV,
-                           timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+        res = run_cache(CacheConfig(teacher=str(zoo["llava"]), manifest=demo_manifest, output=out[name],
+                                    feature_dtype=fd, question_features=True, layers="1", dtype="float32",
+                                    device="cpu", progress=False, render_workers=0, command=["test"]))
+        assert res.samples > 0, res.top_reasons(5)
     return out
 
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from genrecal_cache.inspection import summary
+from genrecal_cache.job.config import CacheConfig
+from genrecal_cache.job.launch import run_cache
 from genrecal_cache.store.format import carries_question_features
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.store.size import StoreShape, sizing_table, store_bytes
@@ -37,13 +39,16 @@ def _cache(zoo, manifest: Path, out: Path, *flags: str):
 @pytest.fixture(scope="module")
 def stores(zoo, demo_manifest, tmp_path_factory) -> dict[str, Path]:
     """The demo manifest cached with every sample's question features and with a fraction F of them, the latter in
-    two runs (the first stopped at 8 rows by --max-samples, the second resuming it)."""
+    two runs (the first stopped at 8 rows by max_samples, the second resuming it); written in this process (the
+    stores are this file's data; the tests below run the CLI's --question-features-fraction)."""
     root = tmp_path_factory.mktemp("qfrac")
     full, part = root / "full", root / "fraction"
-    for out, flags in ((full, ()), (part, ("--question-features-fraction", str(F), "--max-samples", "8")),
-                       (part, ("--question-features-fraction", str(F)))):
-        done = _cache(zoo, demo_manifest, out, *flags)
-        assert done.returncode == 0, done.stderr[-3000:]
+    for out, options in ((full, {}), (part, {"question_features_fraction": F, "max_samples": 8}),
+                         (part, {"question_features_fraction": F})):
+        res = run_cache(CacheConfig(teacher=str(zoo["llava"]), manifest=demo_manifest, output=out,
+                                    question_features=True, dtype="float32", device="cpu", progress=False,
+                                    render_workers=0, commit_every=4, command=["test"], **options))
+        assert res.samples > 0, res.top_reasons(5)
     return {"full": full, "fraction": part}
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from genrecal_cache.job.config import CacheConfig
+from genrecal_cache.job.launch import run_cache
 from tests.helpers import perturbed_copy, run_command
 
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -21,13 +23,13 @@ def stores(zoo, clean_manifest, tmp_path_factory) -> dict[str, Path]:
     (greedy), and fp8 features of the dataset's answers; question features and layer 1 in both."""
     root = tmp_path_factory.mktemp("spot")
     out = {}
-    for name, flags in (("bf16", ("--feature-dtype", "bf16", "--answers", "generate", "--max-new-tokens", "4",
-                                  "--truncated", "keep")), ("fp8", ("--feature-dtype", "fp8"))):
-        out[name] = root / name
-        done = run_command("cache-teacher", "--teacher", zoo["llava"], "--manifest", clean_manifest, "--output",
-                           out[name], "--question-features", "--layers", "1", "--dtype", "float32", "--device", "cpu",
-                           "--no-progress", "--render-workers", "0", *flags, env=ENV, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+    for name, options in (("bf16", {"feature_dtype": "bf16", "answers": "generate", "max_new_tokens": 4,
+                                    "truncated": "keep"}), ("fp8", {"feature_dtype": "fp8"})):
+        out[name] = root / name  # written in this process: the stores are data here, the spot-check is the CLI's
+        res = run_cache(CacheConfig(teacher=str(zoo["llava"]), manifest=clean_manifest, output=out[name],
+                                    question_features=True, layers="1", dtype="float32", device="cpu",
+                                    progress=False, render_workers=0, command=["test"], **options))
+        assert res.samples > 0, res.top_reasons(5)
     return out
 
 

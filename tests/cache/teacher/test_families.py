@@ -2,7 +2,7 @@
 
 Per family: cache-teacher (transformers, and vLLM where it runs the family) -> head(stored features) equals the
 teacher's own logits on the stored ids and images -> train-student a few steps (the CLI) -> the saved student
-reloads with transformers and generates (eval-student, the CLI). By default each family added for the matrix is
+reloads with transformers and generates (eval-student's evaluation). By default each family added for the matrix is
 once teacher and once student (a ring of pairs) and one vLLM job caches the families vLLM runs; the full
 teacher x student cross product is `slow`. README.md, "Tested model families", summarises what this checks.
 """
@@ -156,15 +156,16 @@ def _reloads_and_generates(path: Path, manifest: Path) -> None:
 @pytest.mark.parametrize(("teacher", "student"), RING, ids=[f"{t}->{s}" for t, s in RING])
 def test_cache_train_reload_generate(teacher, student, models, hf_store, clean_manifest, text_manifest, tmp_path):
     """As users run it: train-student (all three stages, two steps each) from the teacher's store, then
-    eval-student on the saved student."""
+    eval-student's evaluation of the saved student (in this process: the command's own run is
+    tests/train/test_evaluate.py's and the README quick start's)."""
+    from genrecal_train.evaluate import EvalConfig, evaluate
+
     manifest = _manifest(teacher, clean_manifest, text_manifest)
     _train_cli(hf_store(teacher), models[student], tmp_path / "run")
     final = tmp_path / "run" / "stage3" / "final" / "student"
     _reloads_and_generates(final, manifest)
-    done = run_command("eval-student", "--student", final, "--manifest", manifest, "--max-samples", "2",
-                       "--max-new-tokens", "3", "--output", tmp_path / "preds.jsonl", "--device", "cpu",
-                       "--no-progress", env=ENV, inherit_env=False, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    evaluate(EvalConfig(student=str(final), manifest=manifest, max_samples=2, max_new_tokens=3,
+                        output=tmp_path / "preds.jsonl", device="cpu", progress=False, command=["test"]))
     preds = [json.loads(x) for x in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert len(preds) == 2 and all(isinstance(p["prediction"], str) for p in preds)
 

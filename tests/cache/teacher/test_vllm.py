@@ -81,6 +81,7 @@ def test_vllm_generated_answers_reproduce_their_logprobs(zoo, engine, clean_mani
     assert not teacher.generator.llm_engine.model_config.enforce_eager
 
 
+@pytest.mark.slow  # ~90-150 s: two CLI jobs, each starting vLLM's engine processes (README, "make test-all")
 def test_vllm_resume_after_sigkill(zoo, vllm_engine, text_manifest, tmp_path):
     """The CLI with --backend vllm killed right after its first commit, then re-run: the store an uninterrupted
     run gives (compared with the transformers backend's), every row once. Both engines eager (--enforce-eager):
