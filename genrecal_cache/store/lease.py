@@ -34,9 +34,6 @@ def _boot_id() -> str:
         return ""
 
 
-    return True
-
-
 class LeaseHeldError(StoreError):
     """Another writer holds the part's lease."""
 
@@ -132,10 +129,9 @@ class Lease:
         while not self._stop.wait(self.seconds / 4):
             try:
                 self.renew()
-            except StoreError:
-                return  # kept in `lost` (or a server failure: the next check() raises it again)
             except Exception:  # noqa: BLE001 - a server hiccup: tried again at the next interval and at check()
-                continue
+                if self.lost is not None:  # taken over: check() raises it before the next commit
+                    return
 
     def release(self) -> None:
         """Stop renewing and delete the lease (left to expire where the server cannot be reached)."""

@@ -99,6 +99,3 @@ def _remove_stale(out: Path) -> None:
         pid = tmp.name.rsplit("-", 1)[1]
         if pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-    return True
