@@ -18,10 +18,12 @@ from tqdm import tqdm
 
 from genrecal_cache.core.config import at_least, flag, json_object, resolve_device
 from genrecal_cache.core.errors import ConfigError, RejectError
+from genrecal_cache.core.locations import STORAGE_OPTIONS_HELP, Location, parse_storage_options, store_path
 from genrecal_cache.core.models import load_model
+from genrecal_cache.data.remote_sources import open_dataset
 from genrecal_cache.data.render import Rendered, Renderer
 from genrecal_cache.data.rows import Columns, Sample, parse_row
-from genrecal_cache.data.sources import Source, open_source
+from genrecal_cache.data.sources import Source
 
 
 @dataclass
@@ -30,12 +32,14 @@ class EvalConfig:
 
     student: str = flag("Model directory to evaluate (a base student or any stage's final/student).")
     manifest: str = flag("Held-out data, in any form cache-teacher reads (file, folder or glob of shards, "
-                         "save_to_disk folder, hub:ORG/NAME); each row's last assistant turn (or answer column) is "
-                         "the gold answer.")
+                         "save_to_disk folder, hub:ORG/NAME, or a file, prefix or glob on an object store: "
+                         "s3://bucket/data/test.jsonl); each row's last assistant turn (or answer column) is the gold "
+                         "answer.")
     split: str | None = flag("The split to read where the data holds several.", None)
     columns: str = flag("Column mapping for flat tables, as for cache-teacher (question=...,answer=...,image=...).",
                         "")
-    image_root: Path | None = flag("Where relative image paths resolve (default: the manifest's folder).", None)
+    image_root: str | None = flag("Where relative image paths resolve: a folder or an object store prefix (default: "
+                                  "the manifest's folder).", None)
     trust_remote_code: bool = flag("Allow the student's own modelling code (only for checkpoints you trust).", False)
     processor_kwargs: str = flag("Settings for the student's processor as JSON, e.g. '{\"max_pixels\": 1003520}'.",
                                  "")
@@ -44,13 +48,14 @@ class EvalConfig:
     max_samples: int | None = flag("Evaluate only the first N rows.", None)
     device: str = flag("auto, cpu, cuda, ...", "auto")
     progress: bool = flag("Show a progress bar.", True)
+    storage_options: str | None = flag(STORAGE_OPTIONS_HELP, None)
     command: list[str] = field(default_factory=lambda: list(sys.argv))
 
     def __post_init__(self) -> None:
         self.manifest = str(self.manifest)
-        for name in ("output", "image_root"):
-            if getattr(self, name) is not None:
-                setattr(self, name, Path(getattr(self, name)))
+        self.output = None if self.output is None else Path(self.output)
+        self.image_root = None if self.image_root is None else store_path(self.image_root)  # a URL stays text
+        self.storage_options_map = parse_storage_options(self.storage_options)
         try:
             self.column_map = Columns.parse(self.columns)
         except ValueError as e:
@@ -74,7 +79,7 @@ def _text(message: dict[str, Any]) -> str:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Accuracy of greedy answers; rows that cannot be read or rendered are counted as skipped."""
-    source = open_source(cfg.manifest, cfg.split)
+    source = open_dataset(cfg.manifest, cfg.split, cfg.storage_options_map)
     loaded = load_model(cfg.student, dtype="auto", device=cfg.device, flag="--student",
                         trust_remote_code=cfg.trust_remote_code,
                         processor_kwargs=cfg.processor_kwargs_map)
@@ -124,7 +129,9 @@ def score(prediction: str, gold: str) -> dict[str, bool]:
 
 def _answer_rows(cfg: EvalConfig, source: Source, model: Any, renderer: Renderer, rows: list[dict],
                  skipped: list[dict], out: Any) -> None:
-    root = cfg.image_root or source.root
+    root = source.root if cfg.image_root is None else cfg.image_root
+    if isinstance(root, str):  # an object store prefix
+        root = Location.of(root, cfg.storage_options_map)
     for row in tqdm(source.rows(), disable=not cfg.progress, desc="eval-student", unit="sample"):
         if cfg.max_samples is not None and row.index >= cfg.max_samples:
             break

@@ -219,7 +219,8 @@ def test_server_failures_are_one_line_and_the_job_resumes(local, zoo, demo_manif
 
 def test_a_manifest_and_its_images_on_s3_give_the_local_store(local, zoo, demo_manifest, s3_server, tmp_path):
     """The demo manifest and its image folder uploaded: --manifest s3://.../manifest.jsonl (images by paths relative
-    to it) writes the store the local files write; the samples name their images by URL."""
+    to it) writes the store the local files write, the samples naming their images by URL; eval-student reads it
+    as it reads the local files."""
     data = Location.of(_url(s3_server, "data"), s3_server.storage_options())
     data.fs.put(str(demo_manifest.parent) + "/", data.path + "/", recursive=True)
     url = _url(s3_server, "from-s3")
@@ -229,6 +230,15 @@ def test_a_manifest_and_its_images_on_s3_give_the_local_store(local, zoo, demo_m
     part = TeacherStore(url, storage_options=s3_server.storage_options()).parts[0]
     paths = [p for ps in part.samples.column("image_paths").to_pylist() for p in ps if p]
     assert paths and all(p.startswith(f"{data.url}/images/") for p in paths), paths[:3]
+    # eval-student reads the same data from S3 as from the local files: the same predictions
+    preds = {}
+    for name, manifest in (("local", demo_manifest), ("s3", f"{data.url}/manifest.jsonl")):
+        done = run_command("eval-student", "--student", zoo["qwen2vl"], "--manifest", manifest, "--max-samples",
+                           "4", "--max-new-tokens", "3", "--output", tmp_path / f"{name}.jsonl", "--device", "cpu",
+                           "--no-progress", env=_env(s3_server, tmp_path), timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        preds[name] = [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    assert preds["s3"] == preds["local"] and len(preds["local"]) >= 3
     # A path that leaves the image root is refused, as locally
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "x", "images": ["../../elsewhere/a.png"], "messages": [
