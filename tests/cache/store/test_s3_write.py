@@ -6,6 +6,7 @@ the job resumable, damage named by --verify and refused by train-student."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -248,3 +249,21 @@ def test_a_manifest_and_its_images_on_s3_give_the_local_store(local, zoo, demo_m
     done = _cache(zoo, f"{data.url}/bad.jsonl", _url(s3_server, "bad"), env=_env(s3_server, tmp_path))
     assert done.returncode == 2 and "outside the image root" in done.stdout + done.stderr, done.stderr[-2000:]
 
+
+
+def test_a_server_without_conditional_writes_is_refused_unless_the_user_opts_in():
+    """fsspec's in-memory filesystem stands for a server that has no conditional writes (the probe says so): the
+    writer refuses it in one line naming the opt-in; with it, the part's files write by plain PUTs, the lease still
+    naming its holder."""
+    from genrecal_cache.store.part_files import ObjectPartFiles, part_files
+
+    root = Location.of(f"memory://bucket-{uuid.uuid4().hex[:8]}/store")
+    assert not root.supports_conditional_writes()
+    with pytest.raises(StoreError, match="ignores conditional writes .* --allow-unconditional-writes"):
+        part_files(root, PART)
+    files = part_files(root, PART, lease_seconds=8, unconditional=True)
+    assert isinstance(files, ObjectPartFiles) and not files.conditional
+    files.acquire()
+    assert lease_state(files.dir.join("lease.json"))["pid"] == os.getpid()
+    files.release()
+    assert lease_state(files.dir.join("lease.json")) is None
