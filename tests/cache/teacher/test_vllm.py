@@ -82,28 +82,32 @@ def test_vllm_generated_answers_reproduce_their_logprobs(zoo, engine, clean_mani
 
 
 @pytest.mark.slow  # ~90-150 s: two CLI jobs, each starting vLLM's engine processes (README, "make test-all")
-def test_vllm_resume_after_sigkill(zoo, vllm_engine, text_manifest, tmp_path):
-    """The CLI with --backend vllm killed right after its first commit, then re-run: the store an uninterrupted
-    run gives (compared with the transformers backend's), every row once. Both engines eager (--enforce-eager):
-    a compiled pooling engine is checked in test_teacher_failures_vllm.py, a compiled writing one above."""
+def test_vllm_resume_after_sigkill(zoo, vllm_engine, text_manifest, tmp_path, s3_server, monkeypatch):
+    """The CLI with --backend vllm writing to S3, killed right after its first commit, then re-run: the store an
+    uninterrupted run gives (compared with the transformers backend's), every row once, the dead job's lease taken
+    over at once. Both engines eager (--enforce-eager): a compiled pooling engine is checked in
+    test_teacher_failures_vllm.py, a compiled writing one above."""
     vllm_engine.release()  # this test's engines are the CLI's (one engine at a time)
-    args = ["--teacher", zoo["textlm"], "--manifest", text_manifest, "--output", tmp_path / "vllm", "--backend", "vllm",
+    for k, v in s3_server.env().items():  # this process reads the store as the commands write it
+        monkeypatch.setenv(k, v)
+    url = s3_server.url(f"vllm-cli-{uuid.uuid4().hex[:8]}", "store")
+    args = ["--teacher", zoo["textlm"], "--manifest", text_manifest, "--output", url, "--backend", "vllm",
             "--gpu-memory-utilization", "0.15", "--commit-every", "1", "--dtype", "float32", "--device", "cpu",
             "--question-features", "--max-length", "1024", "--no-progress", "--enforce-eager"]
+    env = {"OMP_NUM_THREADS": "1", **s3_server.env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     with open(tmp_path / "killed.log", "w") as log:  # not a pipe: the engine's processes outlive the kill
-        killed = start_command("cache-teacher", *args, env={"OMP_NUM_THREADS": "1", "GENRECAL_KILL_AT": "committed:0"},
+        killed = start_command("cache-teacher", *args, env={**env, "GENRECAL_KILL_AT": "committed:0"},
                                stdout=log, stderr=log, start_new_session=True)
         assert killed.wait(timeout=600) == -9, (tmp_path / "killed.log").read_text()[-2000:]
     os.killpg(killed.pid, signal.SIGKILL)  # as a scheduler does: the whole job, the engine's processes too
-    assert len(TeacherStore(tmp_path / "vllm")) == 1
+    assert len(TeacherStore(url)) == 1
     assert "enforce_eager=True" in (tmp_path / "killed.log").read_text()  # vLLM's engine config line
-    done = run_command("cache-teacher", *args, env={"OMP_NUM_THREADS": "1"},
-                       drop_env=("GENRECAL_KILL_AT",), timeout=600)
+    done = run_command("cache-teacher", *args, env=env, drop_env=("GENRECAL_KILL_AT",), timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "enforce_eager=True" in done.stderr + done.stdout
     run_cache(_cfg(zoo["textlm"], text_manifest, tmp_path / "hf", "hf", commit_every=1))
-    assert_close_stores(tmp_path / "hf", tmp_path / "vllm")
-    assert verify(TeacherStore(tmp_path / "vllm")).ok
+    assert_close_stores(tmp_path / "hf", url)
+    assert verify(TeacherStore(url)).ok
 
 
 def assert_close_stores(hf_path, vllm_path) -> None:
