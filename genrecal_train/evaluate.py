@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from genrecal_cache.core.config import at_least, flag, json_object, resolve_device
 from genrecal_cache.core.errors import ConfigError, RejectError
-from genrecal_cache.core.locations import STORAGE_OPTIONS_HELP, Location, parse_storage_options, store_path
+from genrecal_cache.core.locations import STORAGE_OPTIONS_HELP, parse_storage_options, store_path
 from genrecal_cache.core.models import load_model
-from genrecal_cache.data.remote_sources import open_dataset
+from genrecal_cache.data.remote_sources import image_root, open_dataset
 from genrecal_cache.data.render import Rendered, Renderer
 from genrecal_cache.data.rows import Columns, Sample, parse_row
 from genrecal_cache.data.sources import Source
@@ -129,9 +129,7 @@ def score(prediction: str, gold: str) -> dict[str, bool]:
 
 def _answer_rows(cfg: EvalConfig, source: Source, model: Any, renderer: Renderer, rows: list[dict],
                  skipped: list[dict], out: Any) -> None:
-    root = source.root if cfg.image_root is None else cfg.image_root
-    if isinstance(root, str):  # an object store prefix
-        root = Location.of(root, cfg.storage_options_map)
+    root = image_root(cfg.image_root, source, cfg.storage_options_map)
     for row in tqdm(source.rows(), disable=not cfg.progress, desc="eval-student", unit="sample"):
         if cfg.max_samples is not None and row.index >= cfg.max_samples:
             break

@@ -25,6 +25,14 @@ def open_dataset(spec: str, split: str | None = None, storage_options: dict[str,
     return open_source(spec, split)
 
 
+def image_root(given: Path | str | None, source: Source, options: dict[str, Any]) -> Path | Location:
+    """Where relative image paths resolve: `--image-root` (a folder; an object store prefix stays text until here),
+    else the source's folder."""
+    if given is None:
+        return source.root
+    return Location.of(given, options) if isinstance(given, str) else given
+
+
 def open_remote(spec: str, split: str | None, options: dict[str, Any]) -> Source:
     """Files on an object store: copied once into a local cache (by URL, size and ETag: a changed object is fetched
     again) and read from there; image paths resolve under the URL's folder (the prefix of a glob or folder)."""

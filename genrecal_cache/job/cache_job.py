@@ -19,7 +19,7 @@ from genrecal_cache.core.config import write_config
 from genrecal_cache.core.errors import ConfigError, DatasetError, RejectError, StoreError, StoreServerError
 from genrecal_cache.core.locations import Location
 from genrecal_cache.core.provenance import provenance
-from genrecal_cache.data.remote_sources import open_dataset
+from genrecal_cache.data.remote_sources import image_root, open_dataset
 from genrecal_cache.data.render import Rendered, Truncated, compatible_runs, prompt_turns
 from genrecal_cache.data.render_pool import Preparer, RenderPool, RenderWorkerError, Task
 from genrecal_cache.data.rows import Sample, row_sample_id, unicode_safe
@@ -53,10 +53,8 @@ class CacheJob:
 
     def __init__(self, cfg: CacheConfig, teacher: Teacher | None = None):
         self.source: Source = open_dataset(cfg.manifest, cfg.split, cfg.storage_options_map)
-        self.image_root = self.source.root if cfg.image_root is None else cfg.image_root
-        if isinstance(self.image_root, str):  # an object store prefix: its objects are named, never listed
-            self.image_root = Location.of(self.image_root, cfg.storage_options_map)
-        elif isinstance(self.image_root, Path) and not self.image_root.is_dir():
+        self.image_root = image_root(cfg.image_root, self.source, cfg.storage_options_map)
+        if isinstance(self.image_root, Path) and not self.image_root.is_dir():  # a prefix is never listed
             raise ConfigError(f"--image-root {self.image_root}: no such folder")
         self.store = Location.of(cfg.output, cfg.storage_options_map)
         check_output(self.store)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import re
 import tempfile
@@ -29,7 +28,7 @@ from .format import COMMIT_FILE, WRITER_FILE, commit_files, read_commit, shard_f
 from .lease import LEASE_FILE, LEASE_SECONDS, Lease, LeaseHeldError
 from .shards import sync_folders, write_shard
 
-_ZARR_PARTIAL = r".*\.[0-9a-f]{32}\.partial"  # zarr's LocalStore temp files (zarr 3.x)
+_ZARR_PARTIAL = re.compile(r".*\.[0-9a-f]{32}\.partial")  # zarr's LocalStore temp files (zarr 3.x)
 
 
 def flock(f: Any, flags: int, root: object) -> None:
@@ -84,8 +83,6 @@ def table_bytes(table: pa.Table) -> bytes:
 class LocalPartFiles:
     """A part in a local folder: files written beside their name, fsynced and renamed into place."""
 
-    remote = False
-
     def __init__(self, root: Location, part: str):
         self.root, self.part = Path(root.path), part
         self.dir = self.root / "parts" / part
@@ -123,13 +120,11 @@ class LocalPartFiles:
                 if m and (m.group(2) == "tmp" or int(m.group(1)) >= seq):
                     f.unlink()
         for f in self.dir.rglob("*.partial"):
-            if re.fullmatch(_ZARR_PARTIAL, f.name):
+            if _ZARR_PARTIAL.fullmatch(f.name):
                 f.unlink()
 
-    def put_shard(self, array: str, shard: int, two_d: bool, blob: bytes) -> str:
-        file = shard_file(self.dir / array, shard, two_d)
-        write_shard(file, blob)
-        return str(file)
+    def put_shard(self, array: str, shard: int, two_d: bool, blob: bytes) -> None:
+        write_shard(shard_file(self.dir / array, shard, two_d), blob)
 
     def sync_shard(self, array: str, shard: int, two_d: bool) -> None:
         fsync(shard_file(self.dir / array, shard, two_d))
@@ -156,8 +151,6 @@ class ObjectPartFiles:
     commit is created with `If-None-Match: *` after the lease is renewed; no fsync (a PUT is durable once
     acknowledged)."""
 
-    remote = True
-
     def __init__(self, root: Location, part: str, lease_seconds: float = LEASE_SECONDS, take_over: bool = False,
                  conditional: bool = True):
         self.root, self.part, self.conditional = root, part, conditional
@@ -182,10 +175,7 @@ class ObjectPartFiles:
 
     def last_commit(self, sub: str) -> dict[str, Any] | None:
         names = sorted(n for n in self._names(sub) if COMMIT_FILE.fullmatch(n))
-        if not names:
-            return None
-        return json.loads(pq.read_schema(pa.BufferReader(self.dir.join(sub, names[-1]).read_bytes())).metadata[
-            b"genrecal_commit"])
+        return read_commit(pa.BufferReader(self.dir.join(sub, names[-1]).read_bytes())) if names else None
 
     def clean(self, subs: tuple[str, ...], seq: int) -> None:
         for sub in subs:
@@ -194,20 +184,19 @@ class ObjectPartFiles:
                 if m and (m.group(2) == "tmp" or int(m.group(1)) >= seq):
                     self.dir.join(sub, name).remove()
 
-    def put_shard(self, array: str, shard: int, two_d: bool, blob: bytes) -> str:
+    def put_shard(self, array: str, shard: int, two_d: bool, blob: bytes) -> None:
         """One PUT through obstore (Rust, without the GIL: the pool's PUTs overlap), where s3fs's botocore would
         sign and send under the GIL."""
         key = f"{array}/{shard_key(shard, two_d)}"
         if self._obstore is None:  # gs://, az://: through fsspec
             self.dir.join(key).write_bytes(blob)
-            return str(self.dir.join(key))
+            return
         import obstore
 
         try:
             obstore.put(self._obstore, key, blob)
         except Exception as e:
             raise (self.dir.error(e, "writing") or e) from None
-        return str(self.dir.join(key))
 
     def sync_shard(self, array: str, shard: int, two_d: bool) -> None:
         """Nothing: each PUT was durable when acknowledged."""
@@ -243,14 +232,14 @@ def part_files(root: Location, part: str, lease_seconds: float = LEASE_SECONDS, 
     return ObjectPartFiles(root, part, lease_seconds, take_over, conditional)
 
 
-def upload_folder(folder: Path, dest: Location) -> None:
-    """Each file under `folder` written to `dest` under its relative path (the teacher tokenizer)."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            dest.join(str(path.relative_to(folder))).write_bytes(path.read_bytes())
-
-
-@contextlib.contextmanager
-def local_folder() -> Iterator[Path]:
+def save_tokenizer(tokenizer: Any, dest: Location) -> None:
+    """`tokenizer.save_pretrained` into `dest`: a local folder, or through a temporary one, file by file, to an object
+    store."""
+    if dest.is_local:
+        tokenizer.save_pretrained(dest.path)
+        return
     with tempfile.TemporaryDirectory(prefix="genrecal-") as d:
-        yield Path(d)
+        tokenizer.save_pretrained(d)
+        for path in sorted(Path(d).rglob("*")):
+            if path.is_file():
+                dest.join(str(path.relative_to(d))).write_bytes(path.read_bytes())

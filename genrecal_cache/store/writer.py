@@ -42,7 +42,7 @@ from .format import (
     part_arrays,
     read_meta,
 )
-from .part_files import LocalPartFiles, ObjectPartFiles, creation_lock, local_folder, part_files, upload_folder
+from .part_files import LocalPartFiles, ObjectPartFiles, creation_lock, part_files, save_tokenizer
 from .record import NonFiniteError, SampleRecord, non_finite
 from .shards import Rows, ShardEncoder, StageClock
 
@@ -74,12 +74,8 @@ def open_or_create(path: Path | Location, meta: dict[str, Any], head: dict[str, 
         hd = meta["head"]["dtype"]
         for name, value in head.items():
             _write_matrix(hg, name, value, hd)
-        if tokenizer is not None and loc.is_local:
-            tokenizer.save_pretrained(str(Path(loc.path, TOKENIZER_DIR)))
-        elif tokenizer is not None:
-            with local_folder() as d:
-                tokenizer.save_pretrained(str(d))
-                upload_folder(d, loc.join(TOKENIZER_DIR))
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, loc.join(TOKENIZER_DIR))
         if loc.is_local:
             for folder in (Path(loc.path, "head"), Path(loc.path, TOKENIZER_DIR)):
                 if folder.exists():
