@@ -15,6 +15,10 @@ if not torch.cuda.is_available():  # before any kernel is decorated: run Triton 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The hub's paths pinned to their default: a test that moves XDG_CACHE_HOME (genrecal's caches) moves only those,
+# whether its command starts cold or forked from tests/warm.py's zygote (which read them at import).
+os.environ.setdefault("HF_HOME", os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                              "huggingface"))
 torch.set_num_threads(1)  # 2 threads on a busy 2-core machine is slower
 
 from demo_data import write_demo_manifest  # noqa: E402

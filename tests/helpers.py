@@ -9,6 +9,8 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from tests import warm
+
 ROOT = Path(__file__).resolve().parents[1]
 VLMS = ("llava", "idefics3", "qwen2vl")
 COMMANDS = {  # console command -> how to start it from this interpreter (the installed script does the same)
@@ -44,8 +46,8 @@ def run_command(command: str, *args: object, env: Mapping[str, str] | None = Non
     kwargs.setdefault("stdout", subprocess.PIPE)
     kwargs.setdefault("stderr", subprocess.PIPE)
     kwargs.setdefault("text", True)
-    return subprocess.run(command_line(command, *args), env=command_env(env, drop_env, inherit_env), timeout=timeout,
-                          cwd=cwd or ROOT, **kwargs)
+    return warm.run(command_line(command, *args), command_env(env, drop_env, inherit_env), timeout=timeout,
+                    cwd=cwd or ROOT, **kwargs)
 
 
 def start_command(command: str, *args: object, env: Mapping[str, str] | None = None, drop_env: Iterable[str] = (),
@@ -53,8 +55,8 @@ def start_command(command: str, *args: object, env: Mapping[str, str] | None = N
     """`command ARGS...` started and left running (for tests that wait on, kill or race it): the `subprocess.Popen`,
     with `run_command`'s command line, environment and directory; other keywords (`stdout=`, `stderr=`, `text=`,
     `start_new_session=`) go to `Popen`, whose output is not captured unless asked."""
-    return subprocess.Popen(command_line(command, *args), env=command_env(env, drop_env, inherit_env),
-                            cwd=cwd or ROOT, **kwargs)
+    return warm.popen(command_line(command, *args), command_env(env, drop_env, inherit_env), cwd=cwd or ROOT,
+                      **kwargs)
 
 
 def perturbed_copy(src: Path, dst: Path, delta: float = 0.05) -> Path:

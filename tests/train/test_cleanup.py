@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +17,7 @@ from genrecal_train.data import Prefetcher
 from genrecal_train.models import find_recalibrator, new_recalibrator
 from genrecal_train.recalibrator import AnswerInputs
 from genrecal_train.trainer import train
-from tests.helpers import ROOT
+from tests.helpers import run_command
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +71,11 @@ def test_no_thread_outlives_train_stopped_by_max_steps(store, zoo, tmp_path, mon
 
 
 def test_train_student_stopped_by_max_steps_exits_0_every_time(store, zoo, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     for i in range(3):
         out = tmp_path / f"run{i}"
-        r = subprocess.run([sys.executable, "-m", "genrecal_train.cli", "--store", str(store), "--student",
-                            str(zoo["idefics3"]), "--output", str(out), "--stage", "3", "--max-steps", "2",
-                            "--epochs", "100", "--batch-size", "1", "--block-size", "4", "--no-progress"],
-                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        r = run_command("train-student", "--store", store, "--student", zoo["idefics3"], "--output", out, "--stage",
+                        "3", "--max-steps", "2", "--epochs", "100", "--batch-size", "1", "--block-size", "4",
+                        "--no-progress", env={"OMP_NUM_THREADS": "1"}, timeout=300)
         assert r.returncode == 0, f"run {i}: exit {r.returncode}\n{r.stderr[-2000:]}"
         # it says what it starts from (no stage-2 student here) and what it trains
         assert "stage 3: fine-tuning" in r.stdout and "there is no stage-2 student" in r.stdout, r.stdout
@@ -117,10 +112,7 @@ def test_plot_with_a_text_only_student_and_a_stage_folder(zoo, text_manifest, tm
     train(TrainConfig(store=out, student=str(zoo["textlm"]), output=run, stage="1", max_steps=1, batch_size=2,
                       heldout_fraction=0.0, reliance_every=0, progress=False, device="cpu", command=["t"]))
     png = tmp_path / "f.png"
-    r = subprocess.run([sys.executable, "-m", "genrecal_cache", "inspect-cache", "--store", str(out), "--plot",
-                        str(png), "--student", str(zoo["textlm"]), "--recalibrator", str(run / "stage1" / "final"),
-                        "--plot-samples", "3"],
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    r = run_command("inspect-cache", "--store", out, "--plot", png, "--student", zoo["textlm"], "--recalibrator",
+                    run / "stage1" / "final", "--plot-samples", "3", env={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

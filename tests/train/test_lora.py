@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from genrecal_cache.core.errors import ConfigError
 from genrecal_train.lora import LoraSpec, target_names
 from genrecal_train.models import vision_parameter_names
 from genrecal_train.trainer import train
-from tests.helpers import ROOT
+from tests.helpers import run_command
 
 from .test_trainer import _cfg, _losses, _store
 
@@ -32,11 +31,10 @@ def store(zoo, demo_manifest, tmp_path_factory) -> Path:
 def lora_run(store, zoo, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """`train-student --method sft --lora-rank 4 --save-adapter` as users run it."""
     out = tmp_path_factory.mktemp("lora-run")
-    cmd = [sys.executable, "-m", "genrecal_train.cli", "--store", str(store), "--student", str(zoo["idefics3"]),
-           "--output", str(out), "--method", "sft", "--lora-rank", "4", "--save-adapter", "--max-steps", "3",
-           "--batch-size", "4", "--lr", "5e-2", "--lr-end", "5e-2", "--reliance-every", "0", "--device", "cpu",
-           "--no-progress", "--report-to", "none"]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = run_command("train-student", "--store", store, "--student", zoo["idefics3"], "--output", out, "--method",
+                       "sft", "--lora-rank", "4", "--save-adapter", "--max-steps", "3", "--batch-size", "4", "--lr",
+                       "5e-2", "--lr-end", "5e-2", "--reliance-every", "0", "--device", "cpu", "--no-progress",
+                       "--report-to", "none", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
 
@@ -112,10 +110,9 @@ def test_targets_and_bad_options_are_named(zoo, store, tmp_path):
         _cfg(store, zoo, tmp_path, save_adapter=True)
     assert _cfg(store, zoo, tmp_path, lora_rank=4).lora_alpha == 8.0
     assert "--lora-alpha" not in to_argv(_cfg(store, zoo, tmp_path), changed_only=True)  # unset without LoRA
-    bad = subprocess.run([sys.executable, "-m", "genrecal_train.cli", "--store", str(store), "--student",
-                          str(zoo["idefics3"]), "--output", str(tmp_path / "o"), "--method", "sft", "--lora-rank",
-                          "4", "--lora-targets", "q_prj", "--device", "cpu", "--no-progress"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    bad = run_command("train-student", "--store", store, "--student", zoo["idefics3"], "--output", tmp_path / "o",
+                      "--method", "sft", "--lora-rank", "4", "--lora-targets", "q_prj", "--device", "cpu",
+                      "--no-progress", timeout=300)
     assert bad.returncode == 2 and "--lora-targets q_prj" in bad.stderr, bad.stderr[-2000:]
 
 

@@ -5,15 +5,13 @@ back from what each wrote. A tracker whose package is missing is an error naming
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from genrecal_cache.core.errors import ConfigError
 from genrecal_train import tracking
-from tests.helpers import ROOT
+from tests.helpers import run_command
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +26,11 @@ def test_every_tracker_gets_the_metrics_and_the_parameters(store, zoo, tmp_path)
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    r = subprocess.run([sys.executable, "-m", "genrecal_train.cli", "--store", str(store), "--student",
-                        str(zoo["idefics3"]), "--output", str(out), "--stage", "3", "--max-steps", "4",
-                        "--log-every", "2", "--batch-size", "2", "--report-to", "tensorboard,wandb,mlflow",
-                        "--no-progress"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = run_command("train-student", "--store", store, "--student", zoo["idefics3"], "--output", out, "--stage", "3",
+                    "--max-steps", "4", "--log-every", "2", "--batch-size", "2", "--report-to",
+                    "tensorboard,wandb,mlflow", "--no-progress", timeout=600,
+                    env={"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+                    drop_env=["MLFLOW_TRACKING_URI"])
     assert r.returncode == 0, r.stderr[-3000:]
     stage = out / "stage3"
 

@@ -5,10 +5,7 @@ rather than write nonsense (a non-finite loss, nothing to train on). Exact resum
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ from genrecal_cache.job.launch import run_cache
 from genrecal_train.config import TrainConfig
 from genrecal_train.models import vision_parameter_names
 from genrecal_train.trainer import Trainer, train
-from tests.helpers import ROOT, run_command
+from tests.helpers import run_command
 
 
 def _store(zoo, manifest, out, question_features=True) -> Path:
@@ -160,13 +157,12 @@ def test_pictures_of_a_run(trained, store, tmp_path):
     assert pts["student"].shape[0] == pts["teacher"].shape[0] == pts["recal_student"].shape[0] == 8
     assert pts["recal_student"].shape[1] == pts["teacher"].shape[1]
     assert len({tuple(x) for x in pts["teacher"].tolist()}) == 8, "a sample drawn twice"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     png = tmp_path / "f.png"
-    done = subprocess.run([sys.executable, "-m", "genrecal_cache", "inspect-cache", "--store", str(store), "--plot",
-                           str(png), "--student", str(trained / "stage1" / "final" / "student"), "--recalibrator",
-                           str(trained / "stage1" / "init" / "recalibrator"), "--recalibrator",
-                           str(trained / "stage1" / "final" / "recalibrator"), "--plot-samples", "12"],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_command("inspect-cache", "--store", store, "--plot", png, "--student",
+                       trained / "stage1" / "final" / "student", "--recalibrator",
+                       trained / "stage1" / "init" / "recalibrator", "--recalibrator",
+                       trained / "stage1" / "final" / "recalibrator", "--plot-samples", "12",
+                       env={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert loss_curves(trained, tmp_path / "c.png").stat().st_size > 1000

@@ -1,0 +1,22 @@
+"""What tests/test_warm.py checks a forked command has: it prints its argv, directory, environment, stdin, session
+and random draws as JSON, then exits with argv[1] after a non-daemon thread and an atexit handler have printed."""
+
+import atexit
+import json
+import os
+import random
+import sys
+import threading
+import time
+
+import numpy as np
+
+if __name__ == "__main__":
+    print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": os.environ.get("GENRECAL_PROBE"),
+                      "stdin": sys.stdin.read(), "own_session": os.getsid(0) == os.getpid(),
+                      "random": random.random(), "numpy": float(np.random.rand())}), flush=True)
+    atexit.register(lambda: print("atexit ran", flush=True))
+    threading.Thread(target=lambda: (time.sleep(0.3), print("thread joined", flush=True))).start()
+    if sys.argv[1] == "raise":
+        raise RuntimeError("probe failed")
+    sys.exit(int(sys.argv[1]))
