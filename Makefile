@@ -48,8 +48,9 @@ XDIST = $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 test: $(VLLM_STAMP)
 	$(PY) -m pytest -q $(XDIST)
 
+# Everything but the GPU tests, each console command started cold (tests/warm.py forks them warm in `make test`).
 test-all: $(STAMP)
-	$(PY) -m pytest -q $(XDIST) -m "not gpu"
+	GENRECAL_COLD_COMMANDS=1 $(PY) -m pytest -q $(XDIST) -m "not gpu"
 
 vllm: $(VLLM_STAMP)
 

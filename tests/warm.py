@@ -11,6 +11,7 @@ the zygote's (fresh each test session). `GENRECAL_COLD_COMMANDS=1` (`make test-a
 from __future__ import annotations
 
 import atexit
+import io
 import json
 import os
 import select
@@ -72,11 +73,12 @@ def _become(request: dict, fds: list[int], own_fds: list[int], started: int) -> 
     os.environ.clear()
     os.environ.update(request["env"])
     os.close(started)  # the pid is answered now, the session set, as Popen returns after a cold exec
-    for fd, name in enumerate(("stdin", "stdout", "stderr")):
-        old = getattr(sys, name)
-        line = 1 if name == "stderr" or (name == "stdout" and os.isatty(1)) else -1
-        new = open(fd, "r" if fd == 0 else "w", buffering=line, encoding=old.encoding, errors=old.errors,
-                   closefd=False)
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):  # as the interpreter makes them at start-up
+        old, raw = getattr(sys, name), io.FileIO(fd, "rb" if fd == 0 else "wb", closefd=False)
+        unbuffered = fd > 0 and old.write_through  # PYTHONUNBUFFERED or -u
+        buffer = raw if unbuffered else io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
+        new = io.TextIOWrapper(buffer, encoding=old.encoding, errors=old.errors, write_through=unbuffered,
+                               line_buffering=fd == 2 or (fd == 1 and raw.isatty()))
         setattr(sys, name, new)
         setattr(sys, f"__{name}__", new)
     import numpy as np
@@ -146,7 +148,8 @@ class Zygote:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.warm", str(theirs.fileno())], cwd=root, env=env,
-                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL)  # its children get the requests' own stdio
         theirs.close()
         self.lock = threading.Lock()
         ready = self.sock.recv(4096)
@@ -176,7 +179,7 @@ def _import_env(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 
 _zygotes: dict[tuple, Zygote] = {}  # by _import_env, the most recently used last
 _started: list[Zygote] = []
-MAX_ZYGOTES = 3  # ~0.7 GB each, shared copy-on-write with their children
+MAX_ZYGOTES = 2  # ~0.9 GB each, shared copy-on-write with their children
 
 
 @atexit.register
