@@ -24,7 +24,8 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 
-MODULES = ("genrecal_cache", "genrecal_train")  # `python -m` targets a zygote runs
+# `python -m` targets a zygote runs: the commands, and torchrun (its ranks start cold, as it starts them)
+MODULES = ("genrecal_cache", "genrecal_train", "genrecal_train.cli", "torch.distributed.run")
 # Names a command reads when it runs, not at import; XDG_CACHE_HOME only while HF_HOME is set (tests/conftest.py).
 WARM_ENV = ("GENRECAL_", "SLURM_", "AWS_", "WANDB_", "MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
             "MASTER_PORT", "PYTEST_CURRENT_TEST", "XDG_CACHE_HOME")
@@ -39,7 +40,7 @@ def _preload() -> None:
     import torch  # noqa: F401
     import transformers
 
-    for package in (*MODULES, "genrecal_kernels"):
+    for package in ("genrecal_cache", "genrecal_train", "genrecal_kernels"):
         for info in pkgutil.walk_packages(importlib.import_module(package).__path__, f"{package}."):
             if not any(part in info.name for part in ("vllm", "ray_launch", "__main__")):
                 importlib.import_module(info.name)
@@ -265,10 +266,12 @@ def popen(args: Sequence[str], env: Mapping[str, str], **kwargs) -> subprocess.P
 
 
 def run(args: Sequence[str], env: Mapping[str, str], input: str | bytes | None = None, timeout: float | None = None,
-        check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+        check: bool = False, capture_output: bool = False, **kwargs) -> subprocess.CompletedProcess:
     """`subprocess.run` through `popen`."""
     if input is not None:
         kwargs["stdin"] = subprocess.PIPE
+    if capture_output:
+        kwargs["stdout"] = kwargs["stderr"] = subprocess.PIPE
     with popen(args, env, **kwargs) as process:
         try:
             stdout, stderr = process.communicate(input, timeout=timeout)

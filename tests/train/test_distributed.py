@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import warm
 from tests.helpers import ROOT
 
 from .test_trainer import _store
@@ -28,7 +28,7 @@ def _run(store, zoo, out, nproc: int, batch: int, *extra: str, stage: str = "all
             "--stage", stage, "--batch-size", str(batch), "--block-size", "3", "--epochs", "1", "--lr", "1e-3",
             "--heldout-fraction", "0", "--log-every", "1", "--reliance-every", "0", "--device", "cpu",
             "--no-progress", *extra]
-    done = subprocess.run(launch + args, check=False, env=env, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    done = warm.run(launch + args, env, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -82,6 +82,7 @@ def test_two_processes_with_fsdp_match_one_and_save_a_full_student(store, zoo, o
     assert s1["optimizer"]["state"].keys() == s2["optimizer"]["state"].keys(), "optimizer state format differs"
 
 
+@pytest.mark.slow  # README "Reliability and tests": what make test covers of it
 def test_two_processes_with_dataloader_workers_match_one(store, zoo, one, tmp_path):
     assert_same_losses(one, _run(store, zoo, tmp_path / "two", 2, 3, "--num-workers", "2", stage="1"), stages=(1,))
 

@@ -28,6 +28,7 @@ from genrecal_train import checkpoint
 from genrecal_train.config import TrainConfig
 from genrecal_train.recalibrator import Recalibrator, RecalibratorConfig
 from genrecal_train.trainer import Trainer, train
+from tests import warm
 from tests.helpers import ROOT, command_env, run_command, start_command
 
 from .test_trainer import _cfg, _losses, _store
@@ -68,8 +69,8 @@ def _stage2(store, dropout, out: Path, workers: int, device: str = "cpu", kill_a
     if nproc > 1:  # --standalone: a free port, so runs beside another checkout's tests do not collide
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
                "genrecal_train.cli", *map(str, args)]
-        return subprocess.run(cmd, env=command_env(env, ["GENRECAL_KILL_AT"]), cwd=ROOT, capture_output=True,
-                              text=True, timeout=1800)
+        return warm.run(cmd, command_env(env, ["GENRECAL_KILL_AT"]), cwd=ROOT, capture_output=True, text=True,
+                        timeout=1800)
     if not kill_at:
         return run_command("train-student", *args, env=env, drop_env=["GENRECAL_KILL_AT"], timeout=900)
     # Killed: its output goes to a file, not a pipe (a leftover worker would keep a pipe open), and nothing of

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from genrecal_train.forward import Counts
 from genrecal_train.stages import StagePlan
 from genrecal_train.trainer import Trainer, train
 from genrecal_train.validation import SCORES, metrics_of
+from tests import warm
 from tests.helpers import ROOT, command_env, run_command
 
 from .test_trainer import _store
@@ -250,8 +250,8 @@ def test_two_processes_validate_as_one_does(known, zoo, tmp_path, parallel):
             "--device", "cpu", "--no-progress", *(["--fsdp"] if parallel == "fsdp" else [])]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "genrecal_train.cli", *map(str, args)]
-    done = subprocess.run(cmd, env=command_env({"OMP_NUM_THREADS": "1"}, ["GENRECAL_KILL_AT"]), cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    done = warm.run(cmd, command_env({"OMP_NUM_THREADS": "1"}, ["GENRECAL_KILL_AT"]), cwd=ROOT,
+                    capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     recs = _records(out, 3)
     assert [r["step"] for r in recs] == [1, 2] and all(_val_keys(r) == STUDENT_STAGE_KEYS for r in recs), recs

@@ -79,6 +79,7 @@ def test_ray_tasks_write_the_parts_and_the_samples_of_one_process(zoo, demo_mani
 
 
 @needs_ray
+@pytest.mark.slow  # README "Reliability and tests": what make test covers of it
 def test_a_killed_part_is_rerun_by_ray_and_resumes(zoo, demo_manifest, expected, tmp_path):
     """Each task's job is SIGKILLed once, right after its commit 1; Ray re-runs it, it resumes after that commit."""
     out = tmp_path / "s"
