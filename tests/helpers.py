@@ -1,5 +1,5 @@
 """What tests share besides fixtures: the repository root, the VLMs of the tiny zoo, and running a console
-command the way users do (a subprocess, its exit code checked by the caller)."""
+command the way users do (a process of its own, forked warm by tests/warm.py, its exit code checked by the caller)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def command_env(env: Mapping[str, str] | None = None, drop_env: Iterable[str] = 
 def run_command(command: str, *args: object, env: Mapping[str, str] | None = None, drop_env: Iterable[str] = (),
                 inherit_env: bool = True, timeout: float = 900, cwd: Path | None = None,
                 **kwargs: object) -> subprocess.CompletedProcess:
-    """`command ARGS...` in a subprocess with this interpreter, as a user runs it; returns the completed process
+    """`command ARGS...` in a process of its own, as a user runs it (forked from a warm interpreter that has imported
+    torch when tests/warm.py can, else started cold with this interpreter); returns the completed process
     (`returncode`, `stdout`, `stderr` as text). `env` adds to this process's environment less `drop_env`
     (`inherit_env=False`: `env` is the whole environment). stdout and stderr are captured unless given (e.g.
     `stdout=subprocess.DEVNULL`); other keywords (`check=True`, `input=...`) go to `subprocess.run`."""
