@@ -95,7 +95,8 @@ def _become(request: dict, fds: list[int], own_fds: list[int], started: int) -> 
 
 def serve(sock: socket.socket) -> None:
     """The zygote: for each request on `sock` (JSON + stdin/stdout/stderr/status fds), fork a child and answer its
-    pid; write each child's wait status to its status fd when it ends. Returns when the socket closes."""
+    pid; write each child's wait status to its status fd when it ends. Returns once the socket is closed and the
+    children it started have ended."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
