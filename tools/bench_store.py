@@ -669,12 +669,11 @@ def object_store(url: str, recs: list[SampleRecord], d: int, args: argparse.Name
     rates: dict[str, list[float]] = {}
     for r in range(args.repeats):
         here, there = work / f"object-{d}-{r}", f"{url.rstrip('/')}/bench-{d}-{r}-{os.getpid()}"
-        for kind in (("local", "object") if r % 2 == 0 else ("object", "local")):
-            where = here if kind == "local" else there
+        first = (("local", here), ("object", there))[:: 1 if r % 2 == 0 else -1]  # alternating which goes first
+        for kind, where in first:
             rates.setdefault(f"{kind}_write", []).append(mb / write_store(where, recs, meta, args.commit_every)[0])
         drop_cache(here)
-        for kind in (("local", "object") if r % 2 == 0 else ("object", "local")):
-            where = here if kind == "local" else there
+        for kind, where in first:
             rates.setdefault(f"{kind}_read", []).append(mb / read_store(where, order)[0])
         shutil.rmtree(here)
         loc = Location.of(there)

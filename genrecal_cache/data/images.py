@@ -72,7 +72,7 @@ def load_image(src: Any, root: Path | Location, i: int, allow_outside_root: bool
             raise RejectError(f"image {i} is a remote URL ({src[:100]}); pass --allow-remote-images to fetch it")
         data = _fetch(src, i, *remote)
     elif isinstance(src, str) and src and isinstance(root, Location):  # images on an object store
-        if len(src) >= 64 and _BASE64.fullmatch("".join(src.split())):  # no object name: "." is not base64
+        if _looks_base64(src):  # no object name: "." is not base64
             data = _b64(src, i)
         else:
             data, path = _remote_object(src, root, i, allow_outside_root)
@@ -87,7 +87,7 @@ def load_image(src: Any, root: Path | Location, i: int, allow_outside_root: bool
                 data, path = p.read_bytes(), str(p.resolve())
             except OSError as e:
                 raise RejectError(f"image {i} cannot be read: {p} ({e.strerror or e})") from None
-        elif len(src) >= 64 and _BASE64.fullmatch("".join(src.split())):
+        elif _looks_base64(src):
             data = _b64(src, i)
         else:
             raise RejectError(f"image {i} is not a file under the image root ({p} does not exist; set --image-root "
@@ -100,6 +100,11 @@ def load_image(src: Any, root: Path | Location, i: int, allow_outside_root: bool
     except Exception as e:  # PIL raises many types for bad bytes
         raise RejectError(f"cannot decode image {i} ({type(e).__name__}: {str(e)[:120]})") from None
     return ref
+
+
+def _looks_base64(src: str) -> bool:
+    """Whether a string that names no file is an image's base64 (long enough, base64's alphabet only)."""
+    return len(src) >= 64 and _BASE64.fullmatch("".join(src.split())) is not None
 
 
 def _remote_object(src: str, root: Location, i: int, allow_outside_root: bool) -> tuple[bytes, str]:

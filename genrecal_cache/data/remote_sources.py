@@ -78,6 +78,7 @@ def local_copy(loc: Location, key: str, info: dict[str, Any]) -> Path:
         try:
             loc.fs.get_file(key, str(tmp))
         except Exception as e:
+            tmp.unlink(missing_ok=True)  # no half-fetched copy left behind
             raise (loc.error(e, "reading the dataset") or e) from None
         os.replace(tmp, dest)
     return dest

@@ -250,7 +250,6 @@ def test_a_manifest_and_its_images_on_s3_give_the_local_store(local, zoo, demo_m
     assert done.returncode == 2 and "outside the image root" in done.stdout + done.stderr, done.stderr[-2000:]
 
 
-
 def test_a_server_without_conditional_writes_is_refused_unless_the_user_opts_in():
     """fsspec's in-memory filesystem stands for a server that has no conditional writes (the probe says so): the
     writer refuses it in one line naming the opt-in; with it, the part's files write by plain PUTs, the lease still
