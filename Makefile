@@ -41,7 +41,7 @@ demo: $(STAMP)
 	$(PY) tools/summarize_metrics.py $(DEMO)/runs/demo-GenRecal-on-the-teacher-s-answers
 
 # Two workers (pytest-xdist): a test file's tests stay together, the vLLM tests share one worker's engines
-# (tests/conftest.py). TEST_WORKERS=1 runs them in this process.
+# (tests/grouping.py), the longest groups first. TEST_WORKERS=1 runs them in this process.
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 

@@ -1,5 +1,5 @@
 """Shared fixtures: the tiny model zoo (built once per run), the demo manifest, a local S3 server, vLLM engines
-shared across test files; and how `pytest -n 2` (xdist) splits the tests between its workers."""
+shared across test files; and how `pytest -n 2` (xdist) splits the tests between its workers (tests/grouping.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ torch.set_num_threads(1)  # 2 threads on a busy 2-core machine is slower
 from demo_data import write_demo_manifest  # noqa: E402
 from tiny_zoo import FAMILY_NAMES, build_zoo  # noqa: E402
 
+from tests.grouping import pytest_collection_modifyitems  # noqa: E402, F401  (xdist's groups: tests/grouping.py)
 from tests.helpers import run_command  # noqa: E402
 
 
@@ -87,17 +88,6 @@ def cli():
     """Run a console command as users do: `cli("cache-teacher", "--teacher", path, ...)` returns the completed
     subprocess (`returncode`, `stdout`, `stderr`); see `tests/helpers.run_command`."""
     return run_command
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups to name the tests' work units
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under `pytest -n N --dist loadgroup` (`make test`): a test file's tests stay on one worker (its module
-    fixtures are built once), and every test that uses `vllm_engine` goes to one worker, where they share its
-    engines (two engines at once would also compete for the two cores)."""
-    for item in items:
-        if not any(m.name == "xdist_group" for m in item.iter_markers()):
-            group = "vllm" if "vllm_engine" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

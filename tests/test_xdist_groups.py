@@ -1,5 +1,5 @@
 """`make test`'s split between workers holds: under `pytest -n 2 --dist loadgroup` a file's tests run on one worker
-and every test that uses `vllm_engine` on one worker (conftest's grouping; pytest-xdist#1386 broke it silently)."""
+and every test that uses `vllm_engine` on one worker (tests/grouping.py, conftest's hook; pytest-xdist#1386 broke it silently)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.grouping import durations_from_log, heaviest_first
 from tests.helpers import ROOT
 
 CONFTEST = '''
 import json, os
 from pathlib import Path
 import pytest
-from tests.conftest import pytest_collection_modifyitems  # noqa: F401  (the grouping under test)
+from tests.grouping import pytest_collection_modifyitems  # noqa: F401  (the grouping under test)
 
 @pytest.fixture(scope="session")
 def vllm_engine():
@@ -47,3 +48,16 @@ def test_a_files_tests_and_the_vllm_tests_each_run_on_one_worker(tmp_path: Path)
         group = "vllm" if "test_engine" in nodeid else nodeid.split("::")[0]
         groups.setdefault(group, set()).add(worker)
     assert len(groups) == 4 and all(len(w) == 1 for w in groups.values()), groups
+
+
+def test_groups_start_longest_first_and_unmeasured_ones_count_as_the_median():
+    rank = heaviest_first(["a", "new", "b", "c", "d"], {"a": 1.0, "b": 50.0, "c": 5.0, "d": 5.0})
+    assert sorted(rank, key=rank.get) == ["b", "new", "c", "d", "a"]  # median 5.0: "new" ties c and d, first
+    assert heaviest_first(["x", "y"], {}) == {"x": 0, "y": 1}  # nothing measured: collection order
+
+
+def test_durations_are_summed_per_group_from_pytests_output():
+    log = ("===== slowest durations =====\n12.50s call     tests/a.py::test_x@tests/a.py\n"
+           "0.25s setup    tests/a.py::test_y[1]@tests/a.py\n3.00s teardown tests/b.py::test_z@vllm\n"
+           "(5 durations < 0.005s hidden.)\n1 passed in 16.00s\n")
+    assert durations_from_log(log) == {"tests/a.py": 12.8, "vllm": 3.0}
