@@ -1,5 +1,6 @@
 """Console commands forked from a warm interpreter: a zygote process imports torch, transformers and genrecal once,
-then forks each `python -m genrecal_cache|genrecal_train COMMAND ...` a test starts (issue 25: ~6 s saved a launch).
+then forks each `python -m genrecal_cache|genrecal_train COMMAND ...` a test starts (issue 25: ~6 s saved a launch),
+and torchrun's ranks from a zygote forked by the torchrun (`python -m torch.distributed.run ...`).
 
 The child is still a process of its own, with the test's argv, environment, directory and stdio, its exit code and
 signals as a cold start's, and a normal interpreter exit (atexit, thread joins). What an interpreter fixes at
@@ -24,11 +25,14 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 
-# `python -m` targets a zygote runs: the commands, and torchrun (its ranks start cold, as it starts them)
-MODULES = ("genrecal_cache", "genrecal_train", "genrecal_train.cli", "torch.distributed.run")
-# Names a command reads when it runs, not at import; XDG_CACHE_HOME only while HF_HOME is set (tests/conftest.py).
-WARM_ENV = ("GENRECAL_", "SLURM_", "AWS_", "WANDB_", "MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-            "MASTER_PORT", "PYTEST_CURRENT_TEST", "XDG_CACHE_HOME")
+# `python -m` targets a zygote runs: the commands, torchrun (whose ranks a zygote of its own forks), the test probe
+MODULES = ("genrecal_cache", "genrecal_train", "genrecal_train.cli", "torch.distributed.run", "tests.warm_probe")
+TORCHRUN = "torch.distributed.run"
+# Names a command reads when it runs, not at import (torchrun's for its ranks among them); XDG_CACHE_HOME only while
+# HF_HOME is set (tests/conftest.py).
+WARM_ENV = ("GENRECAL_", "SLURM_", "AWS_", "WANDB_", "MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+            "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_",
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING", "OLDPWD", "PYTEST_CURRENT_TEST", "XDG_CACHE_HOME")
 _STATUS = struct.Struct("i")  # a child's raw wait status, as os.waitpid gives it
 
 
@@ -76,7 +80,7 @@ def _become(request: dict, fds: list[int], own_fds: list[int], started: int) -> 
     os.close(started)  # the pid is answered now, the session set, as Popen returns after a cold exec
     for fd, name in enumerate(("stdin", "stdout", "stderr")):  # as the interpreter makes them at start-up
         old, raw = getattr(sys, name), io.FileIO(fd, "rb" if fd == 0 else "wb", closefd=False)
-        unbuffered = fd > 0 and old.write_through  # PYTHONUNBUFFERED or -u
+        unbuffered = fd > 0 and (old.write_through or request.get("unbuffered", False))  # PYTHONUNBUFFERED, -u
         buffer = raw if unbuffered else io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
         new = io.TextIOWrapper(buffer, encoding=old.encoding, errors=old.errors, write_through=unbuffered,
                                line_buffering=fd == 2 or (fd == 1 and raw.isatty()))
@@ -87,10 +91,39 @@ def _become(request: dict, fds: list[int], own_fds: list[int], started: int) -> 
     np.random.seed()  # numpy's global generator fresh, as a cold start's (random reseeds itself at fork)
     sys.path[0] = os.getcwd()
     sys.argv = ["-m", *request["args"]]  # runpy sets argv[0] to the module's file
+    if request["module"] == TORCHRUN:
+        _fork_ranks_from_a_zygote()
     import runpy
 
     runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
     sys.exit(0)
+
+
+def _fork_ranks_from_a_zygote() -> None:
+    """In a warm torchrun, before it runs: fork a zygote of its own (nothing run yet, no thread) for the ranks it
+    starts, so they start warm too. They are that zygote's children, in this torchrun's process group (until they
+    start their own session, as torchrun asks); the zygote dies with this process."""
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+
+    from genrecal_cache.core.process import die_with_parent
+
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    env = dict(os.environ)
+    if os.fork() == 0:
+        mine.close()
+        die_with_parent()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # the ranks get torchrun's stdio through their requests, not from this one
+            os.dup2(null, fd)
+        pid = os.getpid()
+        try:
+            serve(theirs)
+        finally:
+            if os.getpid() == pid:  # the rank it forks leaves through here to its own interpreter exit
+                os._exit(0)
+    theirs.close()
+    zygote = Zygote(mine, env)
+    subprocess_handler.Popen = lambda args, env, **kwargs: popen(args, env, via=zygote, **kwargs)
 
 
 def serve(sock: socket.socket) -> None:
@@ -144,20 +177,27 @@ def serve(sock: socket.socket) -> None:
 
 
 class Zygote:
-    """A warm interpreter started from this process with the environment `env` (its imports read that one)."""
+    """A warm interpreter serving `sock`, whose imports saw the environment `env`."""
 
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.warm", str(theirs.fileno())], cwd=root, env=env,
-                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL)  # its children get the requests' own stdio
-        theirs.close()
+    def __init__(self, sock: socket.socket, env: Mapping[str, str], error: str | None = None) -> None:
+        self.sock, self.key, self.error = sock, _import_env(env), error
         self.lock = threading.Lock()
-        ready = self.sock.recv(4096)
-        self.error = None if ready == b"ready" else ready.decode() or "it exited"
-        if self.error:
-            print(f"tests/warm.py: this command starts cold ({self.error})", file=sys.stderr)
+
+    @classmethod
+    def launch(cls, env: Mapping[str, str]) -> Zygote:
+        """One started from this process with the environment `env`."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proc = subprocess.Popen([sys.executable, "-m", "tests.warm", str(theirs.fileno())], cwd=root, env=env,
+                                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL)  # its children get the requests' own stdio
+        theirs.close()
+        ready = mine.recv(4096)
+        z = cls(mine, env, None if ready == b"ready" else ready.decode() or "it exited")
+        z.proc = proc
+        if z.error:
+            print(f"tests/warm.py: this command starts cold ({z.error})", file=sys.stderr)
+        return z
 
     def start(self, request: dict, fds: list[int]) -> int:
         """Send one request with its four fds; the child's pid."""
@@ -165,7 +205,7 @@ class Zygote:
             socket.send_fds(self.sock, [json.dumps(request).encode()], fds)
             answer = self.sock.recv(_STATUS.size)
         if len(answer) != _STATUS.size:
-            raise RuntimeError(f"the warm launcher (pid {self.proc.pid}) died: run with GENRECAL_COLD_COMMANDS=1")
+            raise RuntimeError("the warm launcher died: run with GENRECAL_COLD_COMMANDS=1")
         return _STATUS.unpack(answer)[0]
 
     def close(self) -> None:
@@ -203,7 +243,7 @@ def zygote(env: Mapping[str, str]) -> Zygote | None:
     key = _import_env(env)
     z = _zygotes.pop(key, None)
     if z is None:
-        z = Zygote(env)
+        z = Zygote.launch(env)
         _started.append(z)
     _zygotes[key] = z
     while len(_zygotes) > MAX_ZYGOTES:
@@ -223,7 +263,8 @@ class WarmPopen(subprocess.Popen):
         start_new_session = rest[5]  # after restore_signals, gid, gids, uid, umask
         status_r, status_w = os.pipe()
         stdio = [fd if fd != -1 else default for fd, default in ((p2cread, 0), (c2pwrite, 1), (errwrite, 2))]
-        request = {"module": args[2], "args": list(args[3:]), "cwd": os.fspath(cwd or os.getcwd()),
+        unbuffered, (_, module, *argv) = _python_m(args)
+        request = {"module": module, "args": argv, "cwd": os.fspath(cwd or os.getcwd()), "unbuffered": unbuffered,
                    "env": dict(os.environ if env is None else env), "new_session": bool(start_new_session)}
         try:
             self.pid = self._zygote.start(request, [*stdio, status_w])
@@ -256,11 +297,20 @@ class WarmPopen(subprocess.Popen):
         return self.returncode
 
 
-def popen(args: Sequence[str], env: Mapping[str, str], **kwargs) -> subprocess.Popen:
-    """`subprocess.Popen(args, env=env, **kwargs)`: forked from a zygote when `args` is `python -m <MODULES> ...`
-    (and no fds are passed), else a cold start."""
-    python_m = len(args) > 2 and args[0] == sys.executable and args[1] == "-m" and args[2] in MODULES
-    z = zygote(env) if python_m and not kwargs.get("pass_fds") and kwargs.get("close_fds", True) else None
+def _python_m(args: Sequence[str]) -> tuple[bool, list[str]]:
+    """(whether `-u` is given, the rest of `args` from `-m`) of `python [-u] -m MODULE ...`."""
+    unbuffered = len(args) > 1 and args[1] == "-u"
+    return unbuffered, list(args[1 + unbuffered:])
+
+
+def popen(args: Sequence[str], env: Mapping[str, str], via: Zygote | None = None, **kwargs) -> subprocess.Popen:
+    """`subprocess.Popen(args, env=env, **kwargs)`: forked from a zygote (`via`, if its imports saw the same
+    environment) when `args` is `python [-u] -m <MODULES> ...` (and no fds are passed), else a cold start."""
+    rest = _python_m(args)[1]
+    python_m = args[0] == sys.executable and len(rest) > 1 and rest[0] == "-m" and rest[1] in MODULES
+    z = None
+    if python_m and not kwargs.get("pass_fds") and kwargs.get("close_fds", True):
+        z = zygote(env) if via is None else via if via.key == _import_env(env) else None
     if z is not None:
         return WarmPopen(args, zygote=z, env=env, **kwargs)
     return subprocess.Popen(args, env=env, **kwargs)

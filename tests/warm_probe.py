@@ -1,5 +1,6 @@
-"""What tests/test_warm.py checks a forked command has: it prints its argv, directory, environment, stdin, session
-and random draws as JSON, then exits with argv[1] after a non-daemon thread and an atexit handler have printed."""
+"""What tests/test_warm.py checks a forked command has: it prints its argv, directory, environment, stdin, session,
+random draws, rank and whether it was forked warm as JSON, then exits with argv[1] after a non-daemon thread and an
+atexit handler have printed."""
 
 import atexit
 import json
@@ -14,7 +15,8 @@ import numpy as np
 if __name__ == "__main__":
     print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": os.environ.get("GENRECAL_PROBE"),
                       "stdin": sys.stdin.read(), "own_session": os.getsid(0) == os.getpid(),
-                      "random": random.random(), "numpy": float(np.random.rand())}), flush=True)
+                      "random": random.random(), "numpy": float(np.random.rand()), "rank": os.environ.get("RANK"),
+                      "warm": "tests.warm" in sys.orig_argv}), flush=True)
     atexit.register(lambda: print("atexit ran", flush=True))
     threading.Thread(target=lambda: (time.sleep(0.3), print("thread joined", flush=True))).start()
     if sys.argv[1] == "raise":
