@@ -17,6 +17,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from genrecal_cache.core.errors import GenrecalError, RejectError
 from genrecal_cache.core.faults import fault_point
 from genrecal_cache.core.process import die_with_parent
@@ -75,6 +77,10 @@ _WORKER: Preparer | None = None
 def _init_worker(preparer: Preparer) -> None:
     global _WORKER
     _WORKER = preparer
+    # One thread, as torch's DataLoader workers: a worker forked after the job ran torch ops on several threads
+    # inherits an OpenMP pool whose threads it lacks, and its first parallel op (a large tensor's copy into
+    # shared memory, to send a rendered sample back) would wait on them forever.
+    torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the job's to handle: it stops the pool
     die_with_parent()  # a killed job would otherwise leave its workers waiting forever
 
