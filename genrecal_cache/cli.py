@@ -120,12 +120,7 @@ def _inspect(cfg: InspectConfig) -> None:
     if cfg.progress:
         from genrecal_cache.inspection import format_progress, progress
 
-        if "://" in cfg.store and not cfg.store.startswith("file://"):
-            raise ConfigError(f"--progress reads a local store only (so far); {cfg.store} is a URL: run it where the "
-                              "store is written, or use inspect-cache without --progress")
-        if not (Path(cfg.store) / "parts").is_dir():
-            raise ConfigError(f"--store {cfg.store}: no parts yet (is cache-teacher writing here?)")
-        rows = progress(cfg.store)
+        rows = progress(cfg.store, cfg.storage_options_map)
         print(json.dumps(rows, indent=2) if cfg.json else format_progress(rows))
         return
     store = TeacherStore(cfg.store, storage_options=cfg.storage_options_map)

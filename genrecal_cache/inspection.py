@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from genrecal_cache.core.errors import StoreError, reason_kind
+from genrecal_cache.core.errors import ConfigError, StoreError, reason_kind
+from genrecal_cache.core.locations import Location
 from genrecal_cache.store.dtypes import FP8
-from genrecal_cache.store.files import object_sizes
+from genrecal_cache.store.files import object_listing, object_sizes, read_many
 from genrecal_cache.store.format import mixable_values, part_runs, question_fraction
 from genrecal_cache.store.reader import TeacherStore
 from genrecal_cache.store.size import StoreShape, human, store_bytes
@@ -231,32 +233,35 @@ def format_sample(v: dict[str, Any]) -> str:
 
 
 
-def progress(root: Path) -> list[dict[str, Any]]:
+def progress(store: str | Path, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Where each part of a store being written stands, from its commit files alone (no arrays read): the manifest
     row it has committed up to, of how many (every shard's rows counted), its samples, the rate over its commits
-    and the time left at that rate."""
-    from genrecal_cache.store.format import SAMPLES_DIR, commit_files, read_commit, read_meta
+    and the time left at that rate. `store` a local folder or an object store's URL (one listing of its parts)."""
+    from genrecal_cache.store.format import COMMIT_FILE, SAMPLES_DIR, read_commit, read_meta
 
-    out = []
+    root = Location.of(store, storage_options)
     try:
-        meta = read_meta(Path(root))
+        meta = read_meta(root)
     except StoreError:  # the store is being created: no attributes yet, so no projection
         meta = None
-    for part in sorted(p for p in (Path(root) / "parts").iterdir() if p.is_dir()):
-        files = commit_files(part / SAMPLES_DIR)
-        commits = [{"time": f.stat().st_mtime, **read_commit(f)} for f in files]  # older stores record no time
-        counts = _sample_counts(files, meta or {"question_features": False})
-        row: dict[str, Any] = {"part": part.name, "commits": len(commits), "rows_end": 0, "rows_total": None,
+    out = []
+    for part, files in _part_files(root).items():
+        names = [k for k in files if k.startswith(f"{SAMPLES_DIR}/") and COMMIT_FILE.fullmatch(k.split("/", 1)[1])]
+        tables = _commit_tables(root.join("parts", part), names)
+        commits = [{"time": files[k][1], **read_commit(t())} for k, t in tables]  # older stores record no time
+        counts = _sample_counts([t for _, t in tables], meta or {"question_features": False})
+        table_bytes = sum(size for k, (size, _) in files.items() if k.startswith(f"{SAMPLES_DIR}/"))
+        row: dict[str, Any] = {"part": part, "commits": len(commits), "rows_end": 0, "rows_total": None,
                                "samples": counts["samples"], "rows_per_s": None, "eta_s": None,
-                               "last_commit_age_s": None, "bytes": _du(part), "projected_bytes": None}
+                               "last_commit_age_s": None, "bytes": sum(size for size, _ in files.values()),
+                               "projected_bytes": None}
         if commits:
             first, last = commits[0], commits[-1]
             row.update(rows_end=last["rows_end"], rows_total=last.get("rows_total"),
                        last_commit_age_s=round(time.time() - last["time"], 1))
             if meta and row["rows_total"] and counts["samples"] and last["rows_end"]:
                 row["projected_bytes"] = round(projected_bytes(
-                    meta, counts, row["bytes"] - _du(part / SAMPLES_DIR), _du(part / SAMPLES_DIR),
-                    row["rows_total"] / last["rows_end"]))
+                    meta, counts, row["bytes"] - table_bytes, table_bytes, row["rows_total"] / last["rows_end"]))
             if len(commits) > 1 and last["time"] > first["time"]:
                 rate = (last["rows_end"] - first["rows_end"]) / (last["time"] - first["time"])
                 row["rows_per_s"] = round(rate, 2)
@@ -266,14 +271,43 @@ def progress(root: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _sample_counts(files: list[Path], meta: dict[str, Any]) -> dict[str, int]:
+def _part_files(root: Location) -> dict[str, dict[str, tuple[int, float]]]:
+    """Per part (sorted), its files' (size, modification time) by path within the part: a walk of a local store's
+    parts, one listing of an object store's. A store without parts yet is a ConfigError saying so."""
+    out: dict[str, dict[str, tuple[int, float]]] = {}
+    parts = root.join("parts")
+    if root.is_local:
+        folder = Path(parts.path)
+        for part in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
+            out[part.name] = {f.relative_to(part).as_posix(): (st.st_size, st.st_mtime)
+                              for f in sorted(part.rglob("*")) if f.is_file() and (st := f.stat())}
+    else:
+        for key, (size, mtime) in sorted(object_listing(parts).items()):
+            part, _, rest = key.partition("/")
+            if rest:
+                out.setdefault(part, {})[rest] = (size, mtime)
+    if not out:
+        raise ConfigError(f"--store {root}: no parts yet (is cache-teacher writing here?)")
+    return out
+
+
+def _commit_tables(part: Location, names: list[str]) -> list[tuple[str, Callable[[], Any]]]:
+    """Each commit file with what opens it for pyarrow: its path, or its object's bytes (all fetched at once; one
+    deleted since the listing is left out)."""
+    if part.is_local:
+        return [(n, lambda f=Path(part.path) / n: f) for n in names]
+    blobs = read_many(part, names)
+    return [(n, lambda b=blobs[n]: pa.BufferReader(b)) for n in names if n in blobs]
+
+
+def _sample_counts(files: list[Callable[[], Any]], meta: dict[str, Any]) -> dict[str, int]:
     """Samples, tokens, label tokens and samples with question features in these commit files (columns only)."""
     import pyarrow.parquet as pq
 
     out = {"samples": 0, "tokens": 0, "labels": 0, "carried": 0}
     for f in files:
-        names = pq.read_schema(f).names
-        t = pq.read_table(f, columns=[c for c in ("num_tokens", "num_labels", "has_question_features") if c in names])
+        names = pq.read_schema(f()).names
+        t = pq.read_table(f(), columns=[c for c in ("num_tokens", "num_labels", "has_question_features") if c in names])
         out["samples"] += t.num_rows
         out["tokens"] += int(np.sum(t.column("num_tokens").to_numpy())) if t.num_rows else 0
         out["labels"] += int(np.sum(t.column("num_labels").to_numpy())) if t.num_rows else 0

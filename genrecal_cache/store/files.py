@@ -48,15 +48,27 @@ def read_many(root: Location, keys: list[str]) -> dict[str, bytes]:
     return out
 
 
-def object_sizes(root: Location) -> dict[str, int]:
-    """Every object under `root` with its size, by its key relative to `root` (one listing)."""
+def object_listing(root: Location) -> dict[str, tuple[int, float]]:
+    """Every object under `root` with its size and modification time (seconds since the epoch), by its key relative
+    to `root` (one listing)."""
     try:
         found = root.fs.find(root.path, detail=True)
     except Exception as e:
         raise (root.error(e, "listing") or e) from None
     prefix = root.path.rstrip("/") + "/"
-    return {p[len(prefix):]: int(info.get("size") or 0) for p, info in found.items() if p.startswith(prefix)
-            and info.get("type") != "directory"}
+    return {p[len(prefix):]: (int(info.get("size") or 0), _mtime(info)) for p, info in found.items()
+            if p.startswith(prefix) and info.get("type") != "directory"}
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    """An fsspec listing entry's modification time: S3's LastModified, else `mtime`/`created` (0 when none)."""
+    t = info.get("LastModified") or info.get("mtime") or info.get("created") or 0
+    return t.timestamp() if hasattr(t, "timestamp") else float(t)
+
+
+def object_sizes(root: Location) -> dict[str, int]:
+    """Every object under `root` with its size, by its key relative to `root` (one listing)."""
+    return {key: size for key, (size, _) in object_listing(root).items()}
 
 
 def cache_root() -> Path:

@@ -1,6 +1,6 @@
 """Reading a store from object storage (issue 23, the read side): a store written locally by cache-teacher is
 uploaded to a real S3 server (SeaweedFS, the `s3_server` fixture) and read there through the console commands:
-inspect-cache (summary, --json, --verify, --sample) and train-student, against the same commands on the local copy;
+inspect-cache (summary, --json, --verify, --sample, --progress) and train-student, against the same commands on the local copy;
 a flipped byte, wrong credentials, a missing bucket or store and a stopped server."""
 
 from __future__ import annotations
@@ -60,6 +60,14 @@ def test_inspect_verify_json_and_sample_read_the_same_from_s3(stores, s3_server,
     views = [_inspect(s, "--sample", first, env=env) for s in (stores["local"], stores["url"])]
     assert all(v.returncode == 0 for v in views), views[1].stderr[-2000:]
     assert views[0].stdout == views[1].stdout  # tokens decoded with the store's tokenizer (copied from S3)
+    local, remote = (_inspect(s, "--progress", "--json", env=env) for s in (stores["local"], stores["url"]))
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    (local,), (remote,) = (json.loads(p.stdout) for p in (local, remote))
+    assert remote.pop("last_commit_age_s") > 0 and local.pop("last_commit_age_s") > 0  # the rest: commit records
+    assert remote == local and remote["commits"] > 0 and remote["rows_end"] == remote["rows_total"] > 0
+    assert remote["bytes"] > 0 and remote["projected_bytes"] == remote["bytes"]
+    text = _inspect(stores["url"], "--progress", env=env)
+    assert text.returncode == 0 and PART in text.stdout and "done" in text.stdout, text.stderr[-2000:]
 
 
 def _first_id(store: Path) -> str:
