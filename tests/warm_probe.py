@@ -1,6 +1,6 @@
 """What tests/test_warm.py checks a forked command has: it prints its argv, directory, environment, stdin, session,
 random draws, rank and whether it was forked warm as JSON, then exits with argv[1] after a non-daemon thread and an
-atexit handler have printed."""
+atexit handler have printed (with argv[1] `rank`, 3 x its torchrun rank)."""
 
 import atexit
 import json
@@ -21,4 +21,4 @@ if __name__ == "__main__":
     threading.Thread(target=lambda: (time.sleep(0.3), print("thread joined", flush=True))).start()
     if sys.argv[1] == "raise":
         raise RuntimeError("probe failed")
-    sys.exit(int(sys.argv[1]))
+    sys.exit(3 * int(os.environ["RANK"]) if sys.argv[1] == "rank" else int(sys.argv[1]))  # "rank": 0, 3, 6...
