@@ -179,8 +179,9 @@ def serve(sock: socket.socket) -> None:
 class Zygote:
     """A warm interpreter serving `sock`, whose imports saw the environment `env`."""
 
-    def __init__(self, sock: socket.socket, env: Mapping[str, str], error: str | None = None) -> None:
-        self.sock, self.key, self.error = sock, _import_env(env), error
+    def __init__(self, sock: socket.socket, env: Mapping[str, str], error: str | None = None,
+                 proc: subprocess.Popen | None = None) -> None:
+        self.sock, self.key, self.error, self.proc = sock, _import_env(env), error, proc
         self.lock = threading.Lock()
 
     @classmethod
@@ -193,8 +194,7 @@ class Zygote:
                                 stdout=subprocess.DEVNULL)  # its children get the requests' own stdio
         theirs.close()
         ready = mine.recv(4096)
-        z = cls(mine, env, None if ready == b"ready" else ready.decode() or "it exited")
-        z.proc = proc
+        z = cls(mine, env, None if ready == b"ready" else ready.decode() or "it exited", proc)
         if z.error:
             print(f"tests/warm.py: this command starts cold ({z.error})", file=sys.stderr)
         return z
