@@ -63,21 +63,23 @@ def run_data_parallel(cfg: CacheConfig) -> CacheResult:
             raise ConfigError(f"--data-parallel-size {d} x {per} GPUs per engine needs {d * per} GPUs, "
                               f"{len(gpus)} are visible")
     procs, tmp = [], Path(tempfile.mkdtemp(prefix="genrecal-dp-"))
-    for j, child in enumerate(copy_configs(cfg, tmp)):
-        env = dict(os.environ, GENRECAL_DIE_WITH_PARENT="1")  # a killed parent leaves no copy holding its part's lock
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[j * per : (j + 1) * per])
-        procs.append((child, subprocess.Popen(
-            [sys.executable, "-m", "genrecal_cache", "cache-teacher", *to_argv(child)], env=env,
-            stdout=subprocess.DEVNULL)))
     res, failed, codes = CacheResult(), [], set()
-    for child, p in procs:
-        if p.wait() != 0:
-            failed.append(f"part {child.shard} (exit status {p.returncode})")
-            codes.add(p.returncode)
-            continue
-        add_counts(res, json.loads(child.result_json.read_text()))
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:  # the copies' result files go with their folder, also on Ctrl-C
+        for j, child in enumerate(copy_configs(cfg, tmp)):
+            env = dict(os.environ, GENRECAL_DIE_WITH_PARENT="1")  # a killed parent leaves no copy holding a lock
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[j * per : (j + 1) * per])
+            procs.append((child, subprocess.Popen(
+                [sys.executable, "-m", "genrecal_cache", "cache-teacher", *to_argv(child)], env=env,
+                stdout=subprocess.DEVNULL)))
+        for child, p in procs:
+            if p.wait() != 0:
+                failed.append(f"part {child.shard} (exit status {p.returncode})")
+                codes.add(p.returncode)
+                continue
+            add_counts(res, json.loads(child.result_json.read_text()))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if failed:
         raise parts_failed(failed, teacher_failed=TeacherFailure.exit_status in codes)
     return res
