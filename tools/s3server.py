@@ -189,8 +189,11 @@ class S3Server:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tools/s3server.py DIR   (a SeaweedFS S3 server in the foreground; Ctrl-C stops it)")
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        asked = sys.argv[1:] in (["-h"], ["--help"])
+        print("usage: python tools/s3server.py DIR   (a SeaweedFS S3 server on 127.0.0.1 in the foreground, its data in "
+              "DIR; prints the AWS_* variables to export; Ctrl-C stops it)", file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)
     with S3Server(Path(sys.argv[1])) as server:
         print("\n".join(f"export {k}={v}" for k, v in server.env().items()), f"\n# bucket: {server.url()}",
               flush=True)
