@@ -247,9 +247,9 @@ def progress(store: str | Path, storage_options: dict[str, Any] | None = None) -
     out = []
     for part, files in _part_files(root).items():
         names = [k for k in files if k.startswith(f"{SAMPLES_DIR}/") and COMMIT_FILE.fullmatch(k.split("/", 1)[1])]
-        tables = _commit_tables(root.join("parts", part), names)
-        commits = [{"time": files[k][1], **read_commit(t())} for k, t in tables]  # older stores record no time
-        counts = _sample_counts([t for _, t in tables], meta or {"question_features": False})
+        tables = _commit_files(root.join("parts", part), names)
+        commits = [{"time": files[k][1], **read_commit(f)} for k, f in tables]  # older stores record no time
+        counts = _sample_counts([f for _, f in tables], meta or {"question_features": False})
         table_bytes = sum(size for k, (size, _) in files.items() if k.startswith(f"{SAMPLES_DIR}/"))
         row: dict[str, Any] = {"part": part, "commits": len(commits), "rows_end": 0, "rows_total": None,
                                "samples": counts["samples"], "rows_per_s": None, "eta_s": None,
@@ -291,23 +291,23 @@ def _part_files(root: Location) -> dict[str, dict[str, tuple[int, float]]]:
     return out
 
 
-def _commit_tables(part: Location, names: list[str]) -> list[tuple[str, Callable[[], Any]]]:
-    """Each commit file with what opens it for pyarrow: its path, or its object's bytes (all fetched at once; one
-    deleted since the listing is left out)."""
+def _commit_files(part: Location, names: list[str]) -> list[tuple[str, Path | pa.Buffer]]:
+    """Each commit file as pyarrow reads it: its path, or its object's bytes (all fetched at once; one deleted since
+    the listing is left out)."""
     if part.is_local:
-        return [(n, lambda f=Path(part.path) / n: f) for n in names]
+        return [(n, Path(part.path) / n) for n in names]
     blobs = read_many(part, names)
-    return [(n, lambda b=blobs[n]: pa.BufferReader(b)) for n in names if n in blobs]
+    return [(n, pa.py_buffer(blobs[n])) for n in names if n in blobs]
 
 
-def _sample_counts(files: list[Callable[[], Any]], meta: dict[str, Any]) -> dict[str, int]:
+def _sample_counts(files: list[Path | pa.Buffer], meta: dict[str, Any]) -> dict[str, int]:
     """Samples, tokens, label tokens and samples with question features in these commit files (columns only)."""
     import pyarrow.parquet as pq
 
     out = {"samples": 0, "tokens": 0, "labels": 0, "carried": 0}
     for f in files:
-        names = pq.read_schema(f()).names
-        t = pq.read_table(f(), columns=[c for c in ("num_tokens", "num_labels", "has_question_features") if c in names])
+        names = pq.read_schema(f).names
+        t = pq.read_table(f, columns=[c for c in ("num_tokens", "num_labels", "has_question_features") if c in names])
         out["samples"] += t.num_rows
         out["tokens"] += int(np.sum(t.column("num_tokens").to_numpy())) if t.num_rows else 0
         out["labels"] += int(np.sum(t.column("num_labels").to_numpy())) if t.num_rows else 0

@@ -355,8 +355,8 @@ def _short(value: Any) -> str:
     return text[:14] + "…'" if isinstance(value, str) and len(value) == 64 else text
 
 
-def read_commit(file: Path | pa.BufferReader) -> dict[str, Any]:
-    """The commit record in a commit file's schema metadata (a path, or the bytes of an object in a BufferReader)."""
+def read_commit(file: Path | pa.Buffer | pa.BufferReader) -> dict[str, Any]:
+    """The commit record in a commit file's schema metadata (a path, or an object's bytes as a pyarrow Buffer)."""
     md = pq.read_schema(file).metadata or {}
     return json.loads(md[b"genrecal_commit"])
 
