@@ -59,11 +59,22 @@ def durations_from_log(text: str) -> dict[str, float]:
     return {k: round(v, 1) for k, v in sorted(out.items())}
 
 
+def _fail(message: str) -> None:
+    print(f"python -m tests.grouping: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m tests.grouping LOG  (LOG: the output of `PYTEST_ADDOPTS=--durations=0 make test`)")
-    found = durations_from_log(Path(sys.argv[1]).read_text())
+        _fail("usage: python -m tests.grouping LOG  (LOG: the output of `PYTEST_ADDOPTS=--durations=0 make test`)")
+    try:
+        text = Path(sys.argv[1]).read_text()
+    except OSError as e:
+        _fail(f"cannot read {sys.argv[1]}: {e.strerror or e}")
+    if partial := re.search(r"slowest (\d+) durations", text):  # the rest of the groups would be forgotten
+        _fail(f"{sys.argv[1]} lists only the slowest {partial.group(1)} durations: run with --durations=0")
+    found = durations_from_log(text)
     if not found:
-        sys.exit(f"{sys.argv[1]}: no `--durations=0` lines with an @group: run `PYTEST_ADDOPTS=--durations=0 make test`")
+        _fail(f"{sys.argv[1]}: no `--durations=0` lines with an @group: run `PYTEST_ADDOPTS=--durations=0 make test`")
     DURATIONS.write_text(json.dumps(found, indent=1) + "\n")
     print(f"{DURATIONS}: {len(found)} groups, {sum(found.values()):.0f} s in all")

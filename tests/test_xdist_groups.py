@@ -61,3 +61,12 @@ def test_durations_are_summed_per_group_from_pytests_output():
            "0.25s setup    tests/a.py::test_y[1]@tests/a.py\n3.00s teardown tests/b.py::test_z@vllm\n"
            "(5 durations < 0.005s hidden.)\n1 passed in 16.00s\n")
     assert durations_from_log(log) == {"tests/a.py": 12.8, "vllm": 3.0}
+
+
+def test_a_log_of_only_the_slowest_durations_is_refused(tmp_path):
+    """Rewriting durations.json from `--durations=25` would forget every other group: refused, the file kept."""
+    log = tmp_path / "log.txt"
+    log.write_text("===== slowest 25 durations =====\n12.50s call     tests/a.py::test_x@tests/a.py\n")
+    done = subprocess.run([sys.executable, "-m", "tests.grouping", str(log)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "only the slowest 25 durations: run with --durations=0" in done.stderr, done.stderr
